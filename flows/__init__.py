@@ -1,0 +1,1 @@
+"""Prefect flows over the DVC stages (see tasks/ for the stages themselves)."""

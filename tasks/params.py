@@ -1,0 +1,118 @@
+"""The one typed schema for ``params.yaml``.
+
+Every stage calls :func:`load_params` once and reads its own section.  Unknown keys and wrong
+types fail at load time with the key's dotted name (``prepare.augment.copies: ...``), so a typo
+in params.yaml never silently falls back to a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not an ignored line.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    root: Path = Path("data/sample")
+    """Dataset folder in SSVTP layout: images_tac/, images_rgb/, captions.csv [, split.csv]."""
+    captions: str = "captions.csv"
+    splits: str = "split.csv"
+
+
+class SampleParams(_Section):
+    out_dir: Path = Path("data/sample")
+    n_ids: int = Field(300, ge=4)
+    image_size: int = Field(128, ge=32, le=1024)
+    n_sensors: int = Field(2, ge=1, le=2)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class AugmentParams(_Section):
+    copies: int = Field(2, ge=0, le=999)
+    """Augmented copies per source pair (the original is copy 0, always kept)."""
+    rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
+    hflip: bool = True
+    vflip: bool = True
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    """Brightness/contrast/saturation strength, applied to the RGB image only."""
+    apply_to_test: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _crop_scale_ordered(self) -> "AugmentParams":
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        return self
+
+
+class PrepareParams(_Section):
+    out_dir: Path = Path("data/prepared")
+    quarantine_csv: Path = Path("artifacts/reports/prepare/quarantine.csv")
+    max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    min_image_side: int = Field(16, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    """Decompression-bomb guard: larger images are quarantined before being decoded."""
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Used only when the dataset has no split file: split assigned by a stable hash of the id."""
+    default_sensor: int = Field(0, ge=-1)
+    """Sensor id for rows without a sensor column; -1 means unknown."""
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    augment: AugmentParams = AugmentParams()
+
+
+class ValidationParams(_Section):
+    reports_dir: Path = Path("artifacts/reports/validation")
+    data_docs_dir: Path = Path("artifacts/reports/data_docs")
+    build_data_docs: bool = True
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    sample: SampleParams = SampleParams()
+    prepare: PrepareParams = PrepareParams()
+    validation: ValidationParams = ValidationParams()
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable or does not match the schema; the message names each bad key."""
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def parse_params(raw: dict | None, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = _dotted(err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{source}: unknown key '{key}'")
+            else:
+                lines.append(f"{source}: '{key}': {err['msg']} (got {err.get('input')!r})")
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the project root)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return parse_params(raw, source=str(path))
+

@@ -1,0 +1,169 @@
+"""Validation at stage boundaries, on Great Expectations (ephemeral, in-process context).
+
+A stage describes its artifacts as :class:`Table` s (a DataFrame plus expectations).  Each
+expectation carries GX's own ``severity``: ``critical`` blocks the stage, ``warning`` is reported
+only.  :func:`run_validation` runs every table through a GX Checkpoint, builds Data Docs HTML
+under ``artifacts/reports/data_docs/<stage>/`` and writes
+``artifacts/reports/validation/<stage>.json``::
+
+    {"stage", "success", "blocking_failures", "warnings", "results": [
+        {"table", "expectation", "kwargs", "severity", "success", "observed",
+         "unexpected_count", "unexpected_examples"}]}
+
+A failed critical expectation raises :class:`ValidationFailed` naming the expectation and the
+first offending rows (by id column).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from tasks import atomic
+from tasks.params import ValidationParams
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline: no usage statistics calls
+import great_expectations as gx  # noqa: E402
+from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
+from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
+
+log = logging.getLogger(__name__)
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
+gxe = gx.expectations
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class Table:
+    name: str
+    frame: pd.DataFrame
+    expectations: list  # great_expectations.expectations.Expectation
+    id_column: str | None = None  # how unexpected rows are named in messages
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    table: str
+    expectation: str
+    kwargs: dict
+    severity: str
+    success: bool
+    observed: object = None
+    unexpected_count: int | None = None
+    unexpected_examples: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k not in ("batch_id",))
+        text = f"{self.table}: {self.expectation}({args})"
+        if self.unexpected_count:
+            text += f" -- {self.unexpected_count} unexpected, e.g. {self.unexpected_examples}"
+        elif self.observed is not None:
+            text += f" -- observed {self.observed!r}"
+        return text
+
+
+class ValidationFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class ValidationReport:
+    stage: str
+    results: list[ExpectationOutcome]
+
+    @property
+    def blocking_failures(self) -> list[ExpectationOutcome]:
+        return [r for r in self.results if not r.success and r.severity == "critical"]
+
+    @property
+    def warnings(self) -> list[ExpectationOutcome]:
+        return [r for r in self.results if not r.success and r.severity != "critical"]
+
+    @property
+    def success(self) -> bool:
+        return not self.blocking_failures
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "success": self.success,
+                "blocking_failures": len(self.blocking_failures), "warnings": len(self.warnings),
+                "results": [asdict(r) for r in self.results]}
+
+    def raise_if_failed(self) -> None:
+        if self.success:
+            return
+        lines = "\n".join(f"  - {r.describe()}" for r in self.blocking_failures)
+        raise ValidationFailed(f"validation of stage '{self.stage}' failed "
+                               f"({len(self.blocking_failures)} blocking expectation(s)):\n{lines}")
+
+
+def _examples(result: dict, frame: pd.DataFrame, id_column: str | None) -> list:
+    if id_column and result.get("unexpected_index_list"):
+        ids = []
+        for entry in result["unexpected_index_list"][:MAX_EXAMPLES]:
+            ids.append(entry.get(id_column) if isinstance(entry, dict) else entry)
+        return ids
+    return list(result.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def run_validation(stage: str, tables: list[Table], params: ValidationParams) -> ValidationReport:
+    """Run each table's expectations in one ephemeral GX context; write JSON report and Data Docs."""
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    actions = []
+    if params.build_data_docs:
+        docs_dir = (params.data_docs_dir / stage).resolve()
+        context.add_data_docs_site(site_name=stage, site_config={
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        })
+        actions.append(UpdateDataDocsAction(name="data_docs", site_names=[stage]))
+    source = context.data_sources.add_pandas(name=stage)
+    outcomes: list[ExpectationOutcome] = []
+    for table in tables:
+        batch_definition = source.add_dataframe_asset(name=table.name).add_batch_definition_whole_dataframe(table.name)
+        suite = context.suites.add(gx.ExpectationSuite(name=f"{stage}.{table.name}"))
+        for expectation in table.expectations:
+            suite.add_expectation(expectation)
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{stage}.{table.name}", data=batch_definition, suite=suite))
+        result_format = {"result_format": "COMPLETE"}
+        if table.id_column:
+            result_format["unexpected_index_column_names"] = [table.id_column]
+        checkpoint = context.checkpoints.add(gx.Checkpoint(
+            name=f"{stage}.{table.name}", validation_definitions=[definition], actions=actions,
+            result_format=result_format))
+        run = checkpoint.run(batch_parameters={"dataframe": table.frame})
+        for suite_result in run.run_results.values():
+            for r in suite_result.results:
+                config = r.expectation_config
+                res = r.result or {}
+                outcomes.append(ExpectationOutcome(
+                    table=table.name, expectation=config.type,
+                    kwargs=_jsonable({k: v for k, v in config.kwargs.items() if k != "batch_id"}),
+                    severity=str(getattr(config, "severity", "critical") or "critical").split(".")[-1].lower(),
+                    success=bool(r.success), observed=_jsonable(res.get("observed_value")),
+                    unexpected_count=res.get("unexpected_count"),
+                    unexpected_examples=_jsonable(_examples(res, table.frame, table.id_column)),
+                ))
+    report = ValidationReport(stage, outcomes)
+    atomic.write_json(params.reports_dir / f"{stage}.json", report.to_dict())
+    for w in report.warnings:
+        log.warning("validation warning: %s", w.describe())
+    log.info("validation %s: %d expectations, %d blocking failures, %d warnings -> %s",
+             stage, len(outcomes), len(report.blocking_failures), len(report.warnings),
+             params.reports_dir / f"{stage}.json")
+    return report
