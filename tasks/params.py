@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.stage import StageError
+
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
 
@@ -82,7 +84,7 @@ class Params(_Section):
     validation: ValidationParams = ValidationParams()
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError):
     """params.yaml is unreadable or does not match the schema; the message names each bad key."""
 
 

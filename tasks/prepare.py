@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from tasks import atomic
 from tasks.params import AugmentParams, Params, PrepareParams, load_params
+from tasks.stage import StageError, run_main
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class ScanResult:
                 "by_reason": dict(sorted(Counter(q.reason for q in self.quarantine).items()))}
 
 
-class PrepareError(RuntimeError):
+class PrepareError(StageError):
     pass
 
 
@@ -495,17 +496,11 @@ def run(params: Params) -> tuple[pd.DataFrame, ScanResult]:
 
 
 def main() -> None:
-    from tasks.validation import ValidationFailed
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
-    try:
-        manifest, scan = run(params)
-    except (PrepareError, ValidationFailed) as exc:
-        raise SystemExit(f"prepare failed: {exc}") from None
+    manifest, scan = run(params)
     log.info("manifest: %d rows (%d source pairs, %d quarantined) -> %s",
              len(manifest), len(scan.pairs), len(scan.quarantine), params.prepare.out_dir / "manifest.csv")
 
 
 if __name__ == "__main__":
-    main()
+    run_main("prepare", main)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from tasks import atomic
 from tasks.params import SampleParams, load_params
+from tasks.stage import run_main
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,6 @@ def write_dataset(items: list[SampleItem], captions: pd.DataFrame, split: pd.Dat
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = load_params().sample
     items, captions, split = generate(p)
     write_dataset(items, captions, split, p.out_dir)
@@ -239,4 +239,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("sample", main)

@@ -24,6 +24,7 @@ import pandas as pd
 
 from tasks import atomic
 from tasks.params import ValidationParams
+from tasks.stage import StageError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline: no usage statistics calls
 import great_expectations as gx  # noqa: E402
@@ -65,7 +66,7 @@ class ExpectationOutcome:
         return text
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(StageError):
     pass
 
 

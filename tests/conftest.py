@@ -1,0 +1,51 @@
+"""Shared fixtures: small real datasets on disk in SSVTP layout, and params pointing into tmp_path."""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.params import Params, parse_params
+from tasks.sample import render_item
+
+
+def write_pair(root: Path, item_id, size: int = 64) -> None:
+    """Real rendered tactile + RGB images for one id (file names use ``item_id`` verbatim)."""
+    item = render_item(zlib.crc32(str(item_id).encode()) % 10_000, size, 2, seed=1)
+    (root / "images_tac").mkdir(parents=True, exist_ok=True)
+    (root / "images_rgb").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(item.tactile).save(root / "images_tac" / f"image_{item_id}_tac.jpg")
+    Image.fromarray(item.rgb).save(root / "images_rgb" / f"image_{item_id}_rgb.jpg")
+
+
+def write_captions(root: Path, rows: list[tuple]) -> Path:
+    path = root / "captions.csv"
+    cols = ["index", "caption", "sensor"][: len(rows[0])] if rows else ["index", "caption"]
+    pd.DataFrame(rows, columns=cols).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """20 good pairs with captions and sensors, no split file."""
+    root = tmp_path / "ds"
+    for i in range(20):
+        write_pair(root, i)
+    write_captions(root, [(i, "smooth, glossy, hard", i % 2) for i in range(20)])
+    return root
+
+
+def make_params(tmp_path: Path, root: Path, **prepare) -> Params:
+    """Params with every output under tmp_path; ``prepare`` overrides (dotted names as nested dicts)."""
+    raw = {
+        "data": {"root": str(root)},
+        "prepare": {"out_dir": str(tmp_path / "prepared"),
+                    "quarantine_csv": str(tmp_path / "reports/prepare/quarantine.csv"),
+                    "augment": {"copies": 1}, **prepare},
+        "validation": {"reports_dir": str(tmp_path / "reports/validation"),
+                       "data_docs_dir": str(tmp_path / "reports/data_docs")},
+    }
+    return parse_params(raw)

@@ -1,0 +1,69 @@
+"""The real DVC pipeline in a throwaway git repo: repro, no-op rerun, param change reruns what depends on it."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def sh(*args, cwd):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+           "PYTHONPATH": str(cwd)}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("tasks", "dvc.yaml", "params.yaml", ".dvcignore"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sample"]["n_ids"] = 16
+    params["sample"]["image_size"] = 48
+    params["prepare"]["augment"]["copies"] = 1
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+        assert sh(*cmd, cwd=work).returncode == 0, cmd
+    return work
+
+
+def test_repro_then_up_to_date_then_param_change(repo):
+    first = sh("dvc", "repro", cwd=repo)
+    assert first.returncode == 0, first.stderr + first.stdout
+    manifest = pd.read_csv(repo / "data/prepared/manifest.csv")
+    assert manifest["source_id"].nunique() == 16
+    assert (repo / "artifacts/reports/validation/prepare.json").is_file()
+    assert (repo / "artifacts/reports/prepare/quarantine.csv").is_file()
+    assert (repo / "dvc.lock").is_file()
+
+    again = sh("dvc", "repro", cwd=repo)
+    assert again.returncode == 0 and "Data and pipelines are up to date" in again.stdout
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prepare"]["augment"]["copies"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = sh("dvc", "repro", cwd=repo)
+    assert changed.returncode == 0, changed.stderr
+    assert "Stage 'sample' didn't change, skipping" in changed.stdout
+    assert "Running stage 'prepare'" in changed.stdout
+    assert len(pd.read_csv(repo / "data/prepared/manifest.csv")) > len(manifest)
+
+
+def test_params_typo_fails_the_stage_with_the_key_name(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prepare"]["max_bad_fracton"] = 0.2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = sh("dvc", "repro", cwd=repo)
+    assert proc.returncode != 0
+    assert "unknown key 'prepare.max_bad_fracton'" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.params import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_yaml_loads_and_matches_defaults_types():
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.root == Path("data/sample")
+    assert params.prepare.augment.copies >= 0
+    assert isinstance(params.prepare.max_image_pixels, int)
+
+
+def test_unknown_key_fails_with_dotted_name():
+    with pytest.raises(ParamsError, match=r"unknown key 'prepare\.augment\.copise'"):
+        parse_params({"prepare": {"augment": {"copise": 3}}})
+
+
+def test_unknown_section_fails():
+    with pytest.raises(ParamsError, match=r"unknown key 'prepar'"):
+        parse_params({"prepar": {}})
+
+
+def test_wrong_type_fails_with_dotted_name():
+    with pytest.raises(ParamsError, match=r"'sample\.n_ids'"):
+        parse_params({"sample": {"n_ids": "many"}})
+
+
+def test_out_of_range_and_cross_field_checks():
+    with pytest.raises(ParamsError, match=r"'prepare\.max_bad_fraction'"):
+        parse_params({"prepare": {"max_bad_fraction": 1.5}})
+    with pytest.raises(ParamsError, match=r"crop_scale"):
+        parse_params({"prepare": {"augment": {"crop_scale": [0.9, 0.5]}}})
+
+
+def test_every_error_is_reported_at_once():
+    with pytest.raises(ParamsError) as info:
+        parse_params({"sample": {"n_ids": "x", "seeed": 1}})
+    assert "sample.n_ids" in str(info.value) and "sample.seeed" in str(info.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
