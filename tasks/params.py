@@ -7,6 +7,7 @@ in params.yaml never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -71,6 +72,21 @@ class PrepareParams(_Section):
     augment: AugmentParams = AugmentParams()
 
 
+class EmbedParams(_Section):
+    encoder: Literal["imagebind_tiny", "imagebind_huge"] = "imagebind_tiny"
+    """imagebind_tiny: random weights, fixed seed -- smoke runs only. imagebind_huge: Meta's weights."""
+    checkpoint: Path | None = None
+    """imagebind_huge weights; else $IMAGEBIND_CHECKPOINT; else <checkpoint_dir>/imagebind_huge.pth."""
+    checkpoint_dir: Path = Path(".checkpoints")
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int | None = Field(None, ge=1)
+    """Pairs per forward (2x images); None picks per device (4 on CPU, 64 on a GPU)."""
+    num_workers: int = Field(2, ge=0)
+    out_dir: Path = Path("embeddings")
+    cache_dir: Path = Path("embeddings/cache")
+
+
 class ValidationParams(_Section):
     reports_dir: Path = Path("artifacts/reports/validation")
     data_docs_dir: Path = Path("artifacts/reports/data_docs")
@@ -81,6 +97,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     sample: SampleParams = SampleParams()
     prepare: PrepareParams = PrepareParams()
+    embed: EmbedParams = EmbedParams()
     validation: ValidationParams = ValidationParams()
 
 
