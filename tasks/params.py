@@ -87,6 +87,29 @@ class EmbedParams(_Section):
     cache_dir: Path = Path("embeddings/cache")
 
 
+class SearchSection(_Section):
+    k: int = Field(5, ge=1)
+    overfetch_mul: int = Field(4, ge=1)
+    overfetch_bias: int = Field(10, ge=0)
+    min_cos: float = Field(0.1, ge=-1.0, le=1.0)
+    dedupe: bool = True
+
+
+class IndexParams(_Section):
+    type: Literal["flat", "ivf", "hnsw"] = "flat"
+    nlist: int = Field(100, ge=1)
+    nprobe: int = Field(10, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    ef_construction: int = Field(200, ge=8)
+    ef_search: int = Field(64, ge=1)
+    train_size: int = Field(50_000, ge=100)
+    out_dir: Path = Path("artifacts/index")
+    metrics: Path = Path("artifacts/metrics/index.json")
+    gallery: Path = Path("artifacts/reports/retrieval_gallery.html")
+    gallery_queries: int = Field(8, ge=1)
+    search: SearchSection = SearchSection()
+
+
 class ValidationParams(_Section):
     reports_dir: Path = Path("artifacts/reports/validation")
     data_docs_dir: Path = Path("artifacts/reports/data_docs")
@@ -98,6 +121,7 @@ class Params(_Section):
     sample: SampleParams = SampleParams()
     prepare: PrepareParams = PrepareParams()
     embed: EmbedParams = EmbedParams()
+    index: IndexParams = IndexParams()
     validation: ValidationParams = ValidationParams()
 
 
