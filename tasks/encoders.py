@@ -1,0 +1,257 @@
+"""ImageBind vision and text towers on Meta's model code, without its audio/video stack.
+
+``imagebind``'s package ``__init__`` imports ``imagebind.data``, which needs torchaudio and
+pytorchvideo (broken on current torchvision).  The model code itself needs only torch, timm,
+einops, ftfy, regex and iopath, so we import ``imagebind.models.imagebind_model`` through a bare
+package entry and do ImageBind's vision preprocessing ourselves (identical transforms).
+
+Encoders: ``imagebind_huge`` (Meta's weights, from ``embed.checkpoint``, ``$IMAGEBIND_CHECKPOINT``
+or ``<checkpoint_dir>/imagebind_huge.pth``) and ``imagebind_tiny`` (random weights from a fixed
+seed: the offline default; its embeddings are for smoke runs only).
+
+    python -m tasks.encoders download --dest .checkpoints    # only when you ask: 4.5 GB, CC-BY-NC
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import types
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from tasks import atomic
+from tasks.stage import StageError
+
+PREPROCESS_VERSION = "clip224-v1"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+KEPT_MODALITIES = ("vision", "text")
+MODULE_DICTS = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
+
+ENCODER_CONFIGS: dict[str, dict] = {
+    # exactly the arguments of Meta's imagebind_huge()
+    "imagebind_huge": dict(vision_embed_dim=1280, vision_num_blocks=32, vision_num_heads=16, text_embed_dim=1024,
+                           text_num_blocks=24, text_num_heads=16, out_embed_dim=1024, audio_drop_path=0.1,
+                           imu_drop_path=0.7),
+    # 3.6 M parameters once the unused towers are dropped: cheap enough for CPU tests and the sample
+    "imagebind_tiny": dict(out_embed_dim=32, vision_embed_dim=64, vision_num_blocks=2, vision_num_heads=2,
+                           text_embed_dim=64, text_num_blocks=2, text_num_heads=2, audio_embed_dim=16,
+                           audio_num_blocks=1, audio_num_heads=1, depth_embed_dim=16, depth_num_blocks=1,
+                           depth_num_heads=1, thermal_embed_dim=16, thermal_num_blocks=1, thermal_num_heads=1,
+                           imu_embed_dim=16, imu_num_blocks=1, imu_num_heads=1),
+}
+
+
+class EncoderError(StageError):
+    pass
+
+
+def imagebind_model_module() -> types.ModuleType:
+    """``imagebind.models.imagebind_model`` without running ``imagebind/__init__.py``."""
+    if "imagebind.models.imagebind_model" in sys.modules:
+        return sys.modules["imagebind.models.imagebind_model"]
+    if "imagebind" not in sys.modules:
+        spec = importlib.util.find_spec("imagebind")
+        if spec is None or not spec.submodule_search_locations:
+            raise EncoderError("package 'imagebind' not installed (make setup installs imagebind-unofficial)")
+        package = types.ModuleType("imagebind")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["imagebind"] = package
+    import imagebind.models.imagebind_model as module
+
+    return module
+
+
+def _package_dir() -> Path:
+    imagebind_model_module()
+    return Path(sys.modules["imagebind"].__path__[0])
+
+
+_VISION_TRANSFORM = T.Compose([
+    T.ToImage(),
+    T.Resize(224, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+    T.CenterCrop(224),
+    T.ToDtype(torch.float32, scale=True),
+    T.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+])
+
+
+def preprocess_image(img: Image.Image) -> torch.Tensor:
+    """ImageBind's vision transform: RGB, shorter side 224 bicubic, centre crop 224, CLIP mean/std."""
+    return _VISION_TRANSFORM(img.convert("RGB")).as_subclass(torch.Tensor)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    imagebind_model_module()  # first: registers the bare package so the import below skips its __init__
+    from imagebind.models.multimodal_preprocessors import SimpleTokenizer
+
+    return SimpleTokenizer(bpe_path=str(_package_dir() / "bpe" / "bpe_simple_vocab_16e6.txt.gz"))
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    """[B, 77] token ids with ImageBind's BPE tokenizer and vocabulary."""
+    return _tokenizer()(list(texts))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderError(f"embed.device={name!r} but CUDA is not available here (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str = "imagebind_tiny"
+    checkpoint: Path | None = None
+    cache_dir: Path = Path(".checkpoints")
+    seed: int = 0
+    device: str = "auto"
+    config_overrides: tuple[tuple[str, object], ...] = ()
+
+    def config(self) -> dict:
+        if self.name not in ENCODER_CONFIGS:
+            raise EncoderError(f"unknown encoder {self.name!r}; choose one of {sorted(ENCODER_CONFIGS)}")
+        return {**ENCODER_CONFIGS[self.name], **dict(self.config_overrides)}
+
+
+def resolve_checkpoint(spec: EncoderSpec) -> Path | None:
+    if spec.name != "imagebind_huge":
+        return spec.checkpoint
+    candidates = [spec.checkpoint] if spec.checkpoint else []
+    if os.environ.get("IMAGEBIND_CHECKPOINT"):
+        candidates.append(Path(os.environ["IMAGEBIND_CHECKPOINT"]))
+    candidates.append(spec.cache_dir / "imagebind_huge.pth")
+    for path in candidates:
+        if path.is_file():
+            return path
+    tried = ", ".join(str(p) for p in candidates)
+    raise EncoderError(f"imagebind_huge weights not found (tried {tried}). Set embed.checkpoint or "
+                       f"IMAGEBIND_CHECKPOINT to the file, or download it once with "
+                       f"`python -m tasks.encoders download --dest {spec.cache_dir}` (4.5 GB, CC-BY-NC).")
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return atomic.sha256_file(path)  # keyed by size+mtime: a 4.5 GB file is hashed once per process
+
+
+def checkpoint_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def fingerprint_info(spec: EncoderSpec) -> dict:
+    """What decides the vectors: encoder, its config, the weights, the preprocessing."""
+    checkpoint = resolve_checkpoint(spec)
+    return {"encoder": spec.name, "config": spec.config(),
+            "weights": checkpoint_sha256(checkpoint) if checkpoint else f"random-seed-{spec.seed}",
+            "preprocess": PREPROCESS_VERSION, "smoke": checkpoint is None}
+
+
+def fingerprint(spec: EncoderSpec) -> str:
+    """Stable id of :func:`fingerprint_info`, computable without building the model."""
+    blob = json.dumps(fingerprint_info(spec), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_vision_text_state(model: torch.nn.Module, state: dict) -> None:
+    """Load the vision/text part of a checkpoint; wrong architecture fails with expected vs found shapes."""
+    if "state_dict" in state or "model" in state:
+        state = state.get("state_dict", state.get("model"))
+    wanted = model.state_dict()
+    kept = {k: v for k, v in state.items() if k in wanted}
+    mismatched = [f"{k}: expected {tuple(wanted[k].shape)}, found {tuple(v.shape)}"
+                  for k, v in kept.items() if tuple(v.shape) != tuple(wanted[k].shape)]
+    if mismatched:
+        raise EncoderError(f"checkpoint does not fit this encoder ({len(mismatched)} tensors differ): "
+                           + "; ".join(mismatched[:5]))
+    missing = sorted(set(wanted) - set(kept))
+    if missing:
+        raise EncoderError(f"checkpoint lacks {len(missing)} vision/text tensors, e.g. {missing[:5]}")
+    model.load_state_dict(kept)
+
+
+class ImageBindEncoder:
+    """Vision and text towers of ImageBind, eval mode, on ``spec.device``."""
+
+    def __init__(self, spec: EncoderSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.device = resolve_device(spec.device)
+        checkpoint = resolve_checkpoint(spec)
+        module = imagebind_model_module()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)  # tiny random weights are identical in every run
+            model = module.ImageBindModel(**spec.config())
+        for attr in MODULE_DICTS:  # audio, depth, thermal, imu are never used: free their memory
+            modules = getattr(model, attr)
+            for key in [k for k in modules.keys() if k not in KEPT_MODALITIES]:
+                del modules[key]
+        if checkpoint:
+            load_vision_text_state(model, torch.load(checkpoint, map_location="cpu", weights_only=True))
+        self.model = model.eval().to(self.device)
+        self.dim = int(spec.config()["out_embed_dim"])
+        self.is_smoke = checkpoint is None
+        self._info = fingerprint_info(spec)
+        self.fingerprint = fingerprint(spec)
+
+    def fingerprint_info(self) -> dict:
+        return dict(self._info)
+
+    def _forward(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
+                                                    enabled=self.device.type == "cuda"):
+            out = self.model({modality: inputs.to(self.device)})[modality]
+        return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 224, 224] preprocessed images -> [B, D] unit vectors (float32, CPU)."""
+        return self._forward("vision", pixels)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self._forward("text", tokenize(texts))
+
+
+def download_checkpoint(dest_dir: Path) -> Path:
+    """Fetch Meta's imagebind_huge weights (only on explicit request), atomically, with progress."""
+    from tqdm import tqdm
+
+    dest = dest_dir / "imagebind_huge.pth"
+    with urllib.request.urlopen(CHECKPOINT_URL) as response, atomic.atomic_open(dest, "wb") as fh:
+        total = int(response.headers.get("Content-Length", 0)) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+            while chunk := response.read(1 << 20):
+                fh.write(chunk)
+                bar.update(len(chunk))
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m tasks.encoders")
+    sub = ap.add_subparsers(dest="command", required=True)
+    dl = sub.add_parser("download", help="download imagebind_huge.pth (4.5 GB, CC-BY-NC 4.0)")
+    dl.add_argument("--dest", type=Path, default=Path(".checkpoints"))
+    args = ap.parse_args()
+    print(download_checkpoint(args.dest))
+
+
+if __name__ == "__main__":
+    main()
