@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tasks import atomic
-from tasks.embed import compute_embeddings, default_batch_size, embed_pairs
+from tasks.embed import compute_embeddings, default_batch_size, default_num_workers, embed_pairs
 from tasks.encoders import EncoderSpec, ImageBindEncoder, preprocess_image
 from tasks.sample import render_item
 from tasks.vector_cache import VectorCache
@@ -57,11 +57,13 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--encoder", default="imagebind_tiny")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="decoding workers (default: per device)")
     args = ap.parse_args()
     torch.manual_seed(0)
     encoder = ImageBindEncoder(EncoderSpec(name=args.encoder))
     batch = default_batch_size(encoder.device)
+    if args.workers is None:
+        args.workers = default_num_workers(encoder.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = make_pairs(tmp, range(args.pairs), args.size)

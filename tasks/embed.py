@@ -17,6 +17,7 @@ no longer decodes fails the stage with its path and uid and leaves the previous 
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,13 @@ def _collate(items):
 
 
 def default_batch_size(device: torch.device) -> int:
-    # measured: the tiny config on a 2-core CPU peaks at ~4 pairs per forward; GPUs want big batches
+    # measured (bench/embed.py): on a 2-core CPU 4 pairs per forward is fastest; GPUs want big batches
     return 4 if device.type == "cpu" else 64
+
+
+def default_num_workers(device: torch.device) -> int:
+    # measured: on CPU, decoding workers steal cores from the forward and cost ~1.8x; a GPU frees them
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def embed_pairs(encoder: ImageBindEncoder, rows: list[tuple[int, str, str]], batch_size: int,
@@ -225,8 +231,8 @@ def run(params: Params) -> EmbeddingSet:
     if encoder.is_smoke:
         log.warning("embed.encoder=imagebind_tiny: random weights, embeddings are for smoke runs only")
     cache = VectorCache(p.cache_dir, encoder.fingerprint)
-    result = compute_embeddings(manifest, encoder, cache, p.batch_size or default_batch_size(encoder.device),
-                                p.num_workers)
+    workers = default_num_workers(encoder.device) if p.num_workers is None else p.num_workers
+    result = compute_embeddings(manifest, encoder, cache, p.batch_size or default_batch_size(encoder.device), workers)
     validation.run_validation("embed", validation_tables(result, manifest), params.validation).raise_if_failed()
     write_embeddings(result, p.out_dir)
     return result

@@ -82,7 +82,8 @@ class EmbedParams(_Section):
     device: str = "auto"
     batch_size: int | None = Field(None, ge=1)
     """Pairs per forward (2x images); None picks per device (4 on CPU, 64 on a GPU)."""
-    num_workers: int = Field(2, ge=0)
+    num_workers: int | None = Field(None, ge=0)
+    """Decoding worker processes; None picks per device (0 on CPU, where workers compete with the forward)."""
     out_dir: Path = Path("embeddings")
     cache_dir: Path = Path("embeddings/cache")
 
