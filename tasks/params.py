@@ -88,6 +88,42 @@ class EmbedParams(_Section):
     cache_dir: Path = Path("embeddings/cache")
 
 
+class ProjectorParams(_Section):
+    dim: int = Field(128, ge=8)
+    depth: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    num_tokens: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    num_sensors: int | None = Field(None, ge=0)
+    """Sensors with their own tokens; None = max sensor id in the data + 1; 0 disables sensor tokens."""
+    sensor_tokens: int = Field(2, ge=1)
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    """Train source ids held out for early stopping (the test split is never used for model selection)."""
+    device: str = "auto"
+    out_dir: Path = Path("artifacts/projector")
+    projected_dir: Path = Path("embeddings/embeddings_tac_projected")
+    metrics: Path = Path("artifacts/metrics/projector.json")
+    history_dir: Path = Path("artifacts/metrics")
+
+
+class TrainStageParams(_Section):
+    epochs: int = Field(80, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(2.0, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    tau: float = Field(0.07, gt=0)
+    learnable_tau: bool = False
+    init_tau: float = Field(0.07, gt=0)
+    sigma: float = Field(0.5, ge=0, le=1)
+    patience: int = Field(15, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    seed: int = 0
+
+
 class SearchSection(_Section):
     k: int = Field(5, ge=1)
     overfetch_mul: int = Field(4, ge=1)
@@ -122,6 +158,9 @@ class Params(_Section):
     sample: SampleParams = SampleParams()
     prepare: PrepareParams = PrepareParams()
     embed: EmbedParams = EmbedParams()
+    projector: ProjectorParams = ProjectorParams()
+    train_stage1: TrainStageParams = TrainStageParams()
+    train_stage2: TrainStageParams = TrainStageParams(epochs=15, lr=1e-4, warmup_epochs=0.5, patience=8, ema_decay=0.99)
     index: IndexParams = IndexParams()
     validation: ValidationParams = ValidationParams()
 

@@ -27,12 +27,12 @@ from tasks.params import ValidationParams
 from tasks.stage import StageError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline: no usage statistics calls
+logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before import: GX logs at import time
 import great_expectations as gx  # noqa: E402
 from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
-logging.getLogger("great_expectations").setLevel(logging.WARNING)
 gxe = gx.expectations
 MAX_EXAMPLES = 5
 
