@@ -1,10 +1,12 @@
 """The real DVC pipeline in a throwaway git repo: repro, no-op rerun, param change reruns what depends on it."""
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -27,9 +29,12 @@ def repo(tmp_path):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sample"]["n_ids"] = 16
+    params["sample"]["n_ids"] = 40
     params["sample"]["image_size"] = 48
     params["prepare"]["augment"]["copies"] = 1
+    params["projector"].update(dim=32, depth=1, val_fraction=0.2)
+    params["train_stage1"].update(epochs=2, batch_size=16)
+    params["train_stage2"].update(epochs=1, batch_size=16)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
@@ -41,9 +46,13 @@ def test_repro_then_up_to_date_then_param_change(repo):
     first = sh("dvc", "repro", cwd=repo)
     assert first.returncode == 0, first.stderr + first.stdout
     manifest = pd.read_csv(repo / "data/prepared/manifest.csv")
-    assert manifest["source_id"].nunique() == 16
-    assert (repo / "artifacts/reports/validation/prepare.json").is_file()
+    assert manifest["source_id"].nunique() == 40
+    for stage in ("prepare", "embed", "train_projector"):
+        assert json.loads((repo / f"artifacts/reports/validation/{stage}.json").read_text())["success"]
     assert (repo / "artifacts/reports/prepare/quarantine.csv").is_file()
+    assert len(np.load(repo / "embeddings/embeddings_tac_projected/all_indices.npy")) == len(manifest)
+    assert (repo / "artifacts/index/rgb.faiss").is_file() and (repo / "artifacts/reports/retrieval_gallery.html").is_file()
+    assert "projected" in json.loads((repo / "artifacts/metrics/projector.json").read_text())
     assert (repo / "dvc.lock").is_file()
 
     again = sh("dvc", "repro", cwd=repo)
@@ -56,6 +65,7 @@ def test_repro_then_up_to_date_then_param_change(repo):
     assert changed.returncode == 0, changed.stderr
     assert "Stage 'sample' didn't change, skipping" in changed.stdout
     assert "Running stage 'prepare'" in changed.stdout
+    assert "Running stage 'embed'" in changed.stdout
     assert len(pd.read_csv(repo / "data/prepared/manifest.csv")) > len(manifest)
 
 
