@@ -114,7 +114,8 @@ def load_databases(embeddings_dir: Path) -> tuple[Database, Database, dict]:
     tac, tac_ids = _load_npy_pair(embeddings_dir / "embeddings_tac_projected")
     projected_meta = json.loads((embeddings_dir / "embeddings_tac_projected" / "meta.json").read_text())
     fingerprint = encoder_meta["fingerprint"]
-    return (Database("rgb", "raw", ("raw", "projected"), rgb, rgb_ids, fingerprint, projected_meta["projector_hash"]),
+    # RGB vectors do not depend on the projector: retraining it must not force an RGB rebuild
+    return (Database("rgb", "raw", ("raw", "projected"), rgb, rgb_ids, fingerprint, None),
             Database("tac_projected", "projected", ("projected",), tac, tac_ids, fingerprint,
                      projected_meta["projector_hash"]),
             encoder_meta)
@@ -224,8 +225,11 @@ def search_cli(argv: list[str]) -> None:
     retriever = Retriever(*load_index(params.index.out_dir, args.index), manifest)
     encoder = QueryEncoder(params)
     vector, space = encoder.tactile(args.image, args.sensor) if args.image else encoder.text(args.text)
-    for hit in retriever.search(vector, space, search_params(params.index, args.k))[0]:
+    hits = retriever.search(vector, space, search_params(params.index, args.k))[0]
+    for hit in hits:
         print(json.dumps(asdict(hit)))
+    if not hits:
+        print(f"no result with cosine >= index.search.min_cos={params.index.search.min_cos}", file=sys.stderr)
 
 
 def main() -> None:

@@ -1,0 +1,111 @@
+"""The index stage on a real (tiny) pipeline run: build, incremental update, metrics, gallery, search."""
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import embed, index, prepare, train_projector
+from tasks.params import parse_params
+from tasks.query import QueryEncoder
+from tasks.retrieval import (IndexMeta, QueryMismatch, Retriever, SearchParams, build_index, index_ids,
+                             load_index)
+from tests.conftest import write_captions, write_pair
+
+
+@pytest.fixture
+def built(tmp_path, dataset):
+    params = parse_params({
+        "data": {"root": str(dataset)},
+        "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
+                    "augment": {"copies": 1}},
+        "embed": {"out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache")},
+        "projector": {"dim": 32, "depth": 1, "val_fraction": 0.3, "out_dir": str(tmp_path / "proj"),
+                      "projected_dir": str(tmp_path / "emb/embeddings_tac_projected"),
+                      "metrics": str(tmp_path / "metrics/projector.json"), "history_dir": str(tmp_path / "metrics")},
+        "train_stage1": {"epochs": 2, "batch_size": 8},
+        "train_stage2": {"epochs": 1, "batch_size": 8},
+        "index": {"out_dir": str(tmp_path / "index"), "metrics": str(tmp_path / "metrics/index.json"),
+                  "gallery": str(tmp_path / "gallery.html"), "gallery_queries": 3,
+                  "search": {"k": 3, "min_cos": -1.0}},
+        "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False},
+    })
+    prepare.run(params)
+    embed.run(params)
+    train_projector.run_stage1(params)
+    train_projector.run_stage2(params)
+    return params
+
+
+class _Gallery(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.images, self.true_marks = 0, [], 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.rows += tag == "tr"
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "td" and "true" in (attrs.get("class") or "").split():
+            self.true_marks += 1
+
+
+def test_build_metrics_gallery_and_incremental_update(built, dataset):
+    metrics = index.run(built)
+    assert metrics["build"]["rgb"]["mode"] == "rebuild"
+    tac_to_rgb = metrics["tac_to_rgb"]
+    assert tac_to_rgb["index"] == tac_to_rgb["exact"]  # flat index == exact search
+    rgb_index, meta = load_index(built.index.out_dir, "rgb")
+    manifest = pd.read_csv(built.prepare.out_dir / "manifest.csv")
+    assert meta.count == len(manifest) and set(index_ids(rgb_index)) == set(manifest["uid"])
+    _, tac_meta = load_index(built.index.out_dir, "tac_projected")
+    projected_meta = json.loads((built.embed.out_dir / "embeddings_tac_projected/meta.json").read_text())
+    assert tac_meta.projector_hash == projected_meta["projector_hash"] and meta.projector_hash is None
+
+    page = _Gallery()
+    page.feed(built.index.gallery.read_text())
+    queries = manifest[(manifest["split"] == "test") & (manifest["copy"] == 0)].head(3)
+    assert page.rows == len(queries)
+    assert len(page.images) == len(queries) * (1 + 3) and all(src.startswith("data:image/jpeg;base64,") for src in page.images)
+    html_text = built.index.gallery.read_text()
+    for uid in queries["uid"]:
+        assert f"query uid {uid}" in html_text
+
+    # nightly: one new id, one deleted id -> incremental add/remove, same space and encoder
+    write_pair(dataset, 77)
+    caps = pd.read_csv(dataset / "captions.csv")
+    rows = [r for r in caps.itertuples(index=False, name=None) if r[0] != 4] + [(77, "coarse, hard", 1)]
+    write_captions(dataset, rows)
+    prepare.run(built)
+    embed.run(built)
+    train_projector.run_stage2(built)  # the projector is retrained: the tactile index must be rebuilt
+    again = index.run(built)["build"]
+    assert again["rgb"]["mode"] == "incremental" and again["tac_projected"]["mode"] == "rebuild"
+    new_manifest = pd.read_csv(built.prepare.out_dir / "manifest.csv")
+    gone = set(manifest["uid"]) - set(new_manifest["uid"])
+    added = set(new_manifest["uid"]) - set(manifest["uid"])
+    assert again["rgb"]["removed"] == len(gone) and again["rgb"]["added"] == len(added)
+    rgb_index, _ = load_index(built.index.out_dir, "rgb")
+    assert set(index_ids(rgb_index)) == set(new_manifest["uid"])
+
+
+def test_text_search_returns_caption_matching_items(built):
+    encoder = QueryEncoder(built)
+    manifest = pd.read_csv(built.prepare.out_dir / "manifest.csv")
+    captions = ["glossy, smooth, hard", "rough, grainy, soft", "woven, matte, firm"]
+    catalog = pd.DataFrame({"uid": [1, 2, 3], "source_id": [1, 2, 3], "caption": captions, "tac_path": "t", "rgb_path": "r"})
+    # a constructed database whose vectors are the captions' own text embeddings
+    vectors = encoder.encoder.encode_texts(captions).numpy()
+    meta = IndexMeta("text_db", "raw", ("raw",), vectors.shape[1], 3, encoder.encoder.fingerprint, None, "flat", {})
+    retriever = Retriever(build_index(vectors, np.array([1, 2, 3])), meta, catalog)
+    for caption in captions:
+        vector, space = encoder.text(caption)
+        assert retriever.search(vector, space, SearchParams(k=1, min_cos=-1))[0][0].caption == caption
+    # and a tactile query is projected and refused by an index of raw tactile vectors
+    vector, space = encoder.tactile(manifest["tac_path"][0], sensor_id=0)
+    assert space.space == "projected" and space.projector_hash
+    raw_meta = IndexMeta("tac_raw", "raw", ("raw",), vectors.shape[1], 3, encoder.encoder.fingerprint, None, "flat", {})
+    with pytest.raises(QueryMismatch, match="query space 'projected'"):
+        Retriever(build_index(vectors, np.array([1, 2, 3])), raw_meta, catalog).search(vector, space, SearchParams())
