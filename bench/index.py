@@ -1,0 +1,76 @@
+"""FAISS index types on synthetic unit vectors: build time, latency of 100 queries, recall@10 vs flat.
+
+Vectors are a mixture of 1,000 Gaussian clusters on the sphere (embeddings of real images cluster;
+uniform random vectors would make every ANN method look bad for reasons real data does not have).
+Queries are perturbed database vectors.
+
+    .venv/bin/python -m bench.index [--n 100000] [--dim 1024] [--nlist 1024] [--nprobe 16] [--ef 64]
+Writes bench/results/index_<n>.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from tasks import atomic
+from tasks.retrieval import build_index, normalize
+
+
+def synthetic(n: int, dim: int, seed: int = 0, clusters: int = 1000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = normalize(rng.standard_normal((clusters, dim), dtype=np.float32))
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 50_000):  # chunks keep peak memory at one copy of the data
+        stop = min(n, start + 50_000)
+        labels = rng.integers(clusters, size=stop - start)
+        out[start:stop] = centres[labels] + 0.6 / np.sqrt(dim) * rng.standard_normal((stop - start, dim), dtype=np.float32)
+    return normalize(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--ef", type=int, default=64)
+    ap.add_argument("--queries", type=int, default=100)
+    args = ap.parse_args()
+    db = synthetic(args.n, args.dim)
+    rng = np.random.default_rng(1)
+    queries = normalize(db[rng.choice(args.n, args.queries, replace=False)]
+                        + 0.3 / np.sqrt(args.dim) * rng.standard_normal((args.queries, args.dim), dtype=np.float32))
+    ids = np.arange(args.n, dtype=np.int64)
+    settings = {"flat": {}, "ivf": dict(nlist=args.nlist, nprobe=args.nprobe, train_size=min(args.n, 100_000)),
+                "hnsw": dict(hnsw_m=args.hnsw_m, ef_construction=200, ef_search=args.ef)}
+    results, truth = {}, None
+    for name, kwargs in settings.items():
+        start = time.perf_counter()
+        index = build_index(db, ids, name, **kwargs)
+        build_s = time.perf_counter() - start
+        index.search(queries[:5], 10)  # warm-up
+        start = time.perf_counter()
+        _, found = index.search(queries, 10)
+        query_s = time.perf_counter() - start
+        truth = found if truth is None else truth
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found.tolist(), truth.tolist())]))
+        results[name] = {"params": kwargs, "build_s": round(build_s, 2), "query_100_s": round(query_s, 4),
+                         "recall@10_vs_flat": round(recall, 4)}
+        del index
+    for name in ("ivf", "hnsw"):
+        results[name]["speedup_vs_flat"] = round(results["flat"]["query_100_s"] / results[name]["query_100_s"], 1)
+    report = {"n": args.n, "dim": args.dim, "threads": faiss.omp_get_max_threads(), "results": results}
+    atomic.write_json(Path(__file__).parent / "results" / f"index_{args.n}.json", report)
+    print(f"n={args.n} dim={args.dim} threads={report['threads']}")
+    for name, r in results.items():
+        print(f"{name:5s} build {r['build_s']:8.2f}s  100 queries {r['query_100_s']:.4f}s  "
+              f"recall@10 {r['recall@10_vs_flat']:.3f}  speedup {r.get('speedup_vs_flat', 1.0)}x")
+
+
+if __name__ == "__main__":
+    main()
