@@ -62,12 +62,20 @@ def save_image(path: Path | str, image, *, quality: int = 95) -> None:
             image.save(fh, format=(fmt or path.suffix.lstrip(".").upper()))
 
 
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path | str, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path | str) -> str:
+    return file_digest(path, "sha256")
+
+
+def md5_file(path: Path | str) -> str:
+    return file_digest(path, "md5")
 
 
 @contextlib.contextmanager

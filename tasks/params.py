@@ -147,6 +147,33 @@ class IndexParams(_Section):
     search: SearchSection = SearchSection()
 
 
+class UploadParams(_Section):
+    backend: Literal["local", "oss"] = "local"
+    local_dir: Path = Path("artifacts/upload/files")
+    """local backend: objects are copied here and get file:// URLs (offline default)."""
+    endpoint: str | None = None
+    """oss backend, e.g. https://oss-cn-hangzhou.aliyuncs.com; credentials come only from the environment."""
+    bucket: str | None = None
+    region: str | None = None
+    """Set for v4 signatures (e.g. cn-hangzhou); v1 otherwise."""
+    prefix: str = "tvl/"
+    workers: int = Field(16, ge=1, le=256)
+    url_mode: Literal["public", "signed"] = "public"
+    expires_s: int = Field(7 * 24 * 3600, ge=60)
+    retries: int = Field(5, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    timeout_s: float = Field(30.0, gt=0)
+    multipart_threshold: int = Field(10 * 1024 * 1024, ge=100 * 1024)
+    manifest: Path = Path("artifacts/upload/manifest.csv")
+    mapping: Path = Path("artifacts/upload/image_url_mapping.csv")
+
+    @model_validator(mode="after")
+    def _oss_needs_location(self) -> "UploadParams":
+        if self.backend == "oss" and not (self.endpoint and self.bucket):
+            raise ValueError("backend 'oss' needs upload.endpoint and upload.bucket")
+        return self
+
+
 class ValidationParams(_Section):
     reports_dir: Path = Path("artifacts/reports/validation")
     data_docs_dir: Path = Path("artifacts/reports/data_docs")
@@ -162,6 +189,7 @@ class Params(_Section):
     train_stage1: TrainStageParams = TrainStageParams()
     train_stage2: TrainStageParams = TrainStageParams(epochs=15, lr=1e-4, warmup_epochs=0.5, patience=8, ema_decay=0.99)
     index: IndexParams = IndexParams()
+    upload: UploadParams = UploadParams()
     validation: ValidationParams = ValidationParams()
 
 

@@ -111,7 +111,9 @@ class OssHandler(BaseHTTPRequestHandler):
         fields = "".join(f"<{k}>{escape(str(v))}</{k}>" for k, v in extra.items())
         body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{escape(message)}</Message>'
                 f"<RequestId>{uuid.uuid4().hex.upper()[:24]}</RequestId><HostId>127.0.0.1</HostId>{fields}</Error>").encode()
-        self._send(status, body, {"Content-Type": "application/xml"})
+        # close after an error, as a front end does: the client retries on a fresh connection
+        self.close_connection = True
+        self._send(status, body, {"Content-Type": "application/xml", "Connection": "close"})
 
     def _resource(self, bucket: str, key: str, query: dict) -> str:
         sub = sorted((k, v) for k, v in query.items() if k in SUBRESOURCES)

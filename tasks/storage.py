@@ -1,0 +1,143 @@
+"""Object storage backends for the upload stage: a local folder (``file://`` URLs) or Aliyun OSS.
+
+Both answer the same three questions: which keys under a prefix are stored with which ETag
+(``list_etags``), store these bytes under a key, verified by MD5 (``put``), and what URL serves a
+key (``url``).  ETags are uppercase
+MD5 hex for single-request uploads, as OSS computes them.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import oss2
+import requests
+from urllib3.util.retry import Retry
+
+from tasks import atomic
+from tasks.params import UploadParams
+from tasks.stage import StageError
+
+CREDENTIAL_VARS = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")
+
+
+class StorageError(StageError):
+    pass
+
+
+class PermanentUploadError(StorageError):
+    """A 4xx other than 429: retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class Blob:
+    key: str
+    path: Path
+    size: int
+    md5: str  # hex
+
+
+class Storage(Protocol):
+    def list_etags(self, prefix: str) -> dict[str, str]: ...
+    def put(self, blob: Blob) -> str: ...
+    def url(self, key: str) -> str: ...
+
+
+class LocalStorage:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def list_etags(self, prefix: str) -> dict[str, str]:
+        found = {}
+        for path in self.root.glob(f"{prefix}**/*"):
+            if path.is_file() and not path.name.startswith("."):
+                found[path.relative_to(self.root).as_posix()] = atomic.md5_file(path).upper()
+        return found
+
+    def put(self, blob: Blob) -> str:
+        target = self.root / blob.key
+        with atomic.atomic_open(target, "wb") as out, open(blob.path, "rb") as src:
+            shutil.copyfileobj(src, out)
+        etag = atomic.md5_file(target).upper()
+        if etag != blob.md5.upper():
+            raise StorageError(f"{blob.key}: copy does not match the source MD5 ({etag} != {blob.md5.upper()})")
+        return etag
+
+    def url(self, key: str) -> str:
+        return (self.root / key).resolve().as_uri()
+
+
+def credentials_from_env() -> oss2.credentials.EnvironmentVariableCredentialsProvider:
+    """Fail before any request, naming the missing variable; values are never logged or stored."""
+    missing = [name for name in CREDENTIAL_VARS if not os.environ.get(name)]
+    if missing:
+        raise StorageError(f"upload.backend=oss needs {', '.join(missing)} in the environment "
+                           f"(and OSS_SESSION_TOKEN for STS credentials)")
+    return oss2.credentials.EnvironmentVariableCredentialsProvider()
+
+
+def retrying_session(p: UploadParams, workers: int) -> oss2.Session:
+    """oss2 session whose HTTP adapter retries 5xx/429, timeouts and dropped connections with
+    exponential backoff and jitter (urllib3's own Retry); other 4xx fail at once."""
+    retry = Retry(total=p.retries, connect=p.retries, read=p.retries, status=p.retries, other=p.retries,
+                  backoff_factor=p.backoff_s, backoff_jitter=p.backoff_s, status_forcelist=(429, 500, 502, 503, 504),
+                  allowed_methods=None, raise_on_status=False, respect_retry_after_header=True)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=workers, pool_maxsize=workers, max_retries=retry)
+    return oss2.Session(adapter=adapter)
+
+
+class OssStorage:
+    def __init__(self, p: UploadParams):
+        provider = credentials_from_env()
+        auth = oss2.ProviderAuthV4(provider) if p.region else oss2.ProviderAuth(provider)
+        self.p = p
+        # enable_crc=False: oss2's CRC wraps the body in a one-shot reader that a retried request
+        # would resend empty; Content-MD5 on every PUT gives the server-side integrity check instead
+        self.bucket = oss2.Bucket(auth, p.endpoint, p.bucket, session=retrying_session(p, p.workers),
+                                  connect_timeout=p.timeout_s, region=p.region, enable_crc=False)
+
+    def list_etags(self, prefix: str) -> dict[str, str]:
+        """One LIST request per 1,000 keys instead of one HEAD per object."""
+        try:
+            return {obj.key: obj.etag for obj in oss2.ObjectIterator(self.bucket, prefix=prefix)}
+        except oss2.exceptions.OssError as exc:
+            raise _classify(f"list {prefix!r}", exc) from None
+
+    def put(self, blob: Blob) -> str:
+        md5_b64 = base64.b64encode(bytes.fromhex(blob.md5)).decode()
+        try:
+            if blob.size >= self.p.multipart_threshold:
+                # multipart, resumable across runs; each part carries its own Content-MD5 check
+                result = oss2.resumable_upload(self.bucket, blob.key, str(blob.path), multipart_threshold=self.p.multipart_threshold,
+                                               store=oss2.ResumableStore(root=str(self.p.manifest.parent / ".resumable")),
+                                               num_threads=1, headers={"Content-Type": "image/jpeg"})
+            else:
+                # bytes (not a file handle) so a retried request resends the whole body
+                data = blob.path.read_bytes()
+                result = self.bucket.put_object(blob.key, data, headers={"Content-MD5": md5_b64, "Content-Type": "image/jpeg"})
+        except oss2.exceptions.OssError as exc:
+            raise _classify(blob.key, exc) from None
+        return result.etag
+
+    def url(self, key: str) -> str:
+        if self.p.url_mode == "signed":
+            return self.bucket.sign_url("GET", key, self.p.expires_s, slash_safe=True)
+        return self.bucket._make_url(self.bucket.bucket_name, key, slash_safe=True)
+
+
+def _classify(key: str, exc: oss2.exceptions.OssError) -> StorageError:
+    status = getattr(exc, "status", None)
+    message = f"{key}: OSS {status} {getattr(exc, 'code', '')} {getattr(exc, 'message', '')}".strip()
+    if status == 403:
+        message += " (check OSS_ACCESS_KEY_ID / OSS_ACCESS_KEY_SECRET and the bucket's permissions)"
+    if status is not None and 400 <= status < 500 and status != 429:
+        return PermanentUploadError(message)
+    return StorageError(message)
+
+
+def make_storage(p: UploadParams) -> Storage:
+    return OssStorage(p) if p.backend == "oss" else LocalStorage(p.local_dir)

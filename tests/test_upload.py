@@ -1,0 +1,185 @@
+"""The upload stage against the local backend and, with the real oss2 client, a local OSS server."""
+import base64
+import hashlib
+import logging
+import urllib.request
+from pathlib import Path
+
+import oss2
+import pandas as pd
+import pytest
+
+from tasks import prepare, upload
+from tasks.params import parse_params
+from tasks.stage import StageError
+from tests.oss_server import Faults, OssServer, OssState
+
+KEY_ID, SECRET = "LTAItestkeyid", "test-secret-value-0123456789"
+
+
+def _params(tmp_path, root, **upload_params):
+    return parse_params({
+        "data": {"root": str(root)},
+        "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
+                    "augment": {"copies": 1}},
+        "upload": {"local_dir": str(tmp_path / "bucket"), "manifest": str(tmp_path / "up/manifest.csv"),
+                   "mapping": str(tmp_path / "up/mapping.csv"), "backoff_s": 0.01, "workers": 8, **upload_params},
+        "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False},
+    })
+
+
+@pytest.fixture
+def prepared(tmp_path, dataset):
+    params = _params(tmp_path, dataset)
+    manifest, _ = prepare.run(params)
+    return params, manifest
+
+
+@pytest.fixture
+def oss_env(monkeypatch):
+    monkeypatch.setenv("OSS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", SECRET)
+
+
+def _oss(params, server, **extra):
+    return params.model_copy(update={"upload": params.upload.model_copy(update={
+        "backend": "oss", "endpoint": server.endpoint, "bucket": "tvl", **extra})})
+
+
+def _md5(path):
+    return hashlib.md5(Path(path).read_bytes()).hexdigest().upper()
+
+
+def test_local_backend_copies_maps_every_uid_and_rerun_sends_nothing(prepared):
+    params, manifest = prepared
+    first = upload.run(params)
+    assert first.sent == manifest["tac_path"].nunique() + manifest["rgb_path"].nunique() and not first.failures
+    mapping = pd.read_csv(params.upload.mapping)
+    assert list(mapping.columns) == ["index", "tac_url", "rgb_url"]
+    assert mapping["index"].tolist() == manifest["uid"].tolist()
+    for row, src in zip(mapping.itertuples(), manifest.itertuples()):
+        local = Path(urllib.request.url2pathname(row.tac_url.removeprefix("file://")))
+        assert _md5(local) == _md5(src.tac_path)
+    records = pd.read_csv(params.upload.manifest)
+    assert list(records.columns) == upload.RECORD_COLUMNS and (records["etag"] == records["md5"].str.upper()).all()
+    again = upload.run(params)
+    assert again.sent == 0 and again.sent_bytes == 0
+
+
+def test_oss_with_faults_stores_everything_exactly_once_and_rerun_sends_nothing(prepared, oss_env):
+    params, manifest = prepared
+    state = OssState({KEY_ID: SECRET}, {"tvl"}, Faults(error_rate=0.3, drop_rate=0.3, seed=1))
+    with OssServer(state) as server:
+        p = _oss(params, server, retries=10)
+        result = upload.run(p)
+        assert not result.failures
+        blobs = upload.plan_blobs(manifest, p.upload.prefix)
+        assert set(k for _, k in state.objects) == {b.key for b in blobs}  # one object per key, no strays
+        for blob in blobs:
+            assert state.objects[("tvl", blob.key)].data == blob.path.read_bytes()
+        injected = [s for _, _, s in state.requests if s >= 500]
+        assert injected  # the faults really happened and were retried
+        mapping = pd.read_csv(p.upload.mapping)
+        assert mapping["index"].tolist() == manifest["uid"].tolist()
+        assert mapping["tac_url"].str.startswith(f"{server.endpoint}/tvl/tvl/tac/").all()
+        state.requests.clear()
+        state.bytes_received = 0
+        again = upload.run(p)
+        assert again.sent == 0 and state.bytes_received == 0 and state.requests == []
+
+
+def test_first_run_against_a_filled_bucket_heads_instead_of_sending(prepared, oss_env):
+    params, manifest = prepared
+    state = OssState({KEY_ID: SECRET}, {"tvl"})
+    with OssServer(state) as server:
+        p = _oss(params, server)
+        upload.run(p)
+        p.upload.manifest.unlink()  # a new machine: no local record of what is stored
+        state.requests.clear()
+        result = upload.run(p)
+        assert result.sent == 0 and [m for m, _, _ in state.requests] == ["GET"]  # one listing, no PUT
+
+
+def test_bad_secret_fails_clearly_without_retrying(prepared, monkeypatch):
+    params, _ = prepared
+    monkeypatch.setenv("OSS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", "wrong")
+    state = OssState({KEY_ID: SECRET}, {"tvl"})
+    with OssServer(state) as server:
+        with pytest.raises(StageError, match=r"OSS 403.*check OSS_ACCESS_KEY_ID / OSS_ACCESS_KEY_SECRET") as info:
+            upload.run(_oss(params, server))
+        assert "SignatureDoesNotMatch" in str(info.value)
+        assert len(state.requests) == 1  # the listing fails first; 403 is not retried; nothing is sent
+        assert not params.upload.mapping.exists()
+
+
+def test_missing_credentials_fail_before_any_request(prepared, monkeypatch):
+    params, _ = prepared
+    monkeypatch.delenv("OSS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", SECRET)
+    state = OssState({KEY_ID: SECRET}, {"tvl"})
+    with OssServer(state) as server:
+        with pytest.raises(StageError, match="needs OSS_ACCESS_KEY_ID in the environment"):
+            upload.run(_oss(params, server))
+        assert state.requests == []
+
+
+def test_failed_keys_are_listed_and_the_next_run_sends_only_them(prepared, oss_env):
+    params, manifest = prepared
+    state = OssState({KEY_ID: SECRET}, {"tvl"}, Faults(error_rate=0.5, seed=3))
+    with OssServer(state) as server:
+        p = _oss(params, server, retries=0)
+        with pytest.raises(StageError, match="failed to upload") as info:
+            upload.run(p)
+        stored = pd.read_csv(p.upload.manifest)
+        n_total = len(upload.plan_blobs(manifest, "tvl/"))
+        assert 0 < len(stored) < n_total and str(n_total - len(stored)) in str(info.value)
+        state.faults.error_rate = 0.0
+        state.requests.clear()
+        result = upload.run(p)
+        assert result.sent + result.skipped - len(stored) <= n_total - len(stored)
+        assert len([1 for m, _, _ in state.requests if m == "PUT"]) <= n_total - len(stored)
+        assert len(pd.read_csv(p.upload.mapping)) == len(manifest)
+
+
+def test_signed_urls_fetch_and_secrets_never_leak(prepared, oss_env, caplog):
+    params, manifest = prepared
+    state = OssState({KEY_ID: SECRET}, {"tvl"})
+    caplog.set_level(logging.DEBUG)
+    with OssServer(state) as server:
+        p = _oss(params, server, url_mode="signed", expires_s=600)
+        upload.run(p)
+        mapping = pd.read_csv(p.upload.mapping)
+        row = mapping.iloc[0]
+        assert urllib.request.urlopen(row["tac_url"]).read() == Path(manifest["tac_path"][0]).read_bytes()
+        tampered = row["rgb_url"].replace("Signature=", "Signature=x")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(tampered)
+        assert info.value.code == 403 and b"SignatureDoesNotMatch" in info.value.read()
+    for text in (caplog.text, p.upload.manifest.read_text(), p.upload.mapping.read_text()):
+        assert SECRET not in text
+    assert KEY_ID not in p.upload.manifest.read_text()
+
+
+def test_server_rejects_a_corrupted_body_by_content_md5(oss_env):
+    state = OssState({KEY_ID: SECRET}, {"tvl"})
+    with OssServer(state) as server:
+        bucket = oss2.Bucket(oss2.Auth(KEY_ID, SECRET), server.endpoint, "tvl")
+        wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+        with pytest.raises(oss2.exceptions.ServerError) as info:
+            bucket.put_object("k", b"payload", headers={"Content-MD5": wrong})
+        assert info.value.status == 400 and info.value.code == "InvalidDigest"
+        assert ("tvl", "k") not in state.objects
+
+
+def test_large_files_go_multipart(tmp_path, oss_env):
+    big = tmp_path / "image_1_tac.jpg"
+    big.write_bytes(bytes(range(256)) * 1200)  # 300 KiB
+    blob = upload.Blob("tvl/tac/image_1_tac.jpg", big, big.stat().st_size, hashlib.md5(big.read_bytes()).hexdigest())
+    state = OssState({KEY_ID: SECRET}, {"tvl"})
+    with OssServer(state) as server:
+        p = parse_params({"upload": {"backend": "oss", "endpoint": server.endpoint, "bucket": "tvl",
+                                     "multipart_threshold": 102400, "manifest": str(tmp_path / "m.csv")}}).upload
+        etag = upload.make_storage(p).put(blob)
+    assert etag.endswith("-3") or etag.endswith("-1")
+    assert state.objects[("tvl", blob.key)].data == big.read_bytes()
