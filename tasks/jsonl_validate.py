@@ -1,0 +1,370 @@
+"""Validator for OpenAI chat fine-tuning JSONL, images included.
+
+Streams the file line by line (memory: the running summary plus a 16-byte digest per example for
+duplicate detection), accepts UTF-8 with BOM and CRLF line endings, and reports errors and
+warnings as ``{line, code, message}`` with 1-based line numbers.  Token counts: text by
+:class:`TokenCounter` (see its docstring for exactness), images by OpenAI's published formula using
+the real image size when it is known (decoded data URLs; fetched URLs with ``check_urls``).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import re
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from PIL import Image, UnidentifiedImageError
+
+ALLOWED_ROLES = {"system", "user", "assistant", "tool"}
+ALLOWED_MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "refusal", "function_call"}
+PART_TYPES = {"text", "image_url"}
+IMAGE_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+MAX_IMAGES = 10
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+DATA_URL = re.compile(r"^data:image/(?P<fmt>[a-zA-Z0-9.+-]+);base64,(?P<data>.*)$", re.DOTALL)
+SHORT_ANSWER_WORDS = 3
+MIN_EXAMPLES = 10
+
+# Training context per model (tokens); an example longer than this is truncated by the service.
+MODEL_CONTEXT = {"gpt-4o-2024-08-06": 65_536, "gpt-4o-mini-2024-07-18": 65_536, "gpt-4.1-2025-04-14": 65_536,
+                 "gpt-4.1-mini-2025-04-14": 65_536}
+DEFAULT_CONTEXT = 65_536
+
+
+class TokenCounter:
+    """Text tokens.  Uses tiktoken's ``o200k_base`` (GPT-4o family) when tiktoken and its encoding
+    file are available; otherwise an offline estimate of one token per 4 UTF-8 bytes, rounded up
+    per text (``exact`` says which was used)."""
+
+    def __init__(self):
+        try:
+            import tiktoken
+
+            self._encoding = tiktoken.get_encoding("o200k_base")
+            self.exact = True
+        except Exception:  # not installed, or the encoding cannot be downloaded offline
+            self._encoding = None
+            self.exact = False
+
+    def count(self, text: str) -> int:
+        if self._encoding is not None:
+            return len(self._encoding.encode(text, disallowed_special=()))
+        return math.ceil(len(text.encode("utf-8")) / 4)
+
+
+def image_tokens(width: int | None, height: int | None, detail: str = "auto") -> int:
+    """OpenAI's vision cost: low detail 85; high (and auto): fit in 2048x2048, shortest side to 768,
+    then 170 per 512-px tile + 85.  Unknown size is costed as a 1024x1024 image."""
+    if detail == "low":
+        return 85
+    width, height = width or 1024, height or 1024
+    scale = min(1.0, 2048 / max(width, height))
+    width, height = width * scale, height * scale
+    scale = min(1.0, 768 / min(width, height))
+    width, height = width * scale, height * scale
+    return 170 * math.ceil(width / 512) * math.ceil(height / 512) + 85
+
+
+def auto_epochs(n_examples: int) -> int:
+    """How the service resolves ``n_epochs: auto`` (OpenAI's published rule)."""
+    target, min_examples, max_examples = 3, 100, 25_000
+    if n_examples == 0:
+        return target
+    if n_examples * target < min_examples:
+        return min(25, min_examples // n_examples)
+    if n_examples * target > max_examples:
+        return max(1, max_examples // n_examples)
+    return target
+
+
+@dataclass(frozen=True)
+class Finding:
+    line: int
+    code: str
+    message: str
+
+
+@dataclass
+class Summary:
+    examples: int = 0
+    valid_examples: int = 0
+    messages: Counter = field(default_factory=Counter)  # messages per example -> count
+    images: Counter = field(default_factory=Counter)
+    tokens: list[int] = field(default_factory=list)  # per example (ints: 8 bytes each, bounded by the file)
+    image_tokens: int = 0
+    text_tokens_exact: bool = False
+
+    def token_stats(self) -> dict:
+        if not self.tokens:
+            return {"total": 0}
+        ordered = sorted(self.tokens)
+        return {"total": sum(ordered), "min": ordered[0], "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1),
+                "p50": ordered[len(ordered) // 2], "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
+
+
+@dataclass
+class Report:
+    path: str
+    model: str
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    summary: Summary = field(default_factory=Summary)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+Fetch = Callable[[str], bytes]
+
+
+def fetch_url(url: str, timeout: float = 15.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read(MAX_IMAGE_BYTES + 1)
+
+
+class _ExampleChecker:
+    def __init__(self, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch):
+        self.line, self.counter, self.check_urls, self.fetch = line, counter, check_urls, fetch
+        self.errors: list[Finding] = []
+        self.images = 0
+        self.image_tokens = 0
+
+    def error(self, code: str, message: str) -> None:
+        self.errors.append(Finding(self.line, code, message))
+
+    def image(self, where: str, part: dict) -> None:
+        self.images += 1
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
+        if not isinstance(url, str) or not url:
+            self.error("image_url_invalid", f"{where}: image_url.url must be a non-empty string")
+            return
+        if detail not in ("auto", "low", "high"):
+            self.error("image_url_invalid", f"{where}: detail {detail!r} is not auto, low or high")
+        match = DATA_URL.match(url)
+        if match:
+            fmt = match["fmt"].lower()
+            if fmt not in IMAGE_FORMATS:
+                self.error("image_format_unsupported", f"{where}: image/{fmt}; only JPEG, PNG and WEBP are accepted")
+                return
+            try:
+                data = base64.b64decode(match["data"], validate=True)
+            except (binascii.Error, ValueError):
+                self.error("image_data_corrupt", f"{where}: base64 payload does not decode")
+                return
+            self._image_bytes(where, data, IMAGE_FORMATS[fmt], detail)
+        elif url.startswith(("http://", "https://")):
+            suffix = Path(url.split("?", 1)[0]).suffix.lower().lstrip(".")
+            if suffix and suffix not in IMAGE_FORMATS:
+                self.error("image_format_unsupported", f"{where}: .{suffix} URL; only JPEG, PNG and WEBP are accepted")
+                return
+            if not self.check_urls:
+                self.image_tokens += image_tokens(None, None, detail)
+                return
+            try:
+                data = self.fetch(url)
+            except Exception as exc:  # any network failure is the same finding for the user
+                self.error("image_unreachable", f"{where}: {url} could not be fetched ({type(exc).__name__}: {exc})")
+                return
+            self._image_bytes(where, data, None, detail)
+        else:
+            self.error("image_url_invalid", f"{where}: url must be https://… or a data:image/…;base64 URL, got {url[:40]!r}")
+
+    def _image_bytes(self, where: str, data: bytes, declared: str | None, detail: str) -> None:
+        if len(data) > MAX_IMAGE_BYTES:
+            self.error("image_too_large", f"{where}: {len(data) / 2**20:.1f} MB > 10 MB")
+            return
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()
+                actual, size = img.format, img.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            self.error("image_data_corrupt", f"{where}: not a readable image ({type(exc).__name__})")
+            return
+        if actual not in IMAGE_FORMATS.values():
+            self.error("image_format_unsupported", f"{where}: {actual}; only JPEG, PNG and WEBP are accepted")
+            return
+        if declared and actual != declared:
+            self.error("image_data_corrupt", f"{where}: declared {declared} but the data is {actual}")
+            return
+        self.image_tokens += image_tokens(*size, detail)
+
+
+def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int):
+    """Errors of one decoded line, plus (messages, images, tokens, roles, assistant words) for the summary."""
+    c = _ExampleChecker(line, counter, check_urls, fetch)
+    if not isinstance(obj, dict):
+        c.error("data_type", f"each line must be a JSON object, got {type(obj).__name__}")
+        return c.errors, None
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        c.error("missing_messages_list", "'messages' must be a non-empty list")
+        return c.errors, None
+    tokens, roles, assistant_words = 3, Counter(), []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            c.error("data_type", f"{where} must be an object")
+            continue
+        for key in ("role", "content"):
+            if key not in message and not (key == "content" and message.get("tool_calls")):
+                c.error("message_missing_key", f"{where} has no '{key}'")
+        for key in sorted(set(message) - ALLOWED_MESSAGE_KEYS):
+            c.error("message_unrecognized_key", f"{where} has unrecognized key '{key}'")
+        role = message.get("role")
+        if "role" in message and role not in ALLOWED_ROLES:
+            c.error("unrecognized_role", f"{where} role {role!r} is not one of {sorted(ALLOWED_ROLES)}")
+        roles[role] += 1
+        tokens += 3 + counter.count(str(role))
+        content = message.get("content")
+        if "content" in message and (content is None or (isinstance(content, (str, list)) and not content)
+                                     or (isinstance(content, str) and not content.strip())):
+            c.error("missing_content", f"{where} content is empty")
+        elif isinstance(content, str):
+            tokens += counter.count(content)
+            if role == "assistant":
+                assistant_words.append(len(content.split()))
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                part_where = f"{where}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in PART_TYPES:
+                    c.error("unknown_part_type", f"{part_where} type {kind!r} is not 'text' or 'image_url'")
+                elif kind == "text":
+                    text = part.get("text")
+                    if not isinstance(text, str) or not text.strip():
+                        c.error("missing_content", f"{part_where} text is empty")
+                    else:
+                        tokens += counter.count(text)
+                        if role == "assistant":
+                            assistant_words.append(len(text.split()))
+                elif role != "user":
+                    c.images += 1
+                    c.error("image_in_non_user_message", f"{part_where}: images are only allowed in user messages, not {role!r}")
+                else:
+                    c.image(part_where, part)
+        elif "content" in message:
+            c.error("data_type", f"{where} content must be a string or a list of parts")
+    if c.images > MAX_IMAGES:
+        c.error("too_many_images", f"{c.images} images > {MAX_IMAGES} per example")
+    if not roles["assistant"]:
+        c.error("example_missing_assistant_message", "no assistant message: nothing to learn from this example")
+    total = tokens + c.image_tokens
+    if total > context:
+        c.error("too_many_tokens", f"{total} tokens > the model's {context}-token training context")
+    return c.errors, (len(messages), c.images, total, c.image_tokens, roles, assistant_words)
+
+
+def iter_lines(path: Path) -> Iterable[tuple[int, bytes]]:
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            yield number, raw.rstrip(b"\r\n")
+
+
+def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool = False,
+                  fetch: Fetch = fetch_url, counter: TokenCounter | None = None) -> Report:
+    counter = counter or TokenCounter()
+    report = Report(str(path), model)
+    report.summary.text_tokens_exact = counter.exact
+    context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
+    seen: dict[bytes, int] = {}
+    last_content = 0
+    pending_blank: list[int] = []
+    for number, raw in iter_lines(path):
+        if not raw.strip():
+            pending_blank.append(number)
+            continue
+        report.errors += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
+        pending_blank = []
+        last_content = number
+        report.summary.examples += 1
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            report.errors.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
+            continue
+        errors, stats = check_example(obj, number, counter, check_urls, fetch, context)
+        report.errors += errors
+        if stats is None:
+            continue
+        n_messages, n_images, tokens, img_tokens, roles, assistant_words = stats
+        summary = report.summary
+        summary.messages[n_messages] += 1
+        summary.images[n_images] += 1
+        summary.tokens.append(tokens)
+        summary.image_tokens += img_tokens
+        summary.valid_examples += not errors
+        if not roles["system"]:
+            report.warnings.append(Finding(number, "no_system_message", "no system message"))
+        if not roles["user"]:
+            report.warnings.append(Finding(number, "no_user_message", "no user message"))
+        if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
+            report.warnings.append(Finding(number, "short_assistant_message",
+                                           f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
+        digest = hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=16).digest()
+        if digest in seen:
+            report.warnings.append(Finding(number, "duplicate_example", f"same example as line {seen[digest]}"))
+        else:
+            seen[digest] = number
+    if last_content == 0:
+        report.errors.append(Finding(1, "empty_file", "the file has no examples"))
+    elif report.summary.examples < MIN_EXAMPLES:
+        report.warnings.append(Finding(0, "few_examples", f"{report.summary.examples} examples; at least {MIN_EXAMPLES} are required to train"))
+    return report
+
+
+def cost_estimate(summary: Summary, model: str, prices_per_million: dict[str, float], context: int | None = None,
+                  n_epochs: int | str = "auto") -> dict:
+    context = context or MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
+    billed = sum(min(context, t) for t in summary.tokens)
+    epochs = auto_epochs(len(summary.tokens)) if n_epochs == "auto" else int(n_epochs)
+    price = prices_per_million.get(model)
+    return {"model": model, "billed_tokens_per_epoch": billed, "epochs": epochs, "epochs_setting": n_epochs,
+            "trained_tokens": billed * epochs, "price_per_million": price,
+            "cost_usd": round(billed * epochs * price / 1e6, 4) if price is not None else None}
+
+
+def report_dict(report: Report, cost: dict) -> dict:
+    s = report.summary
+    return {"file": report.path, "model": report.model, "ok": report.ok,
+            "errors": [asdict(f) for f in report.errors], "warnings": [asdict(f) for f in report.warnings],
+            "summary": {"examples": s.examples, "valid_examples": s.valid_examples,
+                        "error_count": len(report.errors), "warning_count": len(report.warnings),
+                        "errors_by_code": dict(Counter(f.code for f in report.errors)),
+                        "warnings_by_code": dict(Counter(f.code for f in report.warnings)),
+                        "messages_per_example": dict(sorted(s.messages.items())),
+                        "images_per_example": dict(sorted(s.images.items())),
+                        "images_total": sum(k * v for k, v in s.images.items()),
+                        "tokens": s.token_stats(), "image_tokens": s.image_tokens,
+                        "text_tokens_exact": s.text_tokens_exact, "cost": cost}}
+
+
+def report_markdown(d: dict) -> str:
+    s = d["summary"]
+    verdict = "PASS (no errors)" if d["ok"] else f"FAIL ({s['error_count']} errors)"
+    lines = [f"# JSONL validation: `{d['file']}`", "", f"**{verdict}** — {s['examples']} examples, "
+             f"{s['warning_count']} warnings, model `{d['model']}`", "",
+             f"Cost estimate: {s['cost']['trained_tokens']:,} trained tokens ({s['cost']['billed_tokens_per_epoch']:,} "
+             f"× {s['cost']['epochs']} epochs) ≈ **${s['cost']['cost_usd']}** at ${s['cost']['price_per_million']}/1M"
+             + ("" if s["text_tokens_exact"] else " (text tokens estimated offline: 1 per 4 bytes)"), ""]
+    for title, rows in (("Errors", d["errors"]), ("Warnings", d["warnings"])):
+        lines += [f"## {title} ({len(rows)})", ""]
+        if rows:
+            lines += ["| line | code | message |", "|---|---|---|"]
+            lines += [f"| {r['line']} | `{r['code']}` | {r['message'].replace('|', '/')} |" for r in rows[:500]]
+        lines.append("")
+    lines += ["## Distributions", "", f"- messages per example: {s['messages_per_example']}",
+              f"- images per example: {s['images_per_example']}", f"- tokens per example: {s['tokens']}", ""]
+    return "\n".join(lines)

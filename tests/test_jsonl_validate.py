@@ -1,0 +1,160 @@
+import base64
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tasks.jsonl_validate import (MAX_IMAGE_BYTES, TokenCounter, auto_epochs, cost_estimate, image_tokens,
+                                  validate_file)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_url(fmt="PNG", size=(64, 48), mime=None):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format=fmt)
+    return f"data:image/{mime or fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def example(user_parts=None, answer="It feels smooth, hard and slightly glossy.", system=True):
+    messages = [{"role": "system", "content": "You describe how things feel."}] if system else []
+    messages.append({"role": "user", "content": user_parts or [{"type": "text", "text": "How does this feel?"},
+                                                               {"type": "image_url", "image_url": {"url": data_url(), "detail": "low"}}]})
+    messages.append({"role": "assistant", "content": answer})
+    return {"messages": messages}
+
+
+def write(tmp_path, lines, name="f.jsonl", newline="\n", bom=False):
+    path = tmp_path / name
+    text = newline.join(l if isinstance(l, str) else json.dumps(l) for l in lines) + newline
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def codes(report):
+    return [(f.line, f.code) for f in report.errors]
+
+
+@pytest.mark.parametrize("bom,newline", [(False, "\n"), (True, "\r\n")])
+def test_good_file_passes_with_bom_and_crlf(tmp_path, bom, newline):
+    report = validate_file(write(tmp_path, [example() for _ in range(12)], newline=newline, bom=bom))
+    assert report.ok, codes(report)
+    assert report.summary.examples == 12 and report.summary.images == {1: 12}
+    assert not [w for w in report.warnings if w.code != "duplicate_example"]
+
+
+BAD = {
+    "invalid_json": '{"messages": [',
+    "data_type": "[1, 2]",
+    "missing_messages_list": {"msgs": []},
+    "message_missing_key": {"messages": [{"content": "hi"}, {"role": "assistant", "content": "well then"}]},
+    "message_unrecognized_key": {"messages": [{"role": "user", "content": "hi", "mood": "x"}, {"role": "assistant", "content": "ok fine then"}]},
+    "unrecognized_role": {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "ok fine then"}]},
+    "missing_content": {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "ok fine then"}]},
+    "example_missing_assistant_message": {"messages": [{"role": "user", "content": "hi"}]},
+    "image_in_non_user_message": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": data_url()}}]}]},
+    "too_many_images": example([{"type": "image_url", "image_url": {"url": data_url(), "detail": "low"}}] * 11),
+    "image_url_invalid": example([{"type": "image_url", "image_url": {"url": "file:///tmp/x.jpg"}}]),
+    "image_format_unsupported": example([{"type": "image_url", "image_url": {"url": data_url("GIF")}}]),
+    "image_data_corrupt": example([{"type": "image_url", "image_url": {"url": data_url("PNG", mime="jpeg")}}]),
+    "unknown_part_type": example([{"type": "audio", "audio": "x"}]),
+    "too_many_tokens": example(answer="word " * 300_000),
+}
+
+
+def test_every_error_code_at_the_right_line(tmp_path):
+    good = example()
+    lines = []
+    expected = []
+    for code, bad in BAD.items():
+        lines.append(good)
+        lines.append(bad)
+        expected.append((len(lines), code))
+    report = validate_file(write(tmp_path, lines))
+    found = codes(report)
+    for line, code in expected:
+        assert (line, code) in found, (code, [f for f in found if f[0] == line])
+    assert {line for line, _ in found} == {line for line, _ in expected}  # good lines are clean
+
+
+def test_corrupt_base64_oversized_image_unreachable_url_blank_line_and_empty_file(tmp_path):
+    big = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"0" * (MAX_IMAGE_BYTES + 10)).decode()
+    lines = [example([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]),
+             example([{"type": "image_url", "image_url": {"url": big}}]),
+             example([{"type": "image_url", "image_url": {"url": "https://example.invalid/a.jpg"}}])]
+    path = write(tmp_path, [json.dumps(lines[0]), json.dumps(lines[1]), "", json.dumps(lines[2])])
+
+    def offline_fetch(url):
+        raise ConnectionError("no route to host")
+
+    report = validate_file(path, check_urls=True, fetch=offline_fetch)
+    assert codes(report) == [(1, "image_data_corrupt"), (2, "image_too_large"), (3, "blank_line"), (4, "image_unreachable")]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert codes(validate_file(empty)) == [(1, "empty_file")]
+
+
+def test_fetched_image_is_costed_by_its_real_size(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 1024)).save(buf, format="JPEG")
+    path = write(tmp_path, [example([{"type": "image_url", "image_url": {"url": "https://host/x.jpg", "detail": "high"}}])])
+    report = validate_file(path, check_urls=True, fetch=lambda url: buf.getvalue())
+    assert report.ok and report.summary.image_tokens == 765
+
+
+def test_warnings(tmp_path):
+    lines = [example(system=False), example(answer="Soft."), example(answer="Soft."),
+             {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a long enough answer"}]}]
+    report = validate_file(write(tmp_path, lines))
+    got = {(w.line, w.code) for w in report.warnings}
+    assert {(1, "no_system_message"), (2, "short_assistant_message"), (3, "duplicate_example"),
+            (4, "no_user_message"), (0, "few_examples")} <= got
+
+
+def test_image_token_formula_on_known_sizes():
+    assert image_tokens(1024, 1024, "low") == 85
+    assert image_tokens(1024, 1024, "high") == 765  # 768x768 -> 4 tiles
+    assert image_tokens(2048, 4096, "high") == 1105  # 2048x4096 -> 1024x2048 -> 768x1536 -> 6 tiles
+    assert image_tokens(128, 128, "auto") == 255  # small images are not upscaled: 1 tile
+
+
+def test_token_counter_fallback_on_known_strings():
+    counter = TokenCounter()
+    if counter.exact:
+        assert counter.count("hello world") == 2
+    else:
+        assert counter.count("hello world") == 3 and counter.count("") == 0 and counter.count("é" * 4) == 2
+
+
+def test_cost_with_auto_epochs():
+    assert auto_epochs(10) == 10 and auto_epochs(40) == 3 and auto_epochs(20_000) == 1 and auto_epochs(5) == 20
+    from tasks.jsonl_validate import Summary
+    summary = Summary(tokens=[1000] * 10)
+    cost = cost_estimate(summary, "gpt-4o-2024-08-06", {"gpt-4o-2024-08-06": 25.0})
+    assert cost["epochs"] == 10 and cost["trained_tokens"] == 100_000 and cost["cost_usd"] == 2.5
+    capped = cost_estimate(Summary(tokens=[100_000]), "gpt-4o-2024-08-06", {"gpt-4o-2024-08-06": 25.0}, n_epochs=2)
+    assert capped["billed_tokens_per_epoch"] == 65_536 and capped["trained_tokens"] == 131_072
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "tasks.jsonl", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_exit_codes_reports_and_no_traceback(tmp_path):
+    good = write(tmp_path, [example() for _ in range(10)], name="good.jsonl")
+    ok = _cli("validate", str(good), "--report-dir", str(tmp_path / "r"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    report = json.loads((tmp_path / "r/report.json").read_text())
+    assert report["ok"] and report["summary"]["cost"]["epochs"] == 10
+    assert (tmp_path / "r/report.md").is_file() and "<table>" in (tmp_path / "r/report.html").read_text()
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(b"\x00\xff\xfe binary \x80\n{\"messages\": 5}\n")
+    bad = _cli("validate", str(garbage))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "invalid_json" in bad.stdout
+    assert _cli("validate").returncode == 2 and _cli("validate", str(tmp_path / "missing.jsonl")).returncode == 2
+    assert _cli().returncode == 2
