@@ -70,7 +70,7 @@ def test_oss_with_faults_stores_everything_exactly_once_and_rerun_sends_nothing(
     params, manifest = prepared
     state = OssState({KEY_ID: SECRET}, {"tvl"}, Faults(error_rate=0.3, drop_rate=0.3, seed=1))
     with OssServer(state) as server:
-        p = _oss(params, server, retries=10)
+        p = _oss(params, server, retries=20)  # P(21 straight faults) ~ 1e-6 per object
         result = upload.run(p)
         assert not result.failures
         blobs = upload.plan_blobs(manifest, p.upload.prefix)
