@@ -1,17 +1,33 @@
-"""``python -m tasks.jsonl validate FILE [--report-dir DIR] [--check-urls] [--model M] [--epochs N|auto]``
+"""``jsonl``: the fine-tuning datasets, and the validator people run on any chat JSONL file.
 
-Validates an OpenAI chat fine-tuning JSONL file (images included) and writes ``report.json``,
-``report.md`` and ``report.html``.  Exit status: 0 no errors (warnings allowed), 1 errors, 2 usage.
+    python -m tasks.jsonl                       # the DVC stage: both datasets, train + validation, reports
+    python -m tasks.jsonl rgb_tac --csv C --image-url-csv M --out F [--limit N] [--image-limit N]
+                          [--text-only-every N] [--text-only-pairs N] [--intents a,b] [--seed S]
+    python -m tasks.jsonl tactile ...           # same flags, quotas from params
+    python -m tasks.jsonl validate FILE [--report-dir DIR] [--check-urls] [--model M] [--epochs N|auto]
+
+``validate`` writes ``report.json``, ``report.md`` and ``report.html``; exit status 0 when there
+are no errors (warnings allowed), 1 with errors, 2 on usage errors.
 """
 from __future__ import annotations
 
 import argparse
 import html
+import json
+import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
+import pandas as pd
+
 from tasks import atomic
+from tasks.jsonl_generate import Example, Item, multimodal_set, quota_counts, tactile_set
 from tasks.jsonl_validate import cost_estimate, report_dict, report_markdown, validate_file
+from tasks.params import JsonlParams, Params, load_params
+from tasks.stage import StageError, run_main
+
+log = logging.getLogger(__name__)
 
 # $ per 1M training tokens; the original toolkit's reference price is the default row
 TRAINING_PRICES = {"gpt-4o-2024-08-06": 25.0, "gpt-4o-mini-2024-07-18": 3.0, "gpt-4.1-2025-04-14": 25.0,
@@ -71,12 +87,147 @@ def validate_main(argv: list[str]) -> int:
     return 0 if report.ok else 1
 
 
+def load_items(captions_csv: Path, mapping_csv: Path, uids=None) -> list[Item]:
+    """Join captions (``index,caption`` or the manifest's ``uid,caption``) to ``index,tac_url,rgb_url``."""
+    captions = pd.read_csv(captions_csv, keep_default_na=False)
+    captions = captions.rename(columns={"uid": "index"}) if "uid" in captions.columns else captions
+    mapping = pd.read_csv(mapping_csv, keep_default_na=False)
+    joined = captions[["index", "caption"]].merge(mapping, on="index", how="inner", validate="one_to_one")
+    missing = set(captions["index"]) - set(joined["index"])
+    if missing:
+        raise StageError(f"{mapping_csv}: no URLs for {len(missing)} ids in {captions_csv} (e.g. {sorted(missing)[:5]})")
+    if uids is not None:
+        joined = joined[joined["index"].isin(set(uids))]
+    return [Item(int(r.index), str(r.caption), str(r.tac_url), str(r.rgb_url)) for r in joined.itertuples()]
+
+
+def write_jsonl(path: Path, examples: list[Example]) -> None:
+    atomic.write_text(path, "".join(json.dumps({"messages": e.messages}, ensure_ascii=False) + "\n" for e in examples))
+
+
+def composition(examples: list[Example], quotas: dict[str, float] | None) -> dict:
+    kinds = Counter(e.kind for e in examples)
+    out = {"examples": len(examples), "kinds": dict(kinds), "intents": dict(Counter(e.intent for e in examples))}
+    if quotas:
+        expected = quota_counts(len(examples), quotas)
+        out["quotas"] = {k: {"share": quotas[k], "expected": expected[k], "actual": kinds.get(k, 0),
+                             "exact": expected[k] == kinds.get(k, 0)} for k in quotas}
+    return out
+
+
+def example_tables(name: str, examples: list[Example], quotas: dict[str, float] | None) -> list:
+    """GX suite over the example table: answers present, image counts per kind, quota shares."""
+    from tasks import validation
+
+    gxe = validation.gxe
+    n_images = {"text_only": 0, "tactile_only": 1, "dual_image": 2}
+    frame = pd.DataFrame({
+        "row": range(1, len(examples) + 1), "kind": [e.kind for e in examples],
+        "answer_words": [len(e.messages[-1]["content"].split()) for e in examples],
+        "images_ok": [sum(isinstance(p, dict) and p.get("type") == "image_url" for p in
+                          (e.messages[1]["content"] if isinstance(e.messages[1]["content"], list) else []))
+                      == n_images[e.kind] for e in examples]})
+    checks = [gxe.ExpectTableRowCountToBeBetween(min_value=1, severity="critical"),
+              gxe.ExpectColumnValuesToBeBetween(column="answer_words", min_value=3, severity="critical"),
+              gxe.ExpectColumnValuesToBeInSet(column="images_ok", value_set=[True], severity="critical")]
+    tables = [validation.Table(name, frame, checks, id_column="row")]
+    if quotas:
+        shares = frame["kind"].value_counts(normalize=True)
+        quota_frame = pd.DataFrame([{"kind": k, "error": abs(shares.get(k, 0.0) - v)} for k, v in quotas.items()])
+        tolerance = 1.0 / len(examples) + 1e-9  # exact up to rounding: at most one example off per kind
+        tables.append(validation.Table(f"{name}_quotas", quota_frame, [
+            gxe.ExpectColumnValuesToBeBetween(column="error", max_value=tolerance, severity="critical")], id_column="kind"))
+    return tables
+
+
+def run(params: Params) -> dict:
+    from tasks import validation
+
+    p = params.jsonl
+    manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv", keep_default_na=False)
+    splits = {"train": manifest.loc[manifest["split"] == "train", "uid"],
+              "val": manifest.loc[(manifest["split"] == "test") & (manifest["copy"] == 0), "uid"]}
+    common = dict(intents=p.intents, system=p.system_prompt, mode=p.image_mode, detail=p.detail)
+    summary = {}
+    tables = []
+    for split, uids in splits.items():
+        items = load_items(params.prepare.out_dir / "manifest.csv", params.upload.mapping, uids)
+        limit_scale = 1.0 if split == "train" else 0.2  # validation files: a fifth of the training size
+        datasets = {
+            "rgb_tac": (multimodal_set(items, max(1, int(p.multimodal_limit * limit_scale)), p.text_only_every,
+                                       seed=p.seed, **common), None),
+            "tactile": (tactile_set(items, max(1, int(p.tactile_limit * limit_scale)), p.tactile_quotas,
+                                    seed=p.seed, **common), p.tactile_quotas),
+        }
+        for name, (examples, quotas) in datasets.items():
+            path = p.out_dir / f"{name}_{split}.jsonl"
+            write_jsonl(path, examples)
+            report = validate_file(path, model=p.model)
+            d = report_dict(report, cost_estimate(report.summary, p.model, p.prices_per_million, n_epochs=p.n_epochs))
+            d["composition"] = composition(examples, quotas)
+            write_reports(d, p.out_dir / "reports" / f"{name}_{split}")
+            tables += example_tables(f"{name}_{split}", examples, quotas)
+            summary[f"{name}_{split}"] = {"examples": len(examples), "errors": len(report.errors),
+                                          "warnings": len(report.warnings), "cost_usd": d["summary"]["cost"]["cost_usd"]}
+            if report.errors:
+                raise StageError(f"{path}: {len(report.errors)} validation errors, first: {report.errors[0]}")
+    validation.run_validation("jsonl", tables, params.validation).raise_if_failed()
+    atomic.write_json(p.out_dir / "summary.json", summary)
+    return summary
+
+
+def generate_main(kind: str, argv: list[str]) -> int:
+    """The original toolkit's generator CLIs (rgb_tac_ft_jsonl.py / tactile_ft_jsonl.py)."""
+    params = load_params().jsonl
+    ap = argparse.ArgumentParser(prog=f"python -m tasks.jsonl {kind}")
+    ap.add_argument("--csv", type=Path, required=True, help="captions: index,caption (or the manifest)")
+    ap.add_argument("--image-url-csv", type=Path, required=True, help="index,tac_url,rgb_url")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--limit", type=int, default=params.multimodal_limit if kind == "rgb_tac" else params.tactile_limit)
+    ap.add_argument("--image-limit", type=int, default=None, help="at most this many examples carry images")
+    ap.add_argument("--text-only-every", type=int, default=params.text_only_every, help="rgb_tac: every Nth example text-only")
+    ap.add_argument("--text-only-pairs", type=int, default=None, help="tactile: exact number of text-only examples")
+    ap.add_argument("--intents", default=",".join(params.intents))
+    ap.add_argument("--seed", type=int, default=params.seed)
+    ap.add_argument("--image-mode", choices=("base64", "url"), default=params.image_mode)
+    args = ap.parse_args(argv)
+    intents = tuple(i.strip() for i in args.intents.split(",") if i.strip())
+    unknown = set(intents) - {"describe", "compare", "material", "property"}
+    if unknown:
+        ap.error(f"unknown intent(s) {sorted(unknown)}; choose from describe, compare, material, property")
+    items = load_items(args.csv, args.image_url_csv)
+    common = dict(intents=intents, seed=args.seed, system=params.system_prompt, mode=args.image_mode, detail=params.detail)
+    if kind == "rgb_tac":
+        examples = multimodal_set(items, args.limit, args.text_only_every, **common)
+    else:
+        quotas = dict(params.tactile_quotas)
+        if args.text_only_pairs is not None:  # an exact count of text-only examples, the rest keeps its ratio
+            total = min(args.limit, len(items) * len(intents))
+            text_share = min(1.0, args.text_only_pairs / max(1, total))
+            rest = quotas["tactile_only"] + quotas["dual_image"]
+            quotas = {"tactile_only": quotas["tactile_only"] / rest * (1 - text_share),
+                      "dual_image": quotas["dual_image"] / rest * (1 - text_share), "text_only": text_share}
+        examples = tactile_set(items, args.limit, quotas, **common)
+    if args.image_limit is not None:
+        with_images = [i for i, e in enumerate(examples) if e.kind != "text_only"]
+        drop = set(with_images[args.image_limit:])
+        examples = [e for i, e in enumerate(examples) if i not in drop]
+    write_jsonl(args.out, examples)
+    print(f"wrote {len(examples)} examples {dict(Counter(e.kind for e in examples))} -> {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "validate":
-        print(__doc__.strip().splitlines()[0], file=sys.stderr)
-        return 2
-    return validate_main(argv[1:])
+    if not argv:
+        run_main("jsonl", lambda: log.info("jsonl: %s", run(load_params())))
+        return 0
+    if argv[0] == "validate":
+        return validate_main(argv[1:])
+    if argv[0] in ("rgb_tac", "tactile"):
+        return generate_main(argv[0], argv[1:])
+    print(__doc__.strip(), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

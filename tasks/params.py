@@ -174,6 +174,30 @@ class UploadParams(_Section):
         return self
 
 
+class JsonlParams(_Section):
+    out_dir: Path = Path("artifacts/jsonl")
+    image_mode: Literal["base64", "url"] = "base64"
+    """base64 data URLs (offline default: file:// URLs are not fetchable by a fine-tuning service) or mapping URLs."""
+    detail: Literal["low", "high", "auto"] = "low"
+    model: str = "gpt-4o-2024-08-06"
+    n_epochs: int | Literal["auto"] = "auto"
+    prices_per_million: dict[str, float] = {"gpt-4o-2024-08-06": 25.0}
+    system_prompt: str = "You are a tactile perception assistant. Describe how surfaces feel to the touch."
+    intents: tuple[str, ...] = ("describe", "compare", "material", "property")
+    seed: int = 0
+    multimodal_limit: int = Field(3000, ge=1)
+    text_only_every: int = Field(5, ge=0)
+    """Multimodal set: every Nth example is text-only (0: none)."""
+    tactile_limit: int = Field(1500, ge=1)
+    tactile_quotas: dict[str, float] = {"tactile_only": 0.6, "dual_image": 0.25, "text_only": 0.15}
+
+    @model_validator(mode="after")
+    def _quotas(self) -> "JsonlParams":
+        if set(self.tactile_quotas) != {"tactile_only", "dual_image", "text_only"} or abs(sum(self.tactile_quotas.values()) - 1) > 1e-6:
+            raise ValueError("tactile_quotas needs tactile_only, dual_image, text_only summing to 1")
+        return self
+
+
 class ValidationParams(_Section):
     reports_dir: Path = Path("artifacts/reports/validation")
     data_docs_dir: Path = Path("artifacts/reports/data_docs")
@@ -190,6 +214,7 @@ class Params(_Section):
     train_stage2: TrainStageParams = TrainStageParams(epochs=15, lr=1e-4, warmup_epochs=0.5, patience=8, ema_decay=0.99)
     index: IndexParams = IndexParams()
     upload: UploadParams = UploadParams()
+    jsonl: JsonlParams = JsonlParams()
     validation: ValidationParams = ValidationParams()
 
 

@@ -47,12 +47,15 @@ def test_repro_then_up_to_date_then_param_change(repo):
     assert first.returncode == 0, first.stderr + first.stdout
     manifest = pd.read_csv(repo / "data/prepared/manifest.csv")
     assert manifest["source_id"].nunique() == 40
-    for stage in ("prepare", "embed", "train_projector"):
+    for stage in ("prepare", "embed", "train_projector", "jsonl"):
         assert json.loads((repo / f"artifacts/reports/validation/{stage}.json").read_text())["success"]
     assert (repo / "artifacts/reports/prepare/quarantine.csv").is_file()
     assert len(np.load(repo / "embeddings/embeddings_tac_projected/all_indices.npy")) == len(manifest)
     assert (repo / "artifacts/index/rgb.faiss").is_file() and (repo / "artifacts/reports/retrieval_gallery.html").is_file()
     assert "projected" in json.loads((repo / "artifacts/metrics/projector.json").read_text())
+    assert len(pd.read_csv(repo / "artifacts/upload/image_url_mapping.csv")) == len(manifest)
+    for name in ("rgb_tac_train", "rgb_tac_val", "tactile_train", "tactile_val"):
+        assert json.loads((repo / f"artifacts/jsonl/reports/{name}/report.json").read_text())["ok"]
     assert (repo / "dvc.lock").is_file()
 
     again = sh("dvc", "repro", cwd=repo)
