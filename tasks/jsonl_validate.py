@@ -1,7 +1,7 @@
 """Validator for OpenAI chat fine-tuning JSONL, images included.
 
-Streams the file line by line (memory: the running summary plus a 16-byte digest per example for
-duplicate detection), accepts UTF-8 with BOM and CRLF line endings, and reports errors and
+Streams the file line by line (memory: histograms for the summary plus a 16-byte digest per
+example for duplicate detection, ~0.1 KB each with Python's overhead), accepts UTF-8 with BOM and CRLF line endings, and reports errors and
 warnings as ``{line, code, message}`` with 1-based line numbers.  Token counts: text by
 :class:`TokenCounter` (see its docstring for exactness), images by OpenAI's published formula using
 the real image size when it is known (decoded data URLs; fetched URLs with ``check_urls``).
@@ -98,16 +98,26 @@ class Summary:
     valid_examples: int = 0
     messages: Counter = field(default_factory=Counter)  # messages per example -> count
     images: Counter = field(default_factory=Counter)
-    tokens: list[int] = field(default_factory=list)  # per example (ints: 8 bytes each, bounded by the file)
+    tokens: Counter = field(default_factory=Counter)  # tokens per example -> count (bounded by distinct lengths)
     image_tokens: int = 0
     text_tokens_exact: bool = False
 
     def token_stats(self) -> dict:
-        if not self.tokens:
+        n = sum(self.tokens.values())
+        if not n:
             return {"total": 0}
-        ordered = sorted(self.tokens)
-        return {"total": sum(ordered), "min": ordered[0], "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1),
-                "p50": ordered[len(ordered) // 2], "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
+        total = sum(t * c for t, c in self.tokens.items())
+
+        def quantile(q: float) -> int:
+            seen = 0
+            for t in sorted(self.tokens):
+                seen += self.tokens[t]
+                if seen > q * (n - 1):
+                    return t
+            return max(self.tokens)
+
+        return {"total": total, "min": min(self.tokens), "max": max(self.tokens), "mean": round(total / n, 1),
+                "p50": quantile(0.5), "p95": quantile(0.95)}
 
 
 @dataclass
@@ -303,7 +313,7 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
         summary = report.summary
         summary.messages[n_messages] += 1
         summary.images[n_images] += 1
-        summary.tokens.append(tokens)
+        summary.tokens[tokens] += 1
         summary.image_tokens += img_tokens
         summary.valid_examples += not errors
         if not roles["system"]:
@@ -328,8 +338,8 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
 def cost_estimate(summary: Summary, model: str, prices_per_million: dict[str, float], context: int | None = None,
                   n_epochs: int | str = "auto") -> dict:
     context = context or MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
-    billed = sum(min(context, t) for t in summary.tokens)
-    epochs = auto_epochs(len(summary.tokens)) if n_epochs == "auto" else int(n_epochs)
+    billed = sum(min(context, t) * c for t, c in summary.tokens.items())
+    epochs = auto_epochs(sum(summary.tokens.values())) if n_epochs == "auto" else int(n_epochs)
     price = prices_per_million.get(model)
     return {"model": model, "billed_tokens_per_epoch": billed, "epochs": epochs, "epochs_setting": n_epochs,
             "trained_tokens": billed * epochs, "price_per_million": price,

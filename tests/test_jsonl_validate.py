@@ -1,4 +1,5 @@
 import base64
+from collections import Counter
 import io
 import json
 import subprocess
@@ -134,10 +135,10 @@ def test_token_counter_fallback_on_known_strings():
 def test_cost_with_auto_epochs():
     assert auto_epochs(10) == 10 and auto_epochs(40) == 3 and auto_epochs(20_000) == 1 and auto_epochs(5) == 20
     from tasks.jsonl_validate import Summary
-    summary = Summary(tokens=[1000] * 10)
+    summary = Summary(tokens=Counter({1000: 10}))
     cost = cost_estimate(summary, "gpt-4o-2024-08-06", {"gpt-4o-2024-08-06": 25.0})
     assert cost["epochs"] == 10 and cost["trained_tokens"] == 100_000 and cost["cost_usd"] == 2.5
-    capped = cost_estimate(Summary(tokens=[100_000]), "gpt-4o-2024-08-06", {"gpt-4o-2024-08-06": 25.0}, n_epochs=2)
+    capped = cost_estimate(Summary(tokens=Counter({100_000: 1})), "gpt-4o-2024-08-06", {"gpt-4o-2024-08-06": 25.0}, n_epochs=2)
     assert capped["billed_tokens_per_epoch"] == 65_536 and capped["trained_tokens"] == 131_072
 
 
@@ -157,4 +158,4 @@ def test_cli_exit_codes_reports_and_no_traceback(tmp_path):
     bad = _cli("validate", str(garbage))
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "invalid_json" in bad.stdout
     assert _cli("validate").returncode == 2 and _cli("validate", str(tmp_path / "missing.jsonl")).returncode == 2
-    assert _cli().returncode == 2
+    assert _cli("bogus").returncode == 2
