@@ -34,6 +34,45 @@ TRAINING_PRICES = {"gpt-4o-2024-08-06": 25.0, "gpt-4o-mini-2024-07-18": 3.0, "gp
                    "gpt-4.1-mini-2025-04-14": 5.0}
 
 
+def _composition_html(d: dict) -> str:
+    comp = d.get("composition")
+    if not comp:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in {**comp["kinds"], **comp["intents"]}.items())
+    quotas = "".join(f"<tr><td>{html.escape(k)}</td><td>{q['share']:.0%}</td><td>{q['expected']}</td><td>{q['actual']}</td>"
+                     f"<td>{'✔' if q['exact'] else '✘'}</td></tr>" for k, q in comp.get("quotas", {}).items())
+    quota_table = (f"<h3>Quotas</h3><table><tr><th>kind</th><th>share</th><th>expected</th><th>actual</th><th>exact</th></tr>"
+                   f"{quotas}</table>") if quotas else ""
+    return f"<h2>Composition</h2><table><tr><th>kind / intent</th><th>examples</th></tr>{rows}</table>{quota_table}"
+
+
+def _samples_html(d: dict) -> str:
+    blocks = []
+    for sample in d.get("samples", []):
+        turns = []
+        for m in sample["messages"]:
+            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            body = "".join(f'<img src="{html.escape(p["image_url"]["url"])}" height="96">' if p.get("type") == "image_url"
+                           else f"<span>{html.escape(str(p.get('text', '')))}</span>" for p in parts)
+            turns.append(f'<div class="turn {html.escape(m["role"])}"><b>{html.escape(m["role"])}</b> {body}</div>')
+        blocks.append(f'<div class="chat"><small>line {sample["line"]}</small>{"".join(turns)}</div>')
+    return "<h2>Sample examples</h2>" + "".join(blocks) if blocks else ""
+
+
+def samples(path: Path, n: int = 4) -> list[dict]:
+    """The first ``n`` examples, for people to read (rendered with their images in report.html)."""
+    out = []
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, start=1):
+            if len(out) == n:
+                break
+            try:
+                out.append({"line": number, "messages": json.loads(line)["messages"]})
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return out
+
+
 def report_html(d: dict, markdown: str) -> str:
     rows = "".join(f"<tr><td>{f['line']}</td><td><code>{html.escape(f['code'])}</code></td><td>{html.escape(f['message'])}</td></tr>"
                    for f in d["errors"][:500])
@@ -43,7 +82,8 @@ def report_html(d: dict, markdown: str) -> str:
     verdict = "PASS" if d["ok"] else "FAIL"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>JSONL report {html.escape(d['file'])}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px}}
-.PASS{{color:#2a2}} .FAIL{{color:#c22}}</style></head><body>
+.PASS{{color:#2a2}} .FAIL{{color:#c22}} .chat{{border:1px solid #ddd;margin:8px 0;padding:6px;max-width:60em}}
+.turn{{margin:4px 0}} .assistant{{background:#eef}} .turn img{{margin:0 4px;vertical-align:middle}}</style></head><body>
 <h1>JSONL validation: <code>{html.escape(d['file'])}</code></h1>
 <p class="{verdict}"><b>{verdict}</b>: {s['examples']} examples, {s['error_count']} errors, {s['warning_count']} warnings (model {html.escape(d['model'])})</p>
 <p>Cost estimate: {s['cost']['trained_tokens']:,} trained tokens ({s['cost']['billed_tokens_per_epoch']:,} × {s['cost']['epochs']} epochs)
@@ -52,6 +92,7 @@ def report_html(d: dict, markdown: str) -> str:
 <h2>Warnings</h2><table><tr><th>line</th><th>code</th><th>message</th></tr>{warn}</table>
 <h2>Distributions</h2><ul><li>messages per example: {s['messages_per_example']}</li>
 <li>images per example: {s['images_per_example']}</li><li>tokens per example: {s['tokens']}</li></ul>
+{_composition_html(d)}{_samples_html(d)}
 </body></html>
 """
 
@@ -77,6 +118,7 @@ def validate_main(argv: list[str]) -> int:
         ap.error(f"--epochs must be 'auto' or a positive integer, got {args.epochs!r}")
     report = validate_file(args.file, model=args.model, check_urls=args.check_urls)
     d = report_dict(report, cost_estimate(report.summary, args.model, TRAINING_PRICES, n_epochs=args.epochs))
+    d["samples"] = samples(args.file)
     report_dir = args.report_dir or args.file.with_suffix(".report")
     write_reports(d, report_dir)
     s = d["summary"]
@@ -165,6 +207,7 @@ def run(params: Params) -> dict:
             report = validate_file(path, model=p.model)
             d = report_dict(report, cost_estimate(report.summary, p.model, p.prices_per_million, n_epochs=p.n_epochs))
             d["composition"] = composition(examples, quotas)
+            d["samples"] = samples(path)
             write_reports(d, p.out_dir / "reports" / f"{name}_{split}")
             tables += example_tables(f"{name}_{split}", examples, quotas)
             summary[f"{name}_{split}"] = {"examples": len(examples), "errors": len(report.errors),

@@ -377,4 +377,12 @@ def report_markdown(d: dict) -> str:
         lines.append("")
     lines += ["## Distributions", "", f"- messages per example: {s['messages_per_example']}",
               f"- images per example: {s['images_per_example']}", f"- tokens per example: {s['tokens']}", ""]
+    comp = d.get("composition")
+    if comp:
+        lines += ["## Composition", "", f"- kinds: {comp['kinds']}", f"- intents: {comp['intents']}", ""]
+        if comp.get("quotas"):
+            lines += ["| kind | share | expected | actual | exact |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {q['share']:.0%} | {q['expected']} | {q['actual']} | {'yes' if q['exact'] else 'NO'} |"
+                      for k, q in comp["quotas"].items()]
+            lines.append("")
     return "\n".join(lines)
