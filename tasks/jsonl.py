@@ -23,7 +23,7 @@ import pandas as pd
 
 from tasks import atomic
 from tasks.jsonl_generate import Example, Item, multimodal_set, quota_counts, tactile_set
-from tasks.jsonl_validate import cost_estimate, report_dict, report_markdown, validate_file
+from tasks.jsonl_validate import cost_estimate, iter_lines, report_dict, report_markdown, validate_file
 from tasks.params import JsonlParams, Params, load_params
 from tasks.stage import StageError, run_main
 
@@ -49,12 +49,15 @@ def _composition_html(d: dict) -> str:
 def _samples_html(d: dict) -> str:
     blocks = []
     for sample in d.get("samples", []):
-        turns = []
-        for m in sample["messages"]:
-            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-            body = "".join(f'<img src="{html.escape(p["image_url"]["url"])}" height="96">' if p.get("type") == "image_url"
-                           else f"<span>{html.escape(str(p.get('text', '')))}</span>" for p in parts)
-            turns.append(f'<div class="turn {html.escape(m["role"])}"><b>{html.escape(m["role"])}</b> {body}</div>')
+        try:
+            turns = []
+            for m in sample["messages"]:
+                parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+                body = "".join(f'<img src="{html.escape(p["image_url"]["url"])}" height="96">' if p.get("type") == "image_url"
+                               else f"<span>{html.escape(str(p.get('text', '')))}</span>" for p in parts)
+                turns.append(f'<div class="turn {html.escape(str(m["role"]))}"><b>{html.escape(str(m["role"]))}</b> {body}</div>')
+        except (KeyError, TypeError, AttributeError):
+            continue  # malformed example: the error table already names its line
         blocks.append(f'<div class="chat"><small>line {sample["line"]}</small>{"".join(turns)}</div>')
     return "<h2>Sample examples</h2>" + "".join(blocks) if blocks else ""
 
@@ -62,14 +65,15 @@ def _samples_html(d: dict) -> str:
 def samples(path: Path, n: int = 4) -> list[dict]:
     """The first ``n`` examples, for people to read (rendered with their images in report.html)."""
     out = []
-    with open(path, encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, start=1):
-            if len(out) == n:
-                break
-            try:
-                out.append({"line": number, "messages": json.loads(line)["messages"]})
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
+    for number, raw in iter_lines(path):
+        if len(out) == n:
+            break
+        try:
+            messages = json.loads(raw.decode("utf-8"))["messages"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            continue  # the validator reports these lines; samples show readable examples only
+        if isinstance(messages, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            out.append({"line": number, "messages": messages})
     return out
 
 

@@ -232,6 +232,7 @@ def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch
         for key in sorted(set(message) - ALLOWED_MESSAGE_KEYS):
             c.error("message_unrecognized_key", f"{where} has unrecognized key '{key}'")
         role = message.get("role")
+        role = role if isinstance(role, str) or role is None else repr(role)
         if "role" in message and role not in ALLOWED_ROLES:
             c.error("unrecognized_role", f"{where} role {role!r} is not one of {sorted(ALLOWED_ROLES)}")
         roles[role] += 1
@@ -305,7 +306,11 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             report.errors.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
             continue
-        errors, stats = check_example(obj, number, counter, check_urls, fetch, context)
+        try:
+            errors, stats = check_example(obj, number, counter, check_urls, fetch, context)
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
+            report.errors.append(Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})"))
+            continue
         report.errors += errors
         if stats is None:
             continue

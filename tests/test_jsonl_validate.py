@@ -159,3 +159,22 @@ def test_cli_exit_codes_reports_and_no_traceback(tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "invalid_json" in bad.stdout
     assert _cli("validate").returncode == 2 and _cli("validate", str(tmp_path / "missing.jsonl")).returncode == 2
     assert _cli("bogus").returncode == 2
+
+
+WEIRD = [
+    '{"messages": [{"role": ["a"], "content": "x"}]}',
+    '{"messages": [{"role": "user", "content": [7]}, {"role": "assistant", "content": null}]}',
+    '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, {"role": "assistant", "content": 5}]}',
+    '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3, "detail": []}}]}]}',
+    '{"messages": [{"role": {"x": 1}, "content": [{"type": ["text"]}]}]}',
+    '{"messages": "hello"}', "null", "3.5", '"str"', '{"messages": [null, 1, "x"]}',
+]
+
+
+def test_no_input_shape_makes_the_validator_crash(tmp_path):
+    path = tmp_path / "weird.jsonl"
+    path.write_text("\n".join(WEIRD) + "\n")
+    report = validate_file(path)
+    assert {f.line for f in report.errors} == set(range(1, len(WEIRD) + 1))
+    proc = _cli("validate", str(path), "--report-dir", str(tmp_path / "r"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
