@@ -92,11 +92,11 @@ def report_html(d: dict, markdown: str) -> str:
 <p class="{verdict}"><b>{verdict}</b>: {s['examples']} examples, {s['error_count']} errors, {s['warning_count']} warnings (model {html.escape(d['model'])})</p>
 <p>Cost estimate: {s['cost']['trained_tokens']:,} trained tokens ({s['cost']['billed_tokens_per_epoch']:,} × {s['cost']['epochs']} epochs)
 ≈ <b>${s['cost']['cost_usd']}</b> at ${s['cost']['price_per_million']}/1M.</p>
-<h2>Errors</h2><table><tr><th>line</th><th>code</th><th>message</th></tr>{rows}</table>
-<h2>Warnings</h2><table><tr><th>line</th><th>code</th><th>message</th></tr>{warn}</table>
 <h2>Distributions</h2><ul><li>messages per example: {s['messages_per_example']}</li>
 <li>images per example: {s['images_per_example']}</li><li>tokens per example: {s['tokens']}</li></ul>
 {_composition_html(d)}{_samples_html(d)}
+<h2>Errors ({s['error_count']})</h2><table><tr><th>line</th><th>code</th><th>message</th></tr>{rows}</table>
+<h2>Warnings ({s['warning_count']})</h2><table><tr><th>line</th><th>code</th><th>message</th></tr>{warn}</table>
 </body></html>
 """
 
