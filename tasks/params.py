@@ -198,6 +198,26 @@ class JsonlParams(_Section):
         return self
 
 
+class FinetuneParams(_Section):
+    provider: Literal["openai", "azure", "compatible"] = "openai"
+    dataset: Literal["tactile", "rgb_tac"] = "tactile"
+    model: str = "gpt-4o-2024-08-06"
+    suffix: str = "touch"
+    seed: int = 0
+    n_epochs: int | Literal["auto"] = "auto"
+    submit: bool = False
+    """false: write plan.json only, no network call (what `make repro` does)."""
+    base_url: str | None = None
+    """compatible provider: any OpenAI-compatible endpoint (openai provider: $OPENAI_BASE_URL)."""
+    azure_endpoint: str | None = None
+    azure_api_version: str = "2024-10-21"
+    max_retries: int = Field(5, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+    poll_interval_s: float = Field(10.0, gt=0)
+    poll_max_interval_s: float = Field(120.0, gt=0)
+    out_dir: Path = Path("artifacts/finetune")
+
+
 class ValidationParams(_Section):
     reports_dir: Path = Path("artifacts/reports/validation")
     data_docs_dir: Path = Path("artifacts/reports/data_docs")
@@ -215,6 +235,7 @@ class Params(_Section):
     index: IndexParams = IndexParams()
     upload: UploadParams = UploadParams()
     jsonl: JsonlParams = JsonlParams()
+    finetune: FinetuneParams = FinetuneParams()
     validation: ValidationParams = ValidationParams()
 
 

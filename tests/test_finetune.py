@@ -1,0 +1,170 @@
+"""The finetune stage with the official openai client against a local OpenAI-compatible server."""
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import finetune
+from tasks.params import parse_params
+from tasks.stage import StageError
+from tests.jsonl_fixtures import write_dataset
+from tests.openai_server import ApiFaults, ApiServer, ApiState
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-test-0123456789abcdefghijklmnop"
+TODAY = dt.date(2026, 11, 22)
+
+
+def _raw(tmp_path, base_url="http://127.0.0.1:9/v1", **finetune_params):
+    return {"jsonl": {"out_dir": str(tmp_path / "jsonl")},
+            "finetune": {"provider": "compatible", "base_url": base_url, "out_dir": str(tmp_path / "ft"),
+                         "poll_interval_s": 0.01, "poll_max_interval_s": 0.02, "max_retries": 8, **finetune_params}}
+
+
+@pytest.fixture
+def files(tmp_path):
+    write_dataset(tmp_path / "jsonl" / "tactile_train.jsonl", 12)
+    write_dataset(tmp_path / "jsonl" / "tactile_val.jsonl", 10)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+def _approve(params):
+    finetune.approve(params, finetune.dataset_files(params), confirm=lambda: True)
+
+
+def test_dry_run_writes_a_plan_and_makes_no_call(files, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    params = parse_params(_raw(files))
+    plan = finetune.run(params, today=TODAY)
+    saved = json.loads((files / "ft/plan.json").read_text())
+    assert saved == json.loads(json.dumps(plan)) and saved["submit"] is False and saved["approved"] is False
+    assert saved["files"]["train"]["examples"] == 12 and len(saved["files"]["train"]["sha256"]) == 64
+    assert saved["estimated_cost"]["epochs"] == 8  # auto: 100 // 12 and saved["estimated_cost"]["cost_usd"] > 0
+    assert not (files / "ft/job.json").exists()
+
+
+def test_happy_path_to_a_fine_tuned_model(files, caplog):
+    caplog.set_level(logging.INFO)
+    state = ApiState(KEY)
+    with ApiServer(state) as server:
+        params = parse_params(_raw(files, server.base_url, submit=True))
+        _approve(params)
+        job = finetune.run(params, today=TODAY)
+    model = json.loads((files / "ft/model.json").read_text())
+    assert job["status"] == "succeeded" and model["fine_tuned_model"].startswith("ft:gpt-4o-2024-08-06:org-test:touch:")
+    assert state.created_jobs == 1 and len(state.files) == 2
+    created = next(iter(state.jobs.values()))
+    assert created["metadata"]["dataset_sha256"] == finetune.dataset_files(params).dataset_sha256()
+    assert created["validation_file"] and created["suffix"] == "touch"
+    messages = [r.getMessage() for r in caplog.records if "[info]" in r.getMessage()]
+    assert len(messages) == len(set(messages)) == 3  # each event logged once
+    assert json.loads((files / "ft/checkpoints.json").read_text())[0]["metrics"]["valid_loss"] == 0.51
+    for path in (files / "ft").iterdir():
+        assert KEY not in path.read_text()
+    assert KEY not in caplog.text
+
+
+def test_failed_job_surfaces_the_server_error(files):
+    with ApiServer(ApiState(KEY, fail_jobs=True)) as server:
+        params = parse_params(_raw(files, server.base_url, submit=True))
+        _approve(params)
+        with pytest.raises(StageError, match="failed: Training file has too few examples"):
+            finetune.run(params, today=TODAY)
+    assert json.loads((files / "ft/job.json").read_text())["status"] == "failed"
+
+
+def test_unknown_model_and_bad_key_stop_with_the_server_message(files, monkeypatch):
+    with ApiServer(ApiState(KEY)) as server:
+        params = parse_params(_raw(files, server.base_url, submit=True, model="gpt-9"))
+        _approve(params)
+        with pytest.raises(StageError, match="API error 400: .*gpt-9 is not available"):
+            finetune.run(params, today=TODAY)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+        params = parse_params(_raw(files, server.base_url, submit=True))
+        _approve(params)
+        with pytest.raises(StageError, match="API error 401: .*Incorrect API key provided"):
+            finetune.run(params, today=TODAY)
+
+
+def test_exactly_one_job_with_dropped_responses_and_500s(files):
+    state = ApiState(KEY, ApiFaults(error_rate=0.3, drop_rate=0.5, seed=4))
+    with ApiServer(state) as server:
+        params = parse_params(_raw(files, server.base_url, submit=True, max_retries=12))
+        _approve(params)
+        job = finetune.run(params, today=TODAY)
+    assert job["status"] == "succeeded"
+    assert state.created_jobs == 1  # the server's own count
+    assert len(state.files) == 2
+
+
+def test_unapproved_or_invalid_files_are_refused(files):
+    with ApiServer(ApiState(KEY)) as server:
+        params = parse_params(_raw(files, server.base_url, submit=True))
+        with pytest.raises(StageError, match="is not approved"):
+            finetune.run(params, today=TODAY)
+        _approve(params)
+        with open(files / "jsonl/tactile_train.jsonl", "a") as fh:  # changed after approval
+            fh.write('{"messages": []}\n')
+        with pytest.raises(StageError, match="is not approved"):
+            finetune.run(params, today=TODAY)
+        with pytest.raises(StageError, match="validation errors"):
+            _approve(params)
+
+
+def test_cancel(files):
+    state = ApiState(KEY)
+    with ApiServer(state) as server:
+        params = parse_params(_raw(files, server.base_url, submit=True))
+        _approve(params)
+        submission = finetune.Submission(params, finetune.make_client(params.finetune), finetune.dataset_files(params))
+        submission.run(wait=False)
+        finetune.commands("cancel", submission, submission.state["job_id"])
+    assert json.loads((files / "ft/job.json").read_text())["status"] == "cancelled"
+    assert next(iter(state.jobs.values()))["status"] == "cancelled"
+
+
+def test_kill_9_mid_poll_then_rerun_resumes_the_same_job(files):
+    state = ApiState(KEY)
+    with ApiServer(state) as server:
+        raw = _raw(files, server.base_url, submit=True, poll_interval_s=60, poll_max_interval_s=60)
+        (files / "params.yaml").write_text(yaml.safe_dump(raw))
+        params = parse_params(raw)
+        _approve(params)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "-m", "tasks.finetune", "submit"], cwd=files, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        state_file = files / "ft/state.json"
+        deadline = time.time() + 60
+        while time.time() < deadline and "job_id" not in (json.loads(state_file.read_text()) if state_file.exists() else {}):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        job_id = json.loads(state_file.read_text())["job_id"]
+        raw["finetune"].update(poll_interval_s=0.01, poll_max_interval_s=0.02)
+        (files / "params.yaml").write_text(yaml.safe_dump(raw))
+        rerun = subprocess.run([sys.executable, "-m", "tasks.finetune", "submit"], cwd=files, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+        assert json.loads(rerun.stdout)["job_id"] == job_id and state.created_jobs == 1
+        assert KEY not in rerun.stderr + rerun.stdout
+
+
+def test_openai_wind_down_warns_then_refuses():
+    assert "days left" in finetune.provider_notice("openai", dt.date(2026, 11, 22))
+    with pytest.raises(StageError, match="azure .* or compatible"):
+        finetune.provider_notice("openai", dt.date(2027, 1, 6))
+    assert finetune.provider_notice("azure", dt.date(2027, 6, 1)) is None
