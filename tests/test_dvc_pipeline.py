@@ -56,6 +56,8 @@ def test_repro_then_up_to_date_then_param_change(repo):
     assert len(pd.read_csv(repo / "artifacts/upload/image_url_mapping.csv")) == len(manifest)
     for name in ("rgb_tac_train", "rgb_tac_val", "tactile_train", "tactile_val"):
         assert json.loads((repo / f"artifacts/jsonl/reports/{name}/report.json").read_text())["ok"]
+    plan = json.loads((repo / "artifacts/finetune/plan.json").read_text())
+    assert plan["submit"] is False and plan["files"]["train"]["errors"] == 0 and not (repo / "artifacts/finetune/job.json").exists()
     assert (repo / "dvc.lock").is_file()
 
     again = sh("dvc", "repro", cwd=repo)
