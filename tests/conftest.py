@@ -49,3 +49,32 @@ def make_params(tmp_path: Path, root: Path, **prepare) -> Params:
                        "data_docs_dir": str(tmp_path / "reports/data_docs")},
     }
     return parse_params(raw)
+
+
+@pytest.fixture
+def built(tmp_path, dataset):
+    """A whole small pipeline run (prepare, embed, projector, no index yet) with outputs under tmp_path."""
+    from tasks import embed, prepare, train_projector
+
+    params = parse_params({
+        "data": {"root": str(dataset)},
+        "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
+                    "augment": {"copies": 1}},
+        "embed": {"out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache")},
+        "projector": {"dim": 32, "depth": 1, "val_fraction": 0.3, "out_dir": str(tmp_path / "proj"),
+                      "projected_dir": str(tmp_path / "emb/embeddings_tac_projected"),
+                      "metrics": str(tmp_path / "metrics/projector.json"), "history_dir": str(tmp_path / "metrics")},
+        "train_stage1": {"epochs": 2, "batch_size": 8},
+        "train_stage2": {"epochs": 1, "batch_size": 8},
+        "index": {"out_dir": str(tmp_path / "index"), "metrics": str(tmp_path / "metrics/index.json"),
+                  "gallery": str(tmp_path / "gallery.html"), "gallery_queries": 3,
+                  "search": {"k": 3, "min_cos": -1.0}},
+        "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False},
+    })
+    prepare.run(params)
+    embed.run(params)
+    train_projector.run_stage1(params)
+    train_projector.run_stage2(params)
+    return params
+
+

@@ -42,6 +42,9 @@ class ApiState:
     fail_jobs: bool = False  # jobs end in 'failed' with an error
     models: tuple[str, ...] = ("gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18")
     created_jobs: int = 0
+    statuses: list[int] = field(default_factory=list)  # every status code answered
+    chat_requests: list[dict] = field(default_factory=list)
+    chat_reply: object = None  # optional callable(request) -> str; default echoes the last user text
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
@@ -60,6 +63,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, obj, headers: dict | None = None):
         body = json.dumps(obj).encode()
+        self.server.state.statuses.append(status)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -231,11 +235,13 @@ class ApiHandler(BaseHTTPRequestHandler):
         if req.get("model") not in models:
             return self._error(404, f"The model `{req.get('model')}` does not exist or you do not have access to it.",
                                "invalid_request_error", "model_not_found")
+        state.chat_requests.append(req)
         last = req["messages"][-1]["content"]
         text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last if p.get("type") == "text")
+        text = state.chat_reply(req) if state.chat_reply else f"echo: {text}"
         self._json(200, {"id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion", "created": int(time.time()),
                          "model": req["model"], "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": f"echo: {text}"}}],
+                         "message": {"role": "assistant", "content": text}}],
                          "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
 
 

@@ -99,8 +99,8 @@ def test_unknown_model_and_bad_key_stop_with_the_server_message(files, monkeypat
             finetune.run(params, today=TODAY)
 
 
-def test_exactly_one_job_with_dropped_responses_and_500s(files):
-    state = ApiState(KEY, ApiFaults(error_rate=0.3, drop_rate=0.5, seed=4))
+def test_exactly_one_job_with_dropped_responses_500s_and_429s(files):
+    state = ApiState(KEY, ApiFaults(error_rate=0.2, rate_limit_rate=0.1, drop_rate=0.5, seed=4))
     with ApiServer(state) as server:
         params = parse_params(_raw(files, server.base_url, submit=True, max_retries=12))
         _approve(params)
@@ -108,6 +108,7 @@ def test_exactly_one_job_with_dropped_responses_and_500s(files):
     assert job["status"] == "succeeded"
     assert state.created_jobs == 1  # the server's own count
     assert len(state.files) == 2
+    assert any(status == 429 for status in state.statuses) and any(status == 500 for status in state.statuses)
 
 
 def test_unapproved_or_invalid_files_are_refused(files):

@@ -7,35 +7,10 @@ import pandas as pd
 import pytest
 
 from tasks import embed, index, prepare, train_projector
-from tasks.params import parse_params
 from tasks.query import QueryEncoder
 from tasks.retrieval import (IndexMeta, QueryMismatch, Retriever, SearchParams, build_index, index_ids,
                              load_index)
 from tests.conftest import write_captions, write_pair
-
-
-@pytest.fixture
-def built(tmp_path, dataset):
-    params = parse_params({
-        "data": {"root": str(dataset)},
-        "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
-                    "augment": {"copies": 1}},
-        "embed": {"out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache")},
-        "projector": {"dim": 32, "depth": 1, "val_fraction": 0.3, "out_dir": str(tmp_path / "proj"),
-                      "projected_dir": str(tmp_path / "emb/embeddings_tac_projected"),
-                      "metrics": str(tmp_path / "metrics/projector.json"), "history_dir": str(tmp_path / "metrics")},
-        "train_stage1": {"epochs": 2, "batch_size": 8},
-        "train_stage2": {"epochs": 1, "batch_size": 8},
-        "index": {"out_dir": str(tmp_path / "index"), "metrics": str(tmp_path / "metrics/index.json"),
-                  "gallery": str(tmp_path / "gallery.html"), "gallery_queries": 3,
-                  "search": {"k": 3, "min_cos": -1.0}},
-        "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False},
-    })
-    prepare.run(params)
-    embed.run(params)
-    train_projector.run_stage1(params)
-    train_projector.run_stage2(params)
-    return params
 
 
 class _Gallery(HTMLParser):

@@ -1,0 +1,111 @@
+"""TouchQA against the local OpenAI-compatible server, and the evaluate stage offline."""
+import base64
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks import evaluate, index
+from tasks.evaluate import adjective_prf, bleu, retrieval_answer
+from tasks.qa import CLASSIFY_PROMPT, STYLE, TouchQAModel
+from tasks.retrieval import QueryMismatch
+from tasks.stage import StageError
+from tests.openai_server import ApiServer, ApiState
+
+KEY = "sk-qa-test-0123456789abcdef"
+
+
+def _classifier(req):
+    system = req["messages"][0]["content"]
+    if system == CLASSIFY_PROMPT:
+        question = req["messages"][-1]["content"]
+        return "identify_material" if "material" in question else "describe"
+    return "It feels rough and hard."
+
+
+@pytest.fixture
+def qa_env(built, monkeypatch):
+    index.run(built)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    state = ApiState(KEY, chat_reply=_classifier)
+    with ApiServer(state) as server:
+        params = built.model_copy(update={"finetune": built.finetune.model_copy(update={
+            "provider": "compatible", "base_url": server.base_url, "out_dir": built.index.out_dir.parent / "ft"})})
+        yield params, state
+
+
+def _image_parts(req):
+    return [p["image_url"]["url"] for p in req["messages"][1]["content"] if p["type"] == "image_url"]
+
+
+def test_request_carries_query_image_neighbours_and_intent_sets_k_and_style(qa_env):
+    params, state = qa_env
+    manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv")
+    query = manifest["tac_path"][0]
+    qa = TouchQAModel(params)
+    describe = qa.answer(query, "What does this feel like?", sensor_id=0)
+    material = qa.answer(query, "What material is this?", sensor_id=0)
+    assert describe.text == "It feels rough and hard." and describe.intent == "describe"
+    assert material.intent == "identify_material"
+    answer_requests = [r for r in state.chat_requests if r["messages"][0]["content"] != CLASSIFY_PROMPT]
+    d_req, m_req = answer_requests
+    assert len(describe.evidence) == params.qa.k_by_intent["describe"] == len(_image_parts(d_req)) - 1
+    assert len(material.evidence) == params.qa.k_by_intent["identify_material"] == len(_image_parts(m_req)) - 1
+    assert _image_parts(d_req)[0] == "data:image/jpeg;base64," + base64.b64encode(Path(query).read_bytes()).decode()
+    texts = " ".join(p["text"] for p in d_req["messages"][1]["content"] if p["type"] == "text")
+    for hit in describe.evidence:
+        assert hit.caption in texts
+    assert STYLE["describe"] in d_req["messages"][0]["content"] and STYLE["identify_material"] in m_req["messages"][0]["content"]
+    assert d_req["model"] == params.qa.base_model
+
+
+def test_fine_tuned_model_is_used_when_present(qa_env):
+    params, state = qa_env
+    state.models = state.models + ("ft:gpt-4o-2024-08-06:org:touch:abc",)
+    ft = params.finetune.out_dir / "model.json"
+    ft.parent.mkdir(parents=True, exist_ok=True)
+    ft.write_text(json.dumps({"fine_tuned_model": "ft:gpt-4o-2024-08-06:org:touch:abc"}))
+    manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv")
+    result = TouchQAModel(params).answer(manifest["tac_path"][0], "How does it feel?")
+    assert result.model == "ft:gpt-4o-2024-08-06:org:touch:abc"
+    assert {r["model"] for r in state.chat_requests} == {"ft:gpt-4o-2024-08-06:org:touch:abc"}
+
+
+def test_actionable_errors(qa_env, monkeypatch, tmp_path):
+    params, _ = qa_env
+    manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv")
+    with pytest.raises(StageError, match="cannot read tactile image"):
+        TouchQAModel(params).answer(tmp_path / "missing.jpg", "feel?")
+    unknown = params.model_copy(update={"qa": params.qa.model_copy(update={"base_model": "gpt-9"})})
+    with pytest.raises(StageError, match="API error 404: .*gpt-9"):
+        TouchQAModel(unknown).answer(manifest["tac_path"][0], "feel?")
+    other_encoder = params.model_copy(update={"embed": params.embed.model_copy(update={"seed": 7})})
+    with pytest.raises(QueryMismatch, match="query encoder .* != index encoder"):
+        TouchQAModel(other_encoder).retrieve(manifest["tac_path"][0], 0, 3)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(StageError, match="needs OPENAI_API_KEY"):
+        TouchQAModel(params).answer(manifest["tac_path"][0], "feel?")
+
+
+def test_metric_functions_on_hand_checked_examples():
+    vocab = {"smooth", "glossy", "hard", "rough", "soft"}
+    assert adjective_prf("smooth, glossy, hard", "smooth, glossy, hard", vocab) == (1.0, 1.0, 1.0)
+    assert adjective_prf("rough, soft", "smooth, glossy", vocab) == (0.0, 0.0, 0.0)
+    p, r, f = adjective_prf("It feels smooth and rough.", "smooth, glossy", vocab)
+    assert (p, r) == (0.5, 0.5) and f == 0.5
+    assert bleu(["it feels smooth glossy and hard"], ["it feels smooth glossy and hard"]) == pytest.approx(1.0)
+    assert bleu(["rough"], ["smooth glossy hard surface"]) < 0.1
+    assert retrieval_answer(["smooth, hard", "smooth, soft", "rough, hard"], 3) == "smooth, hard, soft, rough"
+
+
+def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path):
+    index.run(built)
+    params = built.model_copy(update={"evaluate": built.evaluate.model_copy(update={"metrics": tmp_path / "m/eval.json"})})
+    metrics = evaluate.run(params)
+    saved = json.loads((tmp_path / "m/eval.json").read_text())
+    assert saved == metrics and saved["answerer"] == "retrieval" and saved["n"] > 0
+    assert 0.0 <= saved["adjective_f1"] <= 1.0 and 0.0 < saved["bertscore_f1"] <= 1.0
+    assert isinstance(saved["meteor"], float) or saved["meteor"].startswith("skipped")
+    predictions = pd.read_csv(tmp_path / "m/eval_predictions.csv")
+    assert len(predictions) == saved["n"] and predictions["prediction"].str.len().gt(0).all()
