@@ -473,6 +473,12 @@ def validation_tables(manifest: pd.DataFrame, summary: dict, max_bad_fraction: f
 # ----------------------------------------------------------------------------- stage
 
 
+def _staged(path: str, final_dir: Path, staging: Path) -> str:
+    """Where a manifest path lives until the staging folder is swapped in."""
+    p = Path(path)
+    return str(staging / p.relative_to(final_dir)) if p.is_relative_to(final_dir) else path
+
+
 def run(params: Params) -> tuple[pd.DataFrame, ScanResult]:
     """Scan ``data.root``, write prepared images, manifest and quarantine; validate; return both."""
     from tasks import validation  # imported late: Great Expectations is slow to import
@@ -485,13 +491,19 @@ def run(params: Params) -> tuple[pd.DataFrame, ScanResult]:
     atomic.write_csv(p.quarantine_csv, scan.quarantine_frame())
     atomic.write_json(report_dir / "summary.json", scan.summary())
     error = threshold_error(scan, p.max_bad_fraction, p.quarantine_csv)
-    if error:
+    if scan.n_candidates == 0:
         raise PrepareError(error)
+    # validated before the swap: a failing run publishes its report and leaves the previous output in place
     with atomic.replace_dir(p.out_dir) as staging:
         manifest = build_manifest(scan.pairs, p, staging, p.out_dir)
         atomic.write_csv(staging / "manifest.csv", manifest)
-    tables = validation_tables(manifest, scan.summary(), p.max_bad_fraction)
-    validation.run_validation("prepare", tables, params.validation).raise_if_failed()
+        checked = manifest.assign(tac_path=manifest["tac_path"].map(lambda s: _staged(s, p.out_dir, staging)),
+                                  rgb_path=manifest["rgb_path"].map(lambda s: _staged(s, p.out_dir, staging)))
+        report = validation.run_validation("prepare", validation_tables(checked, scan.summary(), p.max_bad_fraction),
+                                           params.validation)
+        if error:
+            raise PrepareError(error)
+        report.raise_if_failed()
     return manifest, scan
 
 
