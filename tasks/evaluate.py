@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tasks import atomic
+from tasks.finetune import KEY_VARS, api_errors
 from tasks.params import Params, load_params
 from tasks.stage import StageError, run_main
 
@@ -83,6 +85,22 @@ def score_all(predictions: list[str], references: list[str], vocabulary: set[str
             "adjective_f1": round(float(prf[:, 2].mean()), 4)}
 
 
+JUDGE_PROMPT = ("You grade descriptions of how a surface feels. Given the reference tactile description and an "
+                "answer, reply with one integer from 1 (unrelated) to 10 (same tactile properties), nothing else.")
+
+
+def judge_scores(client, model: str, predictions: list[str], references: list[str]) -> list[int | None]:
+    """TVL-LLaMA-style GPT judge: 1-10 per answer (None where the reply is not a number)."""
+    scores = []
+    for prediction, reference in zip(predictions, references):
+        reply = client.chat.completions.create(model=model, max_tokens=3, temperature=0, messages=[
+            {"role": "system", "content": JUDGE_PROMPT},
+            {"role": "user", "content": f"Reference: {reference}\nAnswer: {prediction}"}]).choices[0].message.content or ""
+        match = re.search(r"\b(10|[1-9])\b", reply)
+        scores.append(int(match.group(1)) if match else None)
+    return scores
+
+
 def retrieval_answer(captions: list[str], k: int) -> str:
     """Adjectives named by most of the neighbours' captions, in order of votes."""
     votes = Counter(w.strip() for c in captions[:k] for w in c.split(",") if w.strip())
@@ -111,6 +129,14 @@ def run(params: Params) -> dict:
             predictions.append(qa.answer(row.tac_path, p.prompt, row.sensor_id, exclude_source=row.source_id).text)
     metrics = {"answerer": p.answerer, "model": None if p.answerer == "retrieval" else qa.model, "prompt": p.prompt,
                **score_all(predictions, test["caption"].tolist(), vocabulary, p.bertscore_model, p.bertscore_layers)}
+    if p.judge == "auto" and os.environ.get(KEY_VARS[params.finetune.provider]):
+        with api_errors(params.finetune.provider):
+            scores = judge_scores(qa.client, p.judge_model, predictions, test["caption"].tolist())
+        valid = [s for s in scores if s is not None]
+        metrics["gpt_judge"] = {"model": p.judge_model, "mean": round(float(np.mean(valid)), 3) if valid else None,
+                                "scored": len(valid)}
+    else:
+        metrics["gpt_judge"] = "skipped (no API key)" if p.judge == "auto" else "off"
     atomic.write_json(p.metrics, metrics)
     atomic.write_csv(p.metrics.with_name("eval_predictions.csv"),
                      pd.DataFrame({"uid": test["uid"], "reference": test["caption"], "prediction": predictions}))

@@ -99,7 +99,18 @@ def test_metric_functions_on_hand_checked_examples():
     assert retrieval_answer(["smooth, hard", "smooth, soft", "rough, hard"], 3) == "smooth, hard, soft, rough"
 
 
-def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path):
+def test_gpt_judge_scores_when_a_key_is_present(qa_env, tmp_path):
+    params, state = qa_env
+    state.chat_reply = lambda req: "7" if req["messages"][0]["content"] == evaluate.JUDGE_PROMPT else "smooth"
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"metrics": tmp_path / "eval.json"})})
+    metrics = evaluate.run(params)
+    assert metrics["gpt_judge"]["mean"] == 7.0 and metrics["gpt_judge"]["scored"] == metrics["n"]
+    judged = [r for r in state.chat_requests if r["messages"][0]["content"] == evaluate.JUDGE_PROMPT]
+    assert len(judged) == metrics["n"] and "Reference: " in judged[0]["messages"][1]["content"]
+
+
+def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     index.run(built)
     params = built.model_copy(update={"evaluate": built.evaluate.model_copy(update={"metrics": tmp_path / "m/eval.json"})})
     metrics = evaluate.run(params)
@@ -107,5 +118,6 @@ def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path
     assert saved == metrics and saved["answerer"] == "retrieval" and saved["n"] > 0
     assert 0.0 <= saved["adjective_f1"] <= 1.0 and 0.0 < saved["bertscore_f1"] <= 1.0
     assert isinstance(saved["meteor"], float) or saved["meteor"].startswith("skipped")
+    assert saved["gpt_judge"] == "skipped (no API key)"
     predictions = pd.read_csv(tmp_path / "m/eval_predictions.csv")
     assert len(predictions) == saved["n"] and predictions["prediction"].str.len().gt(0).all()
