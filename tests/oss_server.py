@@ -19,7 +19,9 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.loopback import LoopbackServer
 from xml.sax.saxutils import escape
 
 SUBRESOURCES = {"acl", "uploads", "location", "cors", "logging", "website", "referer", "lifecycle", "delete",
@@ -304,21 +306,10 @@ class OssHandler(BaseHTTPRequestHandler):
         self._send(200, xml.encode(), {"Content-Type": "application/xml"})
 
 
-class OssServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class OssServer(LoopbackServer):
     def __init__(self, state: OssState):
-        super().__init__(("127.0.0.1", 0), OssHandler)
-        self.state = state
+        super().__init__(OssHandler, state)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
+        return self.origin
