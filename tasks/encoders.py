@@ -3,7 +3,7 @@
 ``imagebind``'s package ``__init__`` imports ``imagebind.data``, which needs torchaudio and
 pytorchvideo (broken on current torchvision).  The model code itself needs only torch, timm,
 einops, ftfy, regex and iopath, so we import ``imagebind.models.imagebind_model`` through a bare
-package entry and do ImageBind's vision preprocessing ourselves (identical transforms).
+package entry and do ImageBind's vision preprocessing ourselves (the same transforms).
 
 Encoders: ``imagebind_huge`` (Meta's weights, from ``embed.checkpoint``, ``$IMAGEBIND_CHECKPOINT``
 or ``<checkpoint_dir>/imagebind_huge.pth``) and ``imagebind_tiny`` (random weights from a fixed
@@ -21,30 +21,34 @@ import json
 import os
 import sys
 import types
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2 as T
+from torchvision import transforms
+from tqdm import tqdm
 
 from tasks import atomic
-from tasks.stage import StageError
+from tasks.stage import StageError, run_main
 
-PREPROCESS_VERSION = "clip224-v1"
+PREPROCESS_VERSION = "clip224-v2"  # v2: PIL-side resize, bit-identical to ImageBind (v1 resized tensors)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+CHECKPOINT_ENV = "IMAGEBIND_CHECKPOINT"
 KEPT_MODALITIES = ("vision", "text")
 MODULE_DICTS = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
+KEPT_PREFIXES = tuple(f"{attr}.{m}." for attr in MODULE_DICTS for m in KEPT_MODALITIES)
 
 ENCODER_CONFIGS: dict[str, dict] = {
     # exactly the arguments of Meta's imagebind_huge()
     "imagebind_huge": dict(vision_embed_dim=1280, vision_num_blocks=32, vision_num_heads=16, text_embed_dim=1024,
                            text_num_blocks=24, text_num_heads=16, out_embed_dim=1024, audio_drop_path=0.1,
                            imu_drop_path=0.7),
-    # 3.6 M parameters once the unused towers are dropped: cheap enough for CPU tests and the sample
+    # 3.6 M parameters once the unused towers are dropped; those are shrunk too so building stays cheap
     "imagebind_tiny": dict(out_embed_dim=32, vision_embed_dim=64, vision_num_blocks=2, vision_num_heads=2,
                            text_embed_dim=64, text_num_blocks=2, text_num_heads=2, audio_embed_dim=16,
                            audio_num_blocks=1, audio_num_heads=1, depth_embed_dim=16, depth_num_blocks=1,
@@ -54,7 +58,7 @@ ENCODER_CONFIGS: dict[str, dict] = {
 
 
 class EncoderError(StageError):
-    pass
+    """Missing or unfitting weights, unknown encoder, unavailable device: printed without a traceback."""
 
 
 def imagebind_model_module() -> types.ModuleType:
@@ -62,7 +66,7 @@ def imagebind_model_module() -> types.ModuleType:
     if "imagebind.models.imagebind_model" in sys.modules:
         return sys.modules["imagebind.models.imagebind_model"]
     if "imagebind" not in sys.modules:
-        spec = importlib.util.find_spec("imagebind")
+        spec = importlib.util.find_spec("imagebind")  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
             raise EncoderError("package 'imagebind' not installed (make setup installs imagebind-unofficial)")
         package = types.ModuleType("imagebind")
@@ -73,47 +77,48 @@ def imagebind_model_module() -> types.ModuleType:
     return module
 
 
-def _package_dir() -> Path:
-    imagebind_model_module()
-    return Path(sys.modules["imagebind"].__path__[0])
-
-
-_VISION_TRANSFORM = T.Compose([
-    T.ToImage(),
-    T.Resize(224, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-    T.CenterCrop(224),
-    T.ToDtype(torch.float32, scale=True),
-    T.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+# ImageBind's load_and_transform_vision_data, transform for transform: resizing the PIL image (not a
+# tensor) keeps PIL's bicubic filter, so the pixels match Meta's to the last bit.
+_VISION_TRANSFORM = transforms.Compose([
+    transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+    transforms.CenterCrop(224),
+    transforms.ToTensor(),
+    transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
 ])
 
 
 def preprocess_image(img: Image.Image) -> torch.Tensor:
-    """ImageBind's vision transform: RGB, shorter side 224 bicubic, centre crop 224, CLIP mean/std."""
-    return _VISION_TRANSFORM(img.convert("RGB")).as_subclass(torch.Tensor)
+    """[3, 224, 224] float32: RGB, shorter side 224 bicubic, centre crop 224, CLIP mean/std."""
+    return _VISION_TRANSFORM(img.convert("RGB"))
 
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    imagebind_model_module()  # first: registers the bare package so the import below skips its __init__
+    package_dir = Path(imagebind_model_module().__file__).parents[1]  # registers the bare package first
     from imagebind.models.multimodal_preprocessors import SimpleTokenizer
 
-    return SimpleTokenizer(bpe_path=str(_package_dir() / "bpe" / "bpe_simple_vocab_16e6.txt.gz"))
+    return SimpleTokenizer(bpe_path=str(package_dir / "bpe" / "bpe_simple_vocab_16e6.txt.gz"))
 
 
 def tokenize(texts: list[str]) -> torch.Tensor:
     """[B, 77] token ids with ImageBind's BPE tokenizer and vocabulary."""
-    return _tokenizer()(list(texts))
+    tokenizer = _tokenizer()
+    # SimpleTokenizer drops the batch axis for a single text; put it back
+    return tokenizer(list(texts)).reshape(len(texts), tokenizer.context_length)
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda, then mps, then cpu; an explicit name is honoured or fails clearly."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise EncoderError(f"embed.device={name!r} but CUDA is not available here (use 'auto' or 'cpu')")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise EncoderError("embed.device='mps' but MPS is not available here (use 'auto' or 'cpu')")
     return torch.device(name)
 
 
@@ -125,6 +130,7 @@ class EncoderSpec:
     seed: int = 0
     device: str = "auto"
     config_overrides: tuple[tuple[str, object], ...] = ()
+    """Merged over ``ENCODER_CONFIGS[name]`` (a tuple so the spec stays hashable): scaled-down tests."""
 
     def config(self) -> dict:
         if self.name not in ENCODER_CONFIGS:
@@ -133,19 +139,20 @@ class EncoderSpec:
 
 
 def resolve_checkpoint(spec: EncoderSpec) -> Path | None:
+    """imagebind_huge: the first of spec.checkpoint, $IMAGEBIND_CHECKPOINT, cache_dir that is set."""
     if spec.name != "imagebind_huge":
         return spec.checkpoint
-    candidates = [spec.checkpoint] if spec.checkpoint else []
-    if os.environ.get("IMAGEBIND_CHECKPOINT"):
-        candidates.append(Path(os.environ["IMAGEBIND_CHECKPOINT"]))
-    candidates.append(spec.cache_dir / "imagebind_huge.pth")
-    for path in candidates:
-        if path.is_file():
-            return path
-    tried = ", ".join(str(p) for p in candidates)
-    raise EncoderError(f"imagebind_huge weights not found (tried {tried}). Set embed.checkpoint or "
-                       f"IMAGEBIND_CHECKPOINT to the file, or download it once with "
-                       f"`python -m tasks.encoders download --dest {spec.cache_dir}` (4.5 GB, CC-BY-NC).")
+    if spec.checkpoint:
+        path = Path(spec.checkpoint)
+    elif os.environ.get(CHECKPOINT_ENV):
+        path = Path(os.environ[CHECKPOINT_ENV])
+    else:
+        path = spec.cache_dir / "imagebind_huge.pth"
+    if not path.is_file():
+        raise EncoderError(f"imagebind_huge weights not found at {path}. Set embed.checkpoint or "
+                           f"{CHECKPOINT_ENV} to the file, or download it once with "
+                           f"`python -m tasks.encoders download --dest {spec.cache_dir}` (4.5 GB, CC-BY-NC).")
+    return path
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,26 +173,37 @@ def fingerprint_info(spec: EncoderSpec) -> dict:
             "preprocess": PREPROCESS_VERSION, "smoke": checkpoint is None}
 
 
+def _digest(info: dict) -> str:
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fingerprint(spec: EncoderSpec) -> str:
-    """Stable id of :func:`fingerprint_info`, computable without building the model."""
-    blob = json.dumps(fingerprint_info(spec), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """Stable 16-hex id of :func:`fingerprint_info`, computable without building the model."""
+    return _digest(fingerprint_info(spec))
 
 
-def load_vision_text_state(model: torch.nn.Module, state: dict) -> None:
-    """Load the vision/text part of a checkpoint; wrong architecture fails with expected vs found shapes."""
-    if "state_dict" in state or "model" in state:
-        state = state.get("state_dict", state.get("model"))
+def load_state(model: torch.nn.Module, state: dict) -> None:
+    """Load the vision/text tensors of a checkpoint; any other architecture fails naming the tensors.
+
+    Accepts a raw state dict or one wrapped under ``state_dict`` / ``model``.
+    """
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     wanted = model.state_dict()
-    kept = {k: v for k, v in state.items() if k in wanted}
+    kept = {k: v for k, v in state.items() if k.startswith(KEPT_PREFIXES)}
     mismatched = [f"{k}: expected {tuple(wanted[k].shape)}, found {tuple(v.shape)}"
-                  for k, v in kept.items() if tuple(v.shape) != tuple(wanted[k].shape)]
+                  for k, v in kept.items() if k in wanted and v.shape != wanted[k].shape]
     if mismatched:
         raise EncoderError(f"checkpoint does not fit this encoder ({len(mismatched)} tensors differ): "
                            + "; ".join(mismatched[:5]))
     missing = sorted(set(wanted) - set(kept))
-    if missing:
-        raise EncoderError(f"checkpoint lacks {len(missing)} vision/text tensors, e.g. {missing[:5]}")
+    # extra vision/text tensors (e.g. more blocks) mean another architecture even when shapes agree
+    unexpected = sorted(set(kept) - set(wanted))
+    if missing or unexpected:
+        raise EncoderError(f"checkpoint does not fit this encoder: {len(missing)} vision/text tensors missing "
+                           f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
     model.load_state_dict(kept)
 
 
@@ -196,30 +214,35 @@ class ImageBindEncoder:
         self.spec = spec
         self.name = spec.name
         self.device = resolve_device(spec.device)
-        checkpoint = resolve_checkpoint(spec)
+        config = spec.config()
+        checkpoint = resolve_checkpoint(spec)  # before building: a missing file fails fast
         module = imagebind_model_module()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG stream
             torch.manual_seed(spec.seed)  # tiny random weights are identical in every run
-            model = module.ImageBindModel(**spec.config())
+            model = module.ImageBindModel(**config)
         for attr in MODULE_DICTS:  # audio, depth, thermal, imu are never used: free their memory
             modules = getattr(model, attr)
             for key in [k for k in modules.keys() if k not in KEPT_MODALITIES]:
                 del modules[key]
         if checkpoint:
-            load_vision_text_state(model, torch.load(checkpoint, map_location="cpu", weights_only=True))
+            load_state(model, torch.load(checkpoint, map_location="cpu", weights_only=True))
         self.model = model.eval().to(self.device)
-        self.dim = int(spec.config()["out_embed_dim"])
+        self.dim = int(config["out_embed_dim"])
         self.is_smoke = checkpoint is None
         self._info = fingerprint_info(spec)
-        self.fingerprint = fingerprint(spec)
+        self.fingerprint = _digest(self._info)
+        # bf16 keeps fp32's exponent range (no overflow in 32 blocks); fp16 on GPUs without it
+        self._autocast_dtype = (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+                                else torch.float16)
 
     def fingerprint_info(self) -> dict:
         return dict(self._info)
 
     def _forward(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype,
                                                     enabled=self.device.type == "cuda"):
             out = self.model({modality: inputs.to(self.device)})[modality]
+        # the text postprocessor multiplies by a learnt logit scale, and half precision drifts: renormalise
         return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -227,20 +250,25 @@ class ImageBindEncoder:
         return self._forward("vision", pixels)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """B texts -> [B, D] unit vectors (float32, CPU)."""
         return self._forward("text", tokenize(texts))
 
 
 def download_checkpoint(dest_dir: Path) -> Path:
     """Fetch Meta's imagebind_huge weights (only on explicit request), atomically, with progress."""
-    from tqdm import tqdm
-
     dest = dest_dir / "imagebind_huge.pth"
-    with urllib.request.urlopen(CHECKPOINT_URL) as response, atomic.atomic_open(dest, "wb") as fh:
-        total = int(response.headers.get("Content-Length", 0)) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-            while chunk := response.read(1 << 20):
-                fh.write(chunk)
-                bar.update(len(chunk))
+    if dest.is_file():  # writes are atomic, so an existing file is a complete one
+        return dest
+    try:
+        with urllib.request.urlopen(CHECKPOINT_URL) as response, atomic.atomic_open(dest, "wb") as fh:
+            total = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := response.read(1 << 20):
+                    fh.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as exc:
+        raise EncoderError(f"download of {CHECKPOINT_URL} failed ({exc}); fetch it elsewhere and set "
+                           f"{CHECKPOINT_ENV} to the file") from exc
     return dest
 
 
@@ -250,7 +278,7 @@ def main() -> None:
     dl = sub.add_parser("download", help="download imagebind_huge.pth (4.5 GB, CC-BY-NC 4.0)")
     dl.add_argument("--dest", type=Path, default=Path(".checkpoints"))
     args = ap.parse_args()
-    print(download_checkpoint(args.dest))
+    run_main("encoders download", lambda: print(download_checkpoint(args.dest)))
 
 
 if __name__ == "__main__":
