@@ -48,3 +48,23 @@ def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(
     assert report["success"] is False
     latest = _artifact("validation-prepare")
     assert any("FAILED" in (a.data or "") for a in latest)
+
+
+def test_reindex_adds_only_new_images(repo):  # noqa: F811
+    from PIL import Image
+
+    from flows.reindex import reindex
+
+    build(str(repo))  # the sample stage makes data.root; the nightly flow itself never regenerates it
+    first = reindex(str(repo))
+    assert first["added"] == 80 and first["index"]["rgb"]["mode"] == "rebuild"
+    sample = repo / "data/sample"
+    Image.open(sample / "images_tac/image_0_tac.jpg").rotate(90).save(sample / "images_tac/image_500_tac.jpg")
+    Image.open(sample / "images_rgb/image_0_rgb.jpg").rotate(90).save(sample / "images_rgb/image_500_rgb.jpg")
+    with open(sample / "captions.csv", "a") as fh:
+        fh.write('500,"rough, hard",0\n')
+    second = reindex(str(repo))
+    assert (second["added"], second["removed"], second["changed"]) == (2, 0, 0)
+    assert second["index"]["rgb"]["mode"] == "incremental" and second["index"]["rgb"]["removed"] == 0
+    assert second["embedded_now"] == second["index"]["rgb"]["added"] >= 1  # only the new pair (and its copies)
+    assert second["retrieval_before"] is not None and _artifact("reindex-report")
