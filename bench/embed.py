@@ -11,7 +11,6 @@ Writes bench/results/embed.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

@@ -24,7 +24,7 @@ import pandas as pd
 from tasks import atomic
 from tasks.jsonl_generate import Example, Item, multimodal_set, quota_counts, tactile_set
 from tasks.jsonl_validate import cost_estimate, iter_lines, report_dict, report_markdown, validate_file
-from tasks.params import JsonlParams, Params, load_params
+from tasks.params import Params, load_params
 from tasks.stage import StageError, run_main
 
 log = logging.getLogger(__name__)

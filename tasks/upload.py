@@ -22,7 +22,7 @@ from tqdm import tqdm
 from tasks import atomic
 from tasks.params import Params, load_params
 from tasks.stage import StageError, run_main
-from tasks.storage import Blob, Storage, StorageError, make_storage  # noqa: F401 (Blob, make_storage re-exported for callers)
+from tasks.storage import Blob, Storage, StorageError, make_storage
 
 log = logging.getLogger(__name__)
 RECORD_COLUMNS = ["key", "local_path", "size", "md5", "etag", "uploaded_at"]
