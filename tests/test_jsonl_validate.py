@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.jsonl_validate import (MAX_IMAGE_BYTES, TokenCounter, auto_epochs, cost_estimate, image_tokens,
-                                  validate_file)
+from tasks.jsonl_validate import (MAX_IMAGE_BYTES, TokenCounter, auto_epochs, cost_estimate, estimate_tokens,
+                                  image_tokens, validate_file)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,12 +124,13 @@ def test_image_token_formula_on_known_sizes():
     assert image_tokens(128, 128, "auto") == 255  # small images are not upscaled: 1 tile
 
 
-def test_token_counter_fallback_on_known_strings():
+def test_token_counts_of_known_strings():
     counter = TokenCounter()
-    if counter.exact:
-        assert counter.count("hello world") == 2
-    else:
-        assert counter.count("hello world") == 3 and counter.count("") == 0 and counter.count("é" * 4) == 2
+    assert counter.exact and "o200k_base" in counter.source  # quicktok's bundled o200k works offline
+    assert counter.count("hello world") == 2
+    assert counter.count("It feels smooth, hard and slightly glossy.") == 9
+    assert counter.count("") == 0
+    assert estimate_tokens("hello world") == 3 and estimate_tokens("é" * 4) == 2
 
 
 def test_cost_with_auto_epochs():
