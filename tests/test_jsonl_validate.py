@@ -179,3 +179,12 @@ def test_no_input_shape_makes_the_validator_crash(tmp_path):
     assert {f.line for f in report.errors} == set(range(1, len(WEIRD) + 1))
     proc = _cli("validate", str(path), "--report-dir", str(tmp_path / "r"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_duplicate_detection_survives_bloom_false_positives(tmp_path, monkeypatch):
+    from tasks import jsonl_validate
+
+    monkeypatch.setattr(jsonl_validate.DigestFilter, "BITS", 16)  # nearly every example collides in the filter
+    lines = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(12)] + [example(answer="It feels smooth and hard, sample 3.")]
+    report = validate_file(write(tmp_path, lines))
+    assert [(w.line, w.message) for w in report.warnings if w.code == "duplicate_example"] == [(13, "same example as line 4")]
