@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+from dataclasses import asdict
 import logging
 import sys
 from collections import Counter
@@ -44,6 +45,14 @@ def _composition_html(d: dict) -> str:
     quota_table = (f"<h3>Quotas</h3><table><tr><th>kind</th><th>share</th><th>expected</th><th>actual</th><th>exact</th></tr>"
                    f"{quotas}</table>") if quotas else ""
     return f"<h2>Composition</h2><table><tr><th>kind / intent</th><th>examples</th></tr>{rows}</table>{quota_table}"
+
+
+def _expectations_html(d: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(r['table'])}</td><td>{html.escape(r['expectation'])}</td>"
+                   f"<td>{html.escape(json.dumps(r['kwargs']))}</td><td>{'✔' if r['success'] else '✘'}</td>"
+                   f"<td>{html.escape(json.dumps(r['unexpected_examples']))}</td></tr>" for r in d.get("expectations", []))
+    return ("<h2>Great Expectations over the example table</h2><table><tr><th>table</th><th>expectation</th>"
+            f"<th>arguments</th><th>met</th><th>examples not met</th></tr>{rows}</table>") if rows else ""
 
 
 def _samples_html(d: dict) -> str:
@@ -94,7 +103,7 @@ def report_html(d: dict, markdown: str) -> str:
 ≈ <b>${s['cost']['cost_usd']}</b> at ${s['cost']['price_per_million']}/1M.</p>
 <h2>Distributions</h2><ul><li>messages per example: {s['messages_per_example']}</li>
 <li>images per example: {s['images_per_example']}</li><li>tokens per example: {s['tokens']}</li></ul>
-{_composition_html(d)}{_samples_html(d)}
+{_composition_html(d)}{_expectations_html(d)}{_samples_html(d)}
 <h2>Errors ({s['error_count']})</h2><table><tr><th>line</th><th>code</th><th>message</th></tr>{rows}</table>
 <h2>Warnings ({s['warning_count']})</h2><table><tr><th>line</th><th>code</th><th>message</th></tr>{warn}</table>
 </body></html>
@@ -196,6 +205,7 @@ def run(params: Params) -> dict:
     common = dict(intents=p.intents, system=p.system_prompt, mode=p.image_mode, detail=p.detail)
     summary = {}
     tables = []
+    reports: dict[str, dict] = {}
     for split, uids in splits.items():
         items = load_items(params.prepare.out_dir / "manifest.csv", params.upload.mapping, uids)
         limit_scale = 1.0 if split == "train" else 0.2  # validation files: a fifth of the training size
@@ -212,13 +222,19 @@ def run(params: Params) -> dict:
             d = report_dict(report, cost_estimate(report.summary, p.model, p.prices_per_million, n_epochs=p.n_epochs))
             d["composition"] = composition(examples, quotas)
             d["samples"] = samples(path)
-            write_reports(d, p.out_dir / "reports" / f"{name}_{split}")
+            reports[f"{name}_{split}"] = d
             tables += example_tables(f"{name}_{split}", examples, quotas)
             summary[f"{name}_{split}"] = {"examples": len(examples), "errors": len(report.errors),
                                           "warnings": len(report.warnings), "cost_usd": d["summary"]["cost"]["cost_usd"]}
-            if report.errors:
-                raise StageError(f"{path}: {len(report.errors)} validation errors, first: {report.errors[0]}")
-    validation.run_validation("jsonl", tables, params.validation).raise_if_failed()
+    checked = validation.run_validation("jsonl", tables, params.validation)
+    for name, d in reports.items():  # the example-table expectations feed each file's review report
+        d["expectations"] = [asdict(r) for r in checked.results if r.table in (name, f"{name}_quotas")]
+        write_reports(d, p.out_dir / "reports" / name)
+    bad = {name: d["errors"] for name, d in reports.items() if d["errors"]}
+    if bad:
+        name, errors = next(iter(bad.items()))
+        raise StageError(f"{name}.jsonl: {len(errors)} validation errors, first: {errors[0]}")
+    checked.raise_if_failed()
     atomic.write_json(p.out_dir / "summary.json", summary)
     return summary
 

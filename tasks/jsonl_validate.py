@@ -437,6 +437,10 @@ def report_markdown(d: dict) -> str:
         lines.append("")
     lines += ["## Distributions", "", f"- messages per example: {s['messages_per_example']}",
               f"- images per example: {s['images_per_example']}", f"- tokens per example: {s['tokens']}", ""]
+    if d.get("expectations"):
+        lines += ["## Great Expectations over the example table", "", "| table | expectation | met |", "|---|---|---|"]
+        lines += [f"| {r['table']} | {r['expectation']} | {'yes' if r['success'] else 'NO'} |" for r in d["expectations"]]
+        lines.append("")
     comp = d.get("composition")
     if comp:
         lines += ["## Composition", "", f"- kinds: {comp['kinds']}", f"- intents: {comp['intents']}", ""]

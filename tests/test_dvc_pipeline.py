@@ -55,7 +55,10 @@ def test_repro_then_up_to_date_then_param_change(repo):
     assert "projected" in json.loads((repo / "artifacts/metrics/projector.json").read_text())
     assert len(pd.read_csv(repo / "artifacts/upload/image_url_mapping.csv")) == len(manifest)
     for name in ("rgb_tac_train", "rgb_tac_val", "tactile_train", "tactile_val"):
-        assert json.loads((repo / f"artifacts/jsonl/reports/{name}/report.json").read_text())["ok"]
+        report = json.loads((repo / f"artifacts/jsonl/reports/{name}/report.json").read_text())
+        assert report["ok"] and report["expectations"] and all(e["success"] for e in report["expectations"])
+    quotas = json.loads((repo / "artifacts/jsonl/reports/tactile_train/report.json").read_text())["composition"]["quotas"]
+    assert all(q["exact"] for q in quotas.values())
     plan = json.loads((repo / "artifacts/finetune/plan.json").read_text())
     assert plan["submit"] is False and plan["files"]["train"]["errors"] == 0 and not (repo / "artifacts/finetune/job.json").exists()
     assert (repo / "dvc.lock").is_file()
