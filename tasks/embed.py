@@ -20,7 +20,9 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -111,9 +113,16 @@ def embed_pairs(encoder: ImageBindEncoder, rows: list[tuple[int, str, str]], bat
     return out, errors
 
 
+PairEmbedder = Callable[[list[tuple[int, str, str]]], tuple[dict[int, tuple[np.ndarray, np.ndarray]], list[str]]]
+
+
 def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache: VectorCache,
-                       batch_size: int, num_workers: int) -> EmbeddingSet:
-    """Look every image and caption up in the cache, embed the misses, assemble manifest-ordered arrays."""
+                       batch_size: int, num_workers: int, embed_fn: PairEmbedder | None = None) -> EmbeddingSet:
+    """Look every image and caption up in the cache, embed the misses, assemble manifest-ordered arrays.
+
+    ``embed_fn`` embeds the missing pairs (default: :func:`embed_pairs` in this process; the Dask
+    runner shards them over a cluster and returns the same mapping).
+    """
     paths = sorted(set(manifest["tac_path"]) | set(manifest["rgb_path"]))
     with ThreadPoolExecutor(max_workers=4) as pool:
         keys = dict(zip(paths, tqdm(pool.map(_safe_image_key, paths), total=len(paths), desc="hash images", unit="file")))
@@ -131,7 +140,8 @@ def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache:
         todo.append((int(r.uid), r.tac_path, r.rgb_path))
     log.info("images: %d pairs, %d to embed (%d cached vectors)", len(manifest), len(todo), len(cache))
     if todo:
-        embedded, errors = embed_pairs(encoder, todo, batch_size, num_workers)
+        embedded, errors = (embed_fn or partial(embed_pairs, encoder, batch_size=batch_size,
+                                                num_workers=num_workers))(todo)
         for uid, tac_path, rgb_path in todo:
             if uid in embedded:
                 cache.put(keys[tac_path], embedded[uid][0])
@@ -232,7 +242,14 @@ def run(params: Params) -> EmbeddingSet:
         log.warning("embed.encoder=imagebind_tiny: random weights, embeddings are for smoke runs only")
     cache = VectorCache(p.cache_dir, encoder.fingerprint)
     workers = default_num_workers(encoder.device) if p.num_workers is None else p.num_workers
-    result = compute_embeddings(manifest, encoder, cache, p.batch_size or default_batch_size(encoder.device), workers)
+    batch_size = p.batch_size or default_batch_size(encoder.device)
+    embed_fn = None
+    if p.runner == "dask":
+        from flows.embed_dask import sharded_embedder  # prefect-dask is needed only for this runner
+
+        embed_fn = sharded_embedder(encoder_spec(p), batch_size, address=p.dask_address,
+                                    n_workers=p.dask_workers, shards=p.shards)
+    result = compute_embeddings(manifest, encoder, cache, batch_size, workers, embed_fn)
     validation.run_validation("embed", validation_tables(result, manifest), params.validation).raise_if_failed()
     write_embeddings(result, p.out_dir)
     return result

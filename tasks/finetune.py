@@ -122,7 +122,7 @@ def read_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def approve(params: Params, files: DatasetFiles, confirm) -> dict:
+def approve(params: Params, files: DatasetFiles, confirm, reviewer: str | None = None, note: str = "") -> dict:
     p = params.finetune
     checked = validation_summary(files, p.model, p.n_epochs)
     cost = checked["cost"]
@@ -136,7 +136,7 @@ def approve(params: Params, files: DatasetFiles, confirm) -> dict:
         raise StageError("not approved")
     record = {"dataset": p.dataset, "files": files.sha256, "model": p.model, "estimated_cost_usd": cost["cost_usd"],
               "approved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "approved_by": os.environ.get("USER", "unknown")}
+              "approved_by": reviewer or os.environ.get("USER", "unknown"), "note": note}
     approvals = read_json(p.out_dir / "approvals.json", {})
     approvals[files.dataset_sha256()] = record
     atomic.write_json(p.out_dir / "approvals.json", approvals)

@@ -86,6 +86,14 @@ class EmbedParams(_Section):
     """Decoding worker processes; None picks per device (0 on CPU, where workers compete with the forward)."""
     out_dir: Path = Path("embeddings")
     cache_dir: Path = Path("embeddings/cache")
+    runner: Literal["local", "dask"] = "local"
+    """dask: shard the images over a Dask cluster through prefect-dask (same output as local)."""
+    dask_address: str | None = None
+    """Scheduler of an existing cluster (tcp://host:8786); None starts a local cluster."""
+    dask_workers: int = Field(2, ge=1)
+    """Worker processes of the local cluster (ignored with dask_address)."""
+    shards: int | None = Field(None, ge=1)
+    """Pieces the images are cut into; None = one per worker."""
 
 
 class ProjectorParams(_Section):
@@ -240,6 +248,30 @@ class EvaluateParams(_Section):
     metrics: Path = Path("artifacts/metrics/eval.json")
 
 
+class FlowsParams(_Section):
+    """Prefect deployments served by ``make ui`` (flows/serve.py)."""
+
+    reindex_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    review_timeout_s: int = Field(86400, ge=1)
+    """How long the review flow waits for the approval form; on timeout nothing is submitted."""
+    review_poll_s: int = Field(10, ge=1)
+    server_host: str = "127.0.0.1"
+    server_port: int = Field(4200, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _cron_parses(self) -> "FlowsParams":
+        import datetime as dt
+
+        from cronsim import CronSim, CronSimError  # light (prefect's own check would import all of prefect)
+
+        try:
+            CronSim(self.reindex_cron, dt.datetime(2026, 1, 1))
+        except CronSimError as exc:
+            raise ValueError(f"reindex_cron {self.reindex_cron!r} is not a valid cron expression: {exc}") from None
+        return self
+
+
 class ValidationParams(_Section):
     reports_dir: Path = Path("artifacts/reports/validation")
     data_docs_dir: Path = Path("artifacts/reports/data_docs")
@@ -261,6 +293,7 @@ class Params(_Section):
     qa: QaParams = QaParams()
     evaluate: EvaluateParams = EvaluateParams()
     validation: ValidationParams = ValidationParams()
+    flows: FlowsParams = FlowsParams()
 
 
 class ParamsError(StageError):
