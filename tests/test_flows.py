@@ -68,3 +68,163 @@ def test_reindex_adds_only_new_images(repo):  # noqa: F811
     assert second["index"]["rgb"]["mode"] == "incremental" and second["index"]["rgb"]["removed"] == 0
     assert second["embedded_now"] == second["index"]["rgb"]["added"] >= 1  # only the new pair (and its copies)
     assert second["retrieval_before"] is not None and _artifact("reindex-report")
+
+
+# --- review flow: pause with the approval form, resume with approve / reject, or time out ---------
+
+KEY = "sk-test-review-0123456789abcdef"
+
+
+def _review_project(tmp_path, base_url):
+    from tasks.jsonl import TRAINING_PRICES, samples, write_reports
+    from tasks.jsonl_validate import cost_estimate, report_dict, validate_file
+    from tests.jsonl_fixtures import write_dataset
+
+    for name, n in (("tactile_train", 12), ("tactile_val", 10), ("rgb_tac_train", 14), ("rgb_tac_val", 10)):
+        path = tmp_path / "artifacts/jsonl" / f"{name}.jsonl"
+        write_dataset(path, n)
+        report = validate_file(path, model="gpt-4o-2024-08-06")
+        d = report_dict(report, cost_estimate(report.summary, "gpt-4o-2024-08-06", TRAINING_PRICES, n_epochs="auto"))
+        d["samples"] = samples(path)
+        write_reports(d, tmp_path / "artifacts/jsonl/reports" / name)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "finetune": {"provider": "compatible", "base_url": base_url, "poll_interval_s": 0.01,
+                     "poll_max_interval_s": 0.02},
+        "flows": {"review_poll_s": 1}}))
+    return tmp_path
+
+
+def _run_review_in_background(project, **kwargs):
+    import threading
+
+    from flows.review import review
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(state=review(str(project), return_state=True, **kwargs)))
+    thread.start()
+    return thread, out
+
+
+def _paused_review_run(timeout=60):
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            if runs:
+                return runs[0]
+            time.sleep(0.5)
+    raise AssertionError("the review flow never paused")
+
+
+def test_review_approve_submits_exactly_once_and_streams_events(tmp_path, monkeypatch):
+    from prefect.flow_runs import resume_flow_run
+
+    from tests.openai_server import ApiServer, ApiState
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    state = ApiState(KEY)
+    with ApiServer(state) as server:
+        project = _review_project(tmp_path, server.base_url)
+        thread, out = _run_review_in_background(project)
+        paused = _paused_review_run()
+        assert state.created_jobs == 0  # nothing happens before the form is answered
+        assert {r["file"] for r in _artifact("jsonl-cost")[0].data and json.loads(_artifact("jsonl-cost")[0].data)} >= {
+            "tactile_train", "rgb_tac_val"}
+        assert _artifact("jsonl-report-tactile-train-html")[0].data.startswith("[")  # link artifact (markdown link)
+        resume_flow_run(paused.id, run_input={"decision": "approve", "reviewer": "ana", "note": "quotas look right",
+                                              "datasets": ["tactile"]})
+        thread.join(120)
+    result = out["state"].result()
+    assert result["decision"] == "approve" and result["jobs"]["tactile"]["status"] == "succeeded"
+    assert state.created_jobs == 1  # only the approved dataset
+    approvals = json.loads((project / "artifacts/finetune/approvals.json").read_text())
+    (record,) = approvals.values()
+    assert record["approved_by"] == "ana" and record["note"] == "quotas look right" and record["dataset"] == "tactile"
+    assert json.loads((project / "artifacts/finetune/model.json").read_text())["fine_tuned_model"].startswith("ft:")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    import time
+
+    for _ in range(20):  # run logs reach the API in batches
+        with get_client(sync_client=True) as client:
+            logs = [log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[paused.id])))]
+        if any("successfully completed" in m for m in logs):
+            break
+        time.sleep(0.5)
+    assert any("successfully completed" in m for m in logs)  # the job's events are in the flow run's logs
+    assert not any(KEY in m for m in logs)
+    assert all(KEY not in (a.data or "") for a in _artifact("review-decision") + _artifact("jsonl-cost"))
+
+
+def test_review_reject_submits_nothing(tmp_path, monkeypatch):
+    from prefect.flow_runs import resume_flow_run
+
+    from tests.openai_server import ApiServer, ApiState
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    state = ApiState(KEY)
+    with ApiServer(state) as server:
+        project = _review_project(tmp_path, server.base_url)
+        thread, out = _run_review_in_background(project)
+        resume_flow_run(_paused_review_run().id, run_input={"decision": "reject", "reviewer": "bo",
+                                                            "note": "too many duplicate examples"})
+        thread.join(120)
+    assert out["state"].result()["decision"] == "reject"
+    assert state.created_jobs == 0 and not state.files
+    assert not (project / "artifacts/finetune/approvals.json").exists()
+    assert "too many duplicate examples" in _artifact("review-decision")[0].data
+
+
+def test_review_timeout_fails_and_submits_nothing(tmp_path, monkeypatch):
+    from tests.openai_server import ApiServer, ApiState
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    state = ApiState(KEY)
+    with ApiServer(state) as server:
+        project = _review_project(tmp_path, server.base_url)
+        thread, out = _run_review_in_background(project, timeout_s=2, poll_s=1)
+        thread.join(120)
+    assert out["state"].is_failed()
+    assert state.created_jobs == 0 and not (project / "artifacts/finetune/approvals.json").exists()
+
+
+# --- Dask: sharded embedding equals the single-process output -------------------------------------
+
+def test_dask_sharded_embedding_equals_single_process(tmp_path, dataset):
+    import numpy as np
+
+    from flows.embed_dask import shard_rows
+    from tasks import embed, prepare
+    from tasks.embed import load_embeddings
+    from tasks.params import parse_params
+
+    rows = [(i, f"t{i}", f"r{i}") for i in range(11)]
+    pieces = shard_rows(rows, 3, 4)
+    assert [len(p) for p in pieces] == [4, 4, 3] and sum(pieces, []) == rows  # whole batches, order kept
+
+    def params(name, **extra):
+        return parse_params({
+            "data": {"root": str(dataset)},
+            "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
+                        "augment": {"copies": 1}},
+            "embed": {"out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / name / "cache"), "num_workers": 0,
+                      **extra},
+            "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False}})
+
+    prepare.run(params("local"))
+    single = embed.run(params("local"))
+    sharded = embed.run(params("dask", runner="dask", dask_workers=2, shards=3))
+    assert sharded.meta["embedded_now"] == single.meta["embedded_now"] >= 30  # separate caches: both embed all
+    for modality in ("tac", "rgb", "text"):
+        a, ids_a = load_embeddings(tmp_path / "local", modality)
+        b, ids_b = load_embeddings(tmp_path / "dask", modality)
+        assert np.array_equal(ids_a, ids_b) and np.array_equal(a, b)
