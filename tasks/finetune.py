@@ -4,11 +4,13 @@
     python -m tasks.finetune approve [--yes] # print the validation summary and cost, record the approval
     python -m tasks.finetune submit [--no-wait]
     python -m tasks.finetune status | events | cancel
+    python -m tasks.finetune serve [--port N]  # provider local: the merged model on an OpenAI-compatible endpoint
 
 State (``artifacts/finetune/state.json``) is written before and after every remote step.  Files and
 jobs carry the dataset's sha256 (file names, job metadata), so a response lost after the server
 acted is recovered by looking the object up instead of creating a second one, and a rerun after
 kill -9 resumes polling the same job.  Retries of 429/5xx/timeouts are the ``openai`` client's own.
+``provider: local`` trains LoRA adapters on this machine under the same contract (tasks/finetune_local.py).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from tasks.stage import StageError, run_main
 log = logging.getLogger(__name__)
 OPENAI_SHUTDOWN = dt.date(2027, 1, 6)  # OpenAI accepts no new fine-tuning jobs from this day
 TERMINAL = ("succeeded", "failed", "cancelled")
-KEY_VARS = {"openai": "OPENAI_API_KEY", "compatible": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY"}
+KEY_VARS = {"openai": "OPENAI_API_KEY", "compatible": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY",
+            "local": "LOCAL_MODEL_API_KEY"}  # local: optional, only if the local server was started with one
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,14 @@ def provider_notice(provider: str, today: dt.date) -> str | None:
             f"finetune.provider: azure or compatible keep working after that.")
 
 
+def serve_url(p: FinetuneParams) -> str:
+    return p.local.serve_url or f"http://{p.local.serve_host}:{p.local.serve_port}/v1"
+
+
 def make_client(p: FinetuneParams) -> openai.OpenAI:
+    if p.provider == "local":  # the served local model: TouchQA and evaluate use it through the same client
+        return openai.OpenAI(base_url=serve_url(p), api_key=os.environ.get(KEY_VARS["local"]) or "local",
+                             max_retries=p.max_retries, timeout=p.timeout_s)
     key_var = KEY_VARS[p.provider]
     key = os.environ.get(key_var)
     if not key:
@@ -102,15 +112,29 @@ def validation_summary(files: DatasetFiles, model: str, n_epochs) -> dict:
 
 
 def hyperparameters(p: FinetuneParams) -> dict:
+    if p.provider == "local":
+        from tasks.finetune_local import hyperparameters as local_hyperparameters
+
+        return local_hyperparameters(p)
     return {"n_epochs": p.n_epochs}
+
+
+def trained_model(p: FinetuneParams) -> str:
+    return p.local.base_model if p.provider == "local" else p.model
+
+
+def epochs_setting(p: FinetuneParams):
+    return p.local.epochs if p.provider == "local" else p.n_epochs
 
 
 def plan(params: Params, files: DatasetFiles, today: dt.date) -> dict:
     p = params.finetune
     shas = files.sha256
     approvals = read_json(p.out_dir / "approvals.json", {})
-    checked = validation_summary(files, p.model, p.n_epochs)
-    return {"provider": p.provider, "model": p.model, "suffix": p.suffix, "seed": p.seed,
+    checked = validation_summary(files, p.model, epochs_setting(p))
+    if p.provider == "local":  # trained here: tokens as the validator counts them, no price
+        checked["cost"].update(model=p.local.base_model, price_per_million=None, cost_usd=0.0)
+    return {"provider": p.provider, "model": trained_model(p), "suffix": p.suffix, "seed": p.seed,
             "hyperparameters": hyperparameters(p), "dataset_sha256": files.dataset_sha256(),
             "files": {role: {"path": str(getattr(files, role)), "sha256": shas[role], "examples": checked[role]["examples"],
                              "errors": checked[role]["errors"]} for role in ("train", "val")},
@@ -124,17 +148,20 @@ def read_json(path: Path, default):
 
 def approve(params: Params, files: DatasetFiles, confirm, reviewer: str | None = None, note: str = "") -> dict:
     p = params.finetune
-    checked = validation_summary(files, p.model, p.n_epochs)
+    checked = validation_summary(files, p.model, epochs_setting(p))
     cost = checked["cost"]
     print(f"dataset {p.dataset}: train {checked['train']['examples']} examples ({checked['train']['errors']} errors, "
           f"{checked['train']['warnings']} warnings), val {checked['val']['examples']} examples ({checked['val']['errors']} errors)")
-    print(f"estimated cost: {cost['trained_tokens']:,} trained tokens ({cost['epochs']} epochs) ~ ${cost['cost_usd']} on {p.model}")
+    if p.provider == "local":
+        print(f"local training on {p.local.base_model}: ~{cost['trained_tokens']:,} tokens ({cost['epochs']} epochs), no API cost")
+    else:
+        print(f"estimated cost: {cost['trained_tokens']:,} trained tokens ({cost['epochs']} epochs) ~ ${cost['cost_usd']} on {p.model}")
     if checked["train"]["errors"] or checked["val"]["errors"]:
         raise StageError("the files have validation errors; fix them before approving "
                          f"(first: {checked['train']['first_error'] or checked['val']['first_error']})")
     if not confirm():
         raise StageError("not approved")
-    record = {"dataset": p.dataset, "files": files.sha256, "model": p.model, "estimated_cost_usd": cost["cost_usd"],
+    record = {"dataset": p.dataset, "files": files.sha256, "model": trained_model(p), "estimated_cost_usd": cost["cost_usd"],
               "approved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "approved_by": reviewer or os.environ.get("USER", "unknown"), "note": note}
     approvals = read_json(p.out_dir / "approvals.json", {})
@@ -291,6 +318,10 @@ def run(params: Params, today: dt.date | None = None) -> dict:
     if not p.submit:
         log.info("finetune.submit is false: wrote %s, no network call", p.out_dir / "plan.json")
         return the_plan
+    if p.provider == "local":
+        from tasks.finetune_local import LocalSubmission
+
+        return LocalSubmission(params, files).run()
     return Submission(params, make_client(p), files).run()
 
 
@@ -303,16 +334,29 @@ def cli(argv: list[str]) -> None:
     submit_cmd.add_argument("--no-wait", action="store_true")
     for name in ("status", "events", "cancel"):
         sub.add_parser(name)
+    serve_cmd = sub.add_parser("serve", help="provider local: serve model.json's merged model (OpenAI-compatible)")
+    serve_cmd.add_argument("--host", default=None)
+    serve_cmd.add_argument("--port", type=int, default=None)
     args = ap.parse_args(argv)
     params = load_params()
     if args.command is None:
         run(params)
+        return
+    if args.command == "serve":
+        from tasks.model_server import serve_finetuned
+
+        serve_finetuned(params.finetune, args.host, args.port)
         return
     files = dataset_files(params)
     if args.command == "approve":
         confirm = (lambda: True) if args.yes else (lambda: input("approve this dataset for fine-tuning? [y/N] ").strip().lower() == "y")
         record = approve(params, files, confirm)
         print(f"approved: {record['files']}")
+        return
+    if params.finetune.provider == "local":
+        from tasks import finetune_local
+
+        finetune_local.command(args.command, params, files, wait=not getattr(args, "no_wait", False))
         return
     notice = provider_notice(params.finetune.provider, dt.date.today())
     if notice:

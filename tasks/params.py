@@ -206,8 +206,50 @@ class JsonlParams(_Section):
         return self
 
 
+class LocalFinetuneParams(_Section):
+    """finetune.provider: local -- LoRA on an open vision-language model (tasks/finetune_local.py)."""
+
+    base_model: str = "tiny"
+    """"tiny": a random-weight LLaVA built offline under <out_dir>/local/base-tiny (tests the path, answers
+    nothing); else a local folder or a model id this machine can load (e.g. HuggingFaceTB/SmolVLM-256M-Instruct)."""
+    quantization: Literal["none", "4bit"] = "none"
+    """4bit: QLoRA through bitsandbytes (CUDA), e.g. for LLaVA-1.5-7B on a 24 GB GPU."""
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] | Literal["all-linear"] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    exclude_modules: str | None = r".*(vision|visual|multi_modal_projector|connector).*"
+    """Regex of module names left without LoRA (default: the vision tower and projector, i.e. the LM only)."""
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (None: all epochs)."""
+    lr: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    """Examples per forward; 1 (with grad_accum) is the safe choice for models whose images vary in shape."""
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=16)
+    """Longer examples are cut at the end; one whose images would be cut is skipped (with a warning)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: fp32 on CPU and MPS, bf16 on CUDA (fp16 where bf16 is unsupported)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)
+    """Optimizer steps between checkpoints (a rerun after kill -9 resumes from the newest)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(8765, ge=1, le=65535)
+    serve_url: str | None = None
+    """Base URL the openai client uses (TouchQA, evaluate); None: http://<serve_host>:<serve_port>/v1."""
+    serve_max_tokens: int = Field(256, ge=1)
+    """Completion length when a request sets no max_tokens."""
+
+
 class FinetuneParams(_Section):
-    provider: Literal["openai", "azure", "compatible"] = "openai"
+    provider: Literal["openai", "azure", "compatible", "local"] = "openai"
     dataset: Literal["tactile", "rgb_tac"] = "tactile"
     model: str = "gpt-4o-2024-08-06"
     suffix: str = "touch"
@@ -224,6 +266,8 @@ class FinetuneParams(_Section):
     poll_interval_s: float = Field(10.0, gt=0)
     poll_max_interval_s: float = Field(120.0, gt=0)
     out_dir: Path = Path("artifacts/finetune")
+    local: LocalFinetuneParams = LocalFinetuneParams()
+    """provider local: the training and serving settings."""
 
 
 class QaParams(_Section):

@@ -1,0 +1,292 @@
+"""An OpenAI-compatible chat endpoint for the locally fine-tuned model (``finetune.provider: local``).
+
+    python -m tasks.finetune serve [--port N]      # or: make serve-model
+
+Serves the merged model named in ``artifacts/finetune/model.json`` on 127.0.0.1, so TouchQA and the
+evaluate stage reach it through the same ``openai`` client, only with another base URL:
+
+* ``GET /v1/models``, ``GET /v1/models/{id}``;
+* ``POST /v1/chat/completions``: system/user/assistant messages, content as a string or text and
+  ``image_url`` parts (base64 data URLs, ``file://`` or http(s) URLs), ``max_tokens`` /
+  ``max_completion_tokens``, ``temperature`` (0: greedy), ``top_p``, ``seed``, ``stop``; the reply is a
+  ``chat.completion`` with ``usage``;
+* errors in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): 400 for a bad
+  request, 401 for a wrong key (only when started with ``LOCAL_MODEL_API_KEY`` set), 404 for an
+  unknown model or path.
+
+Why not ``transformers serve``: it needs the ``serving`` extras and a model id per request; this
+stdlib server is ~200 lines, answers with the error semantics the client expects, and is tested.
+One request generates at a time (a lock): the model is one, the machine is the user's.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tasks.finetune import KEY_VARS, read_json, serve_url
+from tasks.finetune_local import convert_messages, open_image, read_image_url, resolve_device
+from tasks.params import FinetuneParams
+from tasks.stage import StageError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict]
+    images: list[bytes]
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Validate a chat completion request the way the API does: 400 naming the offending parameter."""
+    try:
+        req = json.loads(body or b"null")
+    except ValueError:
+        raise ApiError(400, "We could not parse the JSON body of your request.") from None
+    if not isinstance(req, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    for key in ("model", "messages"):
+        if key not in req:
+            raise ApiError(400, f"Missing required parameter: '{key}'.", key, "missing_required_parameter")
+    if not isinstance(req["model"], str):
+        raise ApiError(400, "Invalid type for 'model': expected a string.", "model", "invalid_type")
+    if req.get("stream"):
+        raise ApiError(400, "stream=true is not supported by this server.", "stream", "unsupported_parameter")
+    if req.get("n", 1) != 1:
+        raise ApiError(400, "Only n=1 is supported by this server.", "n", "unsupported_value")
+
+    def fetch(url: str, where: str) -> bytes:
+        if url.startswith("file:"):  # a client must not make the server read its files
+            raise ApiError(400, "file:// image URLs are not accepted; send a data URL.", where.replace("request: ", ""),
+                           "invalid_image_url")
+        try:
+            data = read_image_url(url, where)
+            open_image(data, where)
+            return data
+        except StageError as exc:
+            raise ApiError(400, str(exc), where.replace("request: ", ""), "invalid_image_url") from None
+
+    try:
+        messages, images, _ = convert_messages(req["messages"], "request", fetch=fetch)
+    except StageError as exc:
+        raise ApiError(400, str(exc).replace("request: ", ""), "messages", "invalid_value") from None
+    max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ApiError(400, f"Invalid 'max_tokens': {max_tokens!r}; expected an integer >= 1.", "max_tokens", "invalid_value")
+    temperature, top_p = req.get("temperature", 1.0), req.get("top_p", 1.0)
+    for name, value, hi in (("temperature", temperature, 2.0), ("top_p", top_p, 1.0)):
+        if not isinstance(value, (int, float)) or not 0 <= value <= hi:
+            raise ApiError(400, f"Invalid '{name}': {value!r}; expected a number in [0, {hi}].", name, "invalid_value")
+    stop = req.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    return ChatRequest(req["model"], messages, images, max_tokens, float(temperature), float(top_p), req.get("seed"), stop)
+
+
+class ChatModel:
+    """The served model: processor + model loaded once; ``complete`` turns a request into text and usage."""
+
+    def __init__(self, model_dir: Path | str, name: str, device: str = "auto", default_max_tokens: int = 256):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.name, self.default_max_tokens = name, default_max_tokens
+        self.device = resolve_device(device)
+        try:
+            self.processor = AutoProcessor.from_pretrained(model_dir)
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model_dir, dtype=torch.float32 if self.device == "cpu" else "auto").to(self.device).eval()
+        except OSError as exc:
+            raise StageError(f"{model_dir}: cannot load the model to serve ({exc})") from None
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        self.context = getattr(text_config, "max_position_embeddings", None)
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+
+    def complete(self, req: ChatRequest) -> dict:
+        import torch
+
+        images = [open_image(data) for data in req.images]
+        prompt = self.processor.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        inputs = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt").to(self.device)
+        n_prompt = int(inputs["input_ids"].shape[1])
+        max_new = req.max_tokens or self.default_max_tokens
+        if self.context is not None:
+            if n_prompt >= self.context:
+                raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, your "
+                                    f"messages resulted in {n_prompt} tokens.", "messages", "context_length_exceeded")
+            max_new = min(max_new, self.context - n_prompt)
+        tok = self.processor.tokenizer
+        sampling = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p} if req.temperature > 0 else \
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        with self.lock, torch.inference_mode():
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            out = self.model.generate(**inputs, max_new_tokens=max_new, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                      **sampling)
+        new = out[0, n_prompt:].tolist()
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        finish = "stop" if new and new[-1] in eos else "length"
+        text = tok.decode(new, skip_special_tokens=True)
+        for s in req.stop:
+            if s and s in text:
+                text, finish = text[:text.index(s)], "stop"
+        return {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
+                "model": self.name, "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(new), "total_tokens": n_prompt + len(new)}}
+
+    def model_object(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "local"}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+    server: "ModelServer"
+
+    def log_message(self, fmt, *args):
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.lock:
+            self.server.connections.discard(self.connection)
+        super().finish()
+
+    def _send(self, status: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("x-request-id", "req_" + uuid.uuid4().hex[:16])
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        try:
+            self._send(200, self._route(body))
+        except ApiError as exc:
+            self._send(exc.status, exc.body())
+        except Exception as exc:  # a bug must not kill the server; the client gets a 500 with the reason
+            log.exception("request %s %s failed", self.command, self.path)
+            self._send(500, ApiError(500, f"The server had an error processing your request: {exc}",
+                                     type_="server_error").body())
+
+    do_GET = do_POST = do_DELETE = _handle
+
+    def _route(self, body: bytes) -> dict:
+        model = self.server.model
+        key = self.server.api_key
+        if key and self.headers.get("Authorization") != f"Bearer {key}":
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/v1/models" and self.command == "GET":
+            return {"object": "list", "data": [model.model_object()]}
+        if path.startswith("/v1/models/") and self.command == "GET":
+            if path.removeprefix("/v1/models/") != model.name:
+                raise self._unknown_model(path.removeprefix("/v1/models/"))
+            return model.model_object()
+        if path == "/v1/chat/completions" and self.command == "POST":
+            req = parse_chat_request(body)
+            if req.model != model.name:
+                raise self._unknown_model(req.model)
+            reply = model.complete(req)
+            log.info("chat.completion: %d image(s), %d prompt + %d completion tokens", len(req.images),
+                     reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"])
+            return reply
+        raise ApiError(404, f"Unknown request URL: {self.command} {path}.", code="unknown_url")
+
+    def _unknown_model(self, name: str) -> ApiError:
+        return ApiError(404, f"The model `{name}` does not exist or you do not have access to it "
+                             f"(this server serves `{self.server.model.name}`).", "model", "model_not_found")
+
+
+class ModelServer(ThreadingHTTPServer):
+    """The endpoint; as a context manager it serves from a background thread (tests, notebooks)."""
+
+    # close() ends every connection and joins its thread: no thread that ran torch outlives the server
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, model: ChatModel, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None):
+        super().__init__((host, port), Handler)
+        self.model, self.api_key = model, api_key
+        self.lock = threading.Lock()
+        self.connections: set[socket.socket] = set()
+
+    def close(self) -> None:
+        """Stop accepting, end the open keep-alive connections, wait for their threads."""
+        with self.lock:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        self.server_close()
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> "ModelServer":
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.close()
+
+
+def serve_finetuned(p: FinetuneParams, host: str | None = None, port: int | None = None) -> None:
+    """Serve model.json's merged local model until interrupted."""
+    info = read_json(p.out_dir / "model.json", {})
+    if info.get("provider") != "local" or not info.get("model_dir"):
+        raise StageError(f"{p.out_dir / 'model.json'}: no locally fine-tuned model "
+                         f"(set finetune.provider: local, approve, then `python -m tasks.finetune submit`)")
+    model = ChatModel(info["model_dir"], info["fine_tuned_model"], p.local.device, p.local.serve_max_tokens)
+    try:
+        server = ModelServer(model, host or p.local.serve_host, port or p.local.serve_port,
+                             api_key=os.environ.get(KEY_VARS["local"]))
+    except OSError as exc:
+        raise StageError(f"cannot listen on {host or p.local.serve_host}:{port or p.local.serve_port}: {exc.strerror}") from None
+    log.info("serving %s at %s (the client's base URL: finetune.local.serve_url, now %s); Ctrl-C stops",
+             model.name, server.base_url, serve_url(p))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()

@@ -1,0 +1,280 @@
+"""``finetune.provider: local``: LoRA on the tiny random-weight VLM, the job contract, kill -9, cancel, serving."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tasks import finetune, finetune_local, index
+from tasks.finetune_local import IGNORE, Encoder, Events, Example, Layout, Trainer, collate, load_examples
+from tasks.model_server import ChatModel, ModelServer
+from tasks.params import parse_params
+from tasks.qa import TouchQAModel
+from tasks.stage import StageError
+from tests.finetune_local_fixtures import data_url, example, local_raw, write_image_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest, and two spin-waiting OpenMP threads crawl when the 2 cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny random-weight LLaVA, built once: every test loads it from this folder, offline."""
+    corpus = write_image_dataset(tmp_path_factory.mktemp("corpus") / "c.jsonl", 12)
+    return finetune_local.build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "base", finetune_local.dataset_texts(corpus))
+
+
+def _project(root: Path, n_train: int = 12, n_val: int = 4) -> Path:
+    write_image_dataset(root / "jsonl/tactile_train.jsonl", n_train)
+    write_image_dataset(root / "jsonl/tactile_val.jsonl", n_val, start=100)
+    return root
+
+
+def _approve(params):
+    finetune.approve(params, finetune.dataset_files(params), confirm=lambda: True)
+
+
+def _metric_steps(events, key="train_loss"):
+    return [e["data"]["step"] for e in events if key in (e.get("data") or {})]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One whole local job (gate, training, adapter, merged model): 4 examples in one batch, so a repeated batch."""
+    root = _project(tmp_path_factory.mktemp("trained"), n_train=4, n_val=3)
+    params = parse_params(local_raw(root, str(tiny), batch_size=4, epochs=30, checkpoint_every=10))
+    _approve(params)
+    job = finetune.run(params)
+    return root, params, job
+
+
+def test_lora_on_a_repeated_batch_reduces_loss_and_the_job_succeeds(trained):
+    root, params, job = trained
+    loss = pd.read_csv(root / "ft/local/loss.csv")
+    assert list(loss["step"]) == list(range(1, 31))
+    assert loss["loss"].iloc[-3:].mean() < 0.5 * loss["loss"].iloc[:3].mean()
+    model = json.loads((root / "ft/model.json").read_text())
+    assert job["status"] == "succeeded" and job["provider"] == "local" and job["trained_tokens"] > 0
+    assert model["fine_tuned_model"] == job["fine_tuned_model"] and model["provider"] == "local"
+    assert (Path(model["model_dir"]) / "model.safetensors").is_file()
+    assert (Path(model["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    events = finetune_local.read_events(root / "ft/local/events.jsonl")
+    assert _metric_steps(events) == list(range(1, 31)) and model["val_loss"] is not None
+    assert [p.name for p in sorted((root / "ft/local/checkpoints").iterdir())] == ["step-20", "step-30"]  # keep 2
+
+
+def test_assistant_only_labels(tiny):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny)
+    raw = example(0)["messages"] + [{"role": "user", "content": "And again?"},
+                                    {"role": "assistant", "content": "Still rough.", "weight": 0},
+                                    {"role": "user", "content": "Once more?"}, {"role": "assistant", "content": "Hard."}]
+    messages, images, trained = finetune_local.convert_messages(raw, "t:1")
+    assert trained == (2, 6)  # the weight-0 answer carries no loss
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    item = Encoder(processor, image_id, 512)(0, Example(messages, images, trained, "t:1"))
+    ids, labels = item["input_ids"][0], item["labels"][0]
+    kept = labels != IGNORE
+    assert torch.equal(labels[kept], ids[kept])  # labels are the tokens themselves where kept
+    decoded = [processor.tokenizer.decode(ids[s]) for s in _runs(kept)]
+    assert decoded == ["It feels rough and hard, like brick.<|end|>", "Hard.<|end|>"]
+    assert int((ids == image_id).sum()) == 16 and not kept[ids == image_id].any()
+    short = Encoder(processor, image_id, 512)(1, Example(*finetune_local.convert_messages(example(1)["messages"], "t:2"), "t:2"))
+    batch = collate([item, short], processor.tokenizer.pad_token_id)
+    pad = batch["attention_mask"][1] == 0
+    assert pad.any() and (batch["labels"][1][pad] == IGNORE).all() and batch["pixel_values"].shape[0] == 2
+
+
+def _runs(mask):
+    idx = mask.nonzero().flatten().tolist()
+    runs, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            runs.append(slice(start, a + 1))
+            start = b
+    return runs
+
+
+def test_bad_jsonl_lines_are_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(example(0)) + "\n" + json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        {"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(StageError, match=r"bad.jsonl:2: messages\[0\].content\[0\]: not a decodable image"):
+        load_examples(path)
+
+
+def test_adapter_and_checkpoint_round_trips_reproduce_logits(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    root = _project(tmp_path, n_train=4, n_val=2)
+    cfg = parse_params(local_raw(root, str(tiny), batch_size=2, max_steps=3)).finetune.local
+    lay = Layout(tmp_path / "local")
+    train = load_examples(root / "jsonl/tactile_train.jsonl")
+
+    def trainer():
+        return Trainer(cfg, 0, str(tiny), train, train[:2], lay, "job", "fp", Events(lay.events, "job"))
+
+    t = trainer()
+    for _ in range(2):
+        t.train_step(t.step)
+        t.step += 1
+    t.save_checkpoint()
+    batch = t.batch([0, 1], train)
+    t.model.eval()
+    with torch.no_grad():
+        logits = t.model(**batch).logits
+    t.model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForImageTextToText.from_pretrained(tiny)
+    with torch.no_grad():
+        assert not torch.allclose(base(**batch).logits, logits, atol=1e-3)  # training changed the model
+        loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert torch.allclose(loaded(**batch).logits, logits, atol=1e-5)
+        assert torch.allclose(loaded.merge_and_unload()(**batch).logits, logits, atol=1e-4)
+    # a resumed trainer continues exactly: same next-step loss as the uninterrupted one
+    resumed = trainer()
+    assert resumed.resume().name == "step-2" and resumed.step == 2
+    assert resumed.train_step(2)[0] == pytest.approx(t.train_step(2)[0], rel=1e-5)
+
+
+def test_unapproved_or_changed_data_is_refused_and_nothing_trains(tiny, tmp_path):
+    root = _project(tmp_path, n_train=4, n_val=2)
+    params = parse_params(local_raw(root, str(tiny)))
+    with pytest.raises(StageError, match="is not approved"):
+        finetune.run(params)
+    _approve(params)
+    with open(root / "jsonl/tactile_train.jsonl", "a") as fh:  # changed after approval
+        fh.write(json.dumps(example(99)) + "\n")
+    with pytest.raises(StageError, match="is not approved"):
+        finetune.run(params)
+    assert not (root / "ft/job.json").exists() and not (root / "ft/local").exists()
+
+
+def test_kill_9_mid_training_then_rerun_resumes_from_the_last_checkpoint(tiny, tmp_path):
+    root = _project(tmp_path, n_train=12, n_val=2)
+    raw = local_raw(root, str(tiny), batch_size=1, epochs=6, checkpoint_every=5)  # 72 steps
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = parse_params(raw)
+    _approve(params)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    events_path = root / "ft/local/events.jsonl"
+    with open(tmp_path / "first.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tasks.finetune", "submit"], cwd=root, env=env, stdout=out, stderr=out)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (root / "ft/local/checkpoints/step-5").is_dir() and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = finetune_local.read_events(events_path)
+    killed_at = max(_metric_steps(before))
+    assert 5 <= killed_at < 72, (tmp_path / "first.log").read_text()[-2000:]
+    sub = finetune_local.LocalSubmission(params, finetune.dataset_files(params))
+    stale = finetune_local.status(sub)
+    assert stale["status"] == "running" and not stale["trainer_alive"] and "resumes" in stale["note"]
+    checkpoint = max(int(p.name.split("-")[1]) for p in (root / "ft/local/checkpoints").glob("step-*"))
+    rerun = subprocess.run([sys.executable, "-m", "tasks.finetune", "submit"], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["status"] == "succeeded" and (root / "ft/model.json").is_file()
+    after = finetune_local.read_events(events_path)[len(before):]
+    resumed = [e for e in after if "resumed_from_step" in (e.get("data") or {})]
+    assert resumed[0]["data"]["resumed_from_step"] == checkpoint and f"checkpoint step-{checkpoint}" in resumed[0]["message"]
+    assert _metric_steps(after) == list(range(checkpoint + 1, 73))  # continues; no step from 0
+    # the steps trained twice (after the checkpoint, before the kill) give the same loss: an exact resume
+    first = {e["data"]["step"]: e["data"]["train_loss"] for e in before if "train_loss" in (e.get("data") or {})}
+    again = {e["data"]["step"]: e["data"]["train_loss"] for e in after if "train_loss" in (e.get("data") or {})}
+    for step in set(first) & set(again):
+        assert again[step] == pytest.approx(first[step], rel=1e-4)
+    assert f"Resumed from checkpoint step-{checkpoint}" in rerun.stderr
+
+
+def test_cancel_stops_the_trainer_and_records_it(tiny, tmp_path):
+    root = _project(tmp_path, n_train=4, n_val=2)
+    params = parse_params(local_raw(root, str(tiny), batch_size=1, epochs=200, checkpoint_every=1000))
+    _approve(params)
+    files = finetune.dataset_files(params)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(job=finetune.run(params)))
+    worker.start()
+    events_path = root / "ft/local/events.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not _metric_steps(finetune_local.read_events(events_path)):
+        time.sleep(0.05)
+    job = finetune_local.cancel(finetune_local.LocalSubmission(params, files))
+    worker.join(60)
+    assert job["status"] == "cancelled" and result["job"]["status"] == "cancelled"
+    assert json.loads((root / "ft/job.json").read_text())["status"] == "cancelled"
+    assert not (root / "ft/model.json").exists()
+    events = finetune_local.read_events(events_path)
+    assert events[-1]["message"].startswith("Job cancelled at step") and max(_metric_steps(events)) < 800
+    assert finetune.run(params)["status"] == "cancelled"  # a rerun does not train a cancelled job again
+    assert finetune_local.read_events(events_path) == events
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    _, _, job = trained
+    model = json.loads((trained[0] / "ft/model.json").read_text())
+    with ModelServer(ChatModel(model["model_dir"], job["fine_tuned_model"], "cpu")) as srv:
+        yield srv
+
+
+def test_served_model_answers_a_chat_completion_with_an_image(server, trained):
+    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    name = trained[2]["fine_tuned_model"]
+    assert [m.id for m in client.models.list()] == [name]
+    reply = client.chat.completions.create(model=name, max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": "You describe how surfaces feel to the touch."},
+        {"role": "user", "content": [{"type": "text", "text": "Tactile sample 7: how does this surface feel?"},
+                                     {"type": "image_url", "image_url": {"url": data_url((40, 200, 60))}}]}])
+    assert reply.object == "chat.completion" and reply.model == name
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content.startswith("It feels")
+    assert reply.usage.prompt_tokens > 16 and 1 <= reply.usage.completion_tokens <= 8
+    with pytest.raises(openai.NotFoundError, match="gpt-9` does not exist"):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="not a decodable image") as bad:
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    assert bad.value.body["param"] == "messages[0].content[0]"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=name, max_tokens=0, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(server.base_url + "/nope")
+    assert missing.value.code == 404 and json.loads(missing.value.read())["error"]["code"] == "unknown_url"
+
+
+def test_touchqa_runs_end_to_end_against_the_served_local_model(built, server, trained, caplog):
+    caplog.set_level(logging.INFO, logger="tasks.model_server")
+    index.run(built)
+    params = built.model_copy(update={"finetune": parse_params({"finetune": {
+        "provider": "local", "out_dir": str(trained[0] / "ft"), "local": {"serve_url": server.base_url}}}).finetune})
+    manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv")
+    answer = TouchQAModel(params).answer(manifest["tac_path"][0], "What does this feel like?", sensor_id=0)
+    assert answer.model == trained[2]["fine_tuned_model"] and isinstance(answer.text, str)
+    assert len(answer.evidence) == params.qa.k_by_intent[answer.intent]
+    served = [r.getMessage() for r in caplog.records if r.getMessage().startswith("chat.completion")]
+    assert len(served) == 2 and f"{1 + len(answer.evidence)} image(s)" in served[1]  # classify, then answer
