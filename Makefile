@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test clean-venv
+.PHONY: setup repro test serve-model clean-venv
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ repro: setup
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The locally fine-tuned model (finetune.provider: local) on an OpenAI-compatible endpoint, 127.0.0.1:8765 by default.
+serve-model: setup
+	$(BIN)/python -m tasks.finetune serve
 
 clean-venv:
 	rm -rf $(VENV)

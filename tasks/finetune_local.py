@@ -375,7 +375,9 @@ class Events:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(event) + "\n")
-        (log.warning if level == "warn" else log.info)("%s %s", self.job_id, message)
+        # per-step losses are on the progress bar; the log keeps the milestones
+        level_fn = log.warning if level in ("warn", "error") else log.debug if data and "train_loss" in data else log.info
+        level_fn("%s %s", self.job_id, message)
 
 
 def read_events(path: Path) -> list[dict]:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -284,9 +285,14 @@ def serve_finetuned(p: FinetuneParams, host: str | None = None, port: int | None
         raise StageError(f"cannot listen on {host or p.local.serve_host}:{port or p.local.serve_port}: {exc.strerror}") from None
     log.info("serving %s at %s (the client's base URL: finetune.local.serve_url, now %s); Ctrl-C stops",
              model.name, server.base_url, serve_url(p))
+    signal.signal(signal.SIGTERM, _interrupt)  # kill / docker stop end it like Ctrl-C: connections closed, threads joined
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
