@@ -774,26 +774,28 @@ class LocalSubmission(Submission):
         log.info("training in the background (log: %s); `python -m tasks.finetune status | events | cancel`", self.lay.log)
         return job
 
-    def start_fresh_if_new(self, events: Events) -> None:
-        previous = read_json(self.job_path, {}).get("job_id")
-        if previous == self.job_id:
-            return
+    def remove_other_jobs_state(self) -> None:
+        """Checkpoints, events and a cancel request of another job (data or settings changed) go, loudly."""
         request = read_json(self.lay.cancel_request, {})
         if request and request.get("job_id") != self.job_id:
             self.lay.cancel_request.unlink()
-        stale = [p for p in self.lay.checkpoints.glob("*step-*")]
-        if stale or self.lay.events.exists():
-            log.warning("new job %s (dataset or training settings changed since %s): removing the old job's "
-                        "checkpoints and events", self.job_id, previous)
+        stale = [p for p in self.lay.checkpoints.glob("*step-*")
+                 if read_json(p / "trainer_state.json", {}).get("job_id") != self.job_id]
+        events = read_events(self.lay.events)
+        others = {e.get("job_id") for e in events} - {self.job_id}
+        if stale or others:
+            log.warning("job %s (dataset or training settings changed): removing %d checkpoint(s) and the events of "
+                        "job(s) %s", self.job_id, len(stale), ", ".join(sorted(map(str, others))) or "-")
             for path in stale:
                 shutil.rmtree(path, ignore_errors=True)
-            self.lay.events.unlink(missing_ok=True)
-            self.lay.loss_csv.unlink(missing_ok=True)
+            if others:
+                self.lay.events.unlink(missing_ok=True)
+                self.lay.loss_csv.unlink(missing_ok=True)
 
     def train(self) -> dict:
+        self.remove_other_jobs_state()
         events = Events(self.lay.events, self.job_id)
-        self.start_fresh_if_new(events)
-        before = self.job()
+        attempted = bool(read_events(self.lay.events))  # only this job's events are left
         self.update_job(status="queued", finished_at=None, error=None)
         try:
             base = base_model_path(self.cfg, self.lay, self.files)
@@ -803,9 +805,9 @@ class LocalSubmission(Submission):
             if ckpt is not None:
                 events.add(f"Resumed from checkpoint {ckpt.name}: steps {trainer.step + 1}..{trainer.total_steps} remain",
                            data={"resumed_from_step": trainer.step})
-            elif before:
-                events.add(f"Previous attempt ({before.get('status')}) left no checkpoint: starting at step 0", level="warn",
-                           data={"resumed_from_step": 0})
+            elif attempted:
+                events.add("An earlier attempt stopped before its first checkpoint: starting again at step 0",
+                           level="warn", data={"resumed_from_step": 0})
             else:
                 events.add(f"Training {len(train)} examples ({len(val)} validation) for {trainer.total_steps} steps on "
                            f"{self.cfg.base_model} ({trainer.device}, {trainer.precision})",
@@ -845,7 +847,7 @@ def status(sub: LocalSubmission) -> dict:
     job = read_json(sub.job_path, {})
     if not job.get("job_id", "").startswith("local-"):
         raise StageError("no local job submitted yet (`python -m tasks.finetune submit`)")
-    events = read_events(sub.lay.events)
+    events = [e for e in read_events(sub.lay.events) if e.get("job_id") == job["job_id"]]
     last = next((e["data"] for e in reversed(events) if "train_loss" in (e.get("data") or {})), None)
     alive = trainer_alive(sub.lay)
     job.update(trainer_alive=alive, step=last["step"] if last else 0, train_loss=last["train_loss"] if last else None)

@@ -235,6 +235,35 @@ def test_cancel_stops_the_trainer_and_records_it(tiny, tmp_path):
     assert finetune_local.read_events(events_path) == events
 
 
+def test_changed_settings_start_a_new_job_instead_of_resuming_another_ones_checkpoint(tiny, tmp_path):
+    root = _project(tmp_path, n_train=4, n_val=2)
+    first = parse_params(local_raw(root, str(tiny), max_steps=2, checkpoint_every=1))
+    _approve(first)
+    job_a = finetune.run(first)
+    second = parse_params(local_raw(root, str(tiny), max_steps=2, checkpoint_every=1, lr=1e-3))
+    # as `submit --no-wait` does: job.json names the new job before its trainer starts
+    finetune_local.LocalSubmission(second, finetune.dataset_files(second)).update_job(status="queued")
+    job_b = finetune.run(second)
+    assert job_a["job_id"] != job_b["job_id"] and job_b["status"] == "succeeded"
+    events = finetune_local.read_events(root / "ft/local/events.jsonl")
+    assert {e["job_id"] for e in events} == {job_b["job_id"]} and _metric_steps(events) == [1, 2]
+    assert events[0]["message"].startswith("Training 4 examples")
+    states = [json.loads((p / "trainer_state.json").read_text()) for p in (root / "ft/local/checkpoints").iterdir()]
+    assert {s["job_id"] for s in states} == {job_b["job_id"]}
+
+
+def test_cancel_without_a_live_trainer_marks_the_job_at_once(tmp_path):
+    root = _project(tmp_path, n_train=4, n_val=2)
+    params = parse_params(local_raw(root, "tiny"))
+    _approve(params)
+    sub = finetune_local.LocalSubmission(params, finetune.dataset_files(params))
+    sub.update_job(status="running")  # what a trainer killed before its first step leaves behind
+    job = finetune_local.cancel(sub, wait_s=5)
+    assert job["status"] == "cancelled" and job["finished_at"] is not None
+    assert finetune_local.read_events(root / "ft/local/events.jsonl")[-1]["message"] == "Job cancelled at step 0"
+    assert not (root / "ft/local/cancel-request.json").exists()
+
+
 @pytest.fixture(scope="module")
 def server(trained):
     _, _, job = trained
