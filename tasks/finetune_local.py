@@ -50,7 +50,6 @@ from tasks.params import FinetuneParams, LocalFinetuneParams, Params
 from tasks.stage import StageError
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -194,7 +193,7 @@ def read_image_url(url: str, where: str) -> bytes:
         raise StageError(f"{where}: cannot read image: {exc}") from None
 
 
-def open_image(data: bytes, where: str = "image") -> "Image.Image":
+def open_image(data: bytes, where: str = "image") -> Image.Image:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -311,18 +310,20 @@ class Encoder:
         n = ids.shape[0]
         if n > self.max_length:
             if self.image_token_id is not None and bool((ids[self.max_length:] == self.image_token_id).any()):
-                return self._skip(ex, f"{n} tokens and an image beyond max_length {self.max_length}")
+                self._skip(ex, f"{n} tokens and an image beyond max_length {self.max_length}")
+                return None
             # per-token tensors are cut together; image tensors are untouched (all image tokens are kept)
             inputs = {k: v[:, :self.max_length] if _per_token(v, n) else v for k, v in inputs.items()}
         if not bool((inputs["labels"][0, 1:] != IGNORE).any()):
-            return self._skip(ex, f"no assistant token within max_length {self.max_length}")
+            self._skip(ex, f"no assistant token within max_length {self.max_length}")
+            return None
         return inputs
 
     def _skip(self, ex: Example, why: str) -> None:
+        """Warn once per example (it comes back every epoch); the caller returns None."""
         if ex.where not in self.skipped:
             self.skipped.add(ex.where)
             log.warning("%s: skipped: %s", ex.where, why)
-        return None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -171,7 +171,7 @@ class ChatModel:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
-    server: "ModelServer"
+    server: ModelServer
 
     def log_message(self, fmt, *args):
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -262,7 +262,7 @@ class ModelServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
 
-    def __enter__(self) -> "ModelServer":
+    def __enter__(self) -> ModelServer:
         threading.Thread(target=self.serve_forever, daemon=True).start()
         return self
 

@@ -71,7 +71,7 @@ def trained(tiny, tmp_path_factory):
 
 
 def test_lora_on_a_repeated_batch_reduces_loss_and_the_job_succeeds(trained):
-    root, params, job = trained
+    root, _, job = trained
     loss = pd.read_csv(root / "ft/local/loss.csv")
     assert list(loss["step"]) == list(range(1, 31))
     assert loss["loss"].iloc[-3:].mean() < 0.5 * loss["loss"].iloc[:3].mean()
