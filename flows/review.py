@@ -89,13 +89,30 @@ class _ForwardToRunLogger(logging.Handler):
         self.run_logger.log(record.levelno, record.getMessage())
 
 
+@contextlib.contextmanager
+def _job_events_in_run_logs(run_logger):
+    """Remote job events (tasks.finetune) and local training steps (tasks.finetune_local) reach the run's logs."""
+    forward = _ForwardToRunLogger(run_logger)
+    sources = [logging.getLogger(name) for name in ("tasks.finetune", "tasks.finetune_local")]
+    levels = [source.level for source in sources]
+    for source in sources:
+        source.setLevel(logging.INFO)
+        source.addHandler(forward)
+    try:
+        yield
+    finally:
+        for source, level in zip(sources, levels):
+            source.removeHandler(forward)
+            source.setLevel(level)
+
+
 def submit(params: Params, dataset: str) -> dict:
     ds_params = _for_dataset(params, dataset)
     files = finetune.dataset_files(ds_params)
     notice = finetune.provider_notice(ds_params.finetune.provider, dt.date.today())
     if notice:
         get_run_logger().warning(notice)
-    return finetune.Submission(ds_params, finetune.make_client(ds_params.finetune), files).run(wait=True)
+    return finetune.submission(ds_params, files).run(wait=True)
 
 
 @flow(name="review", log_prints=True)
@@ -131,19 +148,11 @@ def review(repo: str = ".", timeout_s: int | None = None, poll_s: int | None = N
             logger.info("approved %s (%s) ~$%s", dataset, record["files"], record["estimated_cost_usd"])
         if params.upload.backend != "local":
             reproduce_stage(root, "upload")  # images reach the bucket only after approval (skipped if up to date)
-        forward = _ForwardToRunLogger(logger)
-        source = logging.getLogger("tasks.finetune")
-        level = source.level
-        source.setLevel(logging.INFO)
-        source.addHandler(forward)
-        try:
+        with _job_events_in_run_logs(logger):
             for dataset in decision.datasets:
                 job = submit(params, dataset)
                 summary["jobs"][dataset] = {"job_id": job.get("job_id"), "status": job.get("status"),
                                             "fine_tuned_model": job.get("fine_tuned_model")}
-        finally:
-            source.removeHandler(forward)
-            source.setLevel(level)
         create_markdown_artifact(key="review-decision", markdown="\n".join(
             [f"# Approved by {decision.reviewer}", "", decision.note or "(no note)", ""]
             + [f"- `{d}`: job {j['job_id']} {j['status']} → {j['fine_tuned_model']}" for d, j in summary["jobs"].items()]))

@@ -318,11 +318,16 @@ def run(params: Params, today: dt.date | None = None) -> dict:
     if not p.submit:
         log.info("finetune.submit is false: wrote %s, no network call", p.out_dir / "plan.json")
         return the_plan
-    if p.provider == "local":
+    return submission(params, files).run()
+
+
+def submission(params: Params, files: DatasetFiles):
+    """The provider's submission for these files: ``.run(wait)`` submits once and polls (or trains, for local)."""
+    if params.finetune.provider == "local":
         from tasks.finetune_local import LocalSubmission
 
-        return LocalSubmission(params, files).run()
-    return Submission(params, make_client(p), files).run()
+        return LocalSubmission(params, files)
+    return Submission(params, make_client(params.finetune), files)
 
 
 def cli(argv: list[str]) -> None:

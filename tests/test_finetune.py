@@ -169,3 +169,13 @@ def test_openai_wind_down_warns_then_refuses():
     with pytest.raises(StageError, match="azure .* or compatible"):
         finetune.provider_notice("openai", dt.date(2027, 1, 6))
     assert finetune.provider_notice("azure", dt.date(2027, 6, 1)) is None
+
+
+def test_every_entry_point_picks_the_providers_submission(files):
+    """The stage, the CLI and the review flow all submit through finetune.submission()."""
+    from tasks.finetune_local import LocalSubmission
+
+    remote = finetune.submission(parse_params(_raw(files)), finetune.dataset_files(parse_params(_raw(files))))
+    local_params = parse_params(_raw(files, provider="local"))
+    local = finetune.submission(local_params, finetune.dataset_files(local_params))
+    assert type(remote) is finetune.Submission and type(local) is LocalSubmission

@@ -15,12 +15,18 @@ def prefect_harness():
         yield
 
 
-def _artifact(key):
+def _artifact(key, flow_run_id=None):
+    """Artifacts with this key, newest first; only those of one flow run when its id is given (the
+    harness is shared by every test, so a key's history holds other tests' artifacts too)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
+    run_filter = ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                                                    flow_run_id=run_filter),
+                                     sort=ArtifactSort.CREATED_DESC)
 
 
 def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(repo):  # noqa: F811
@@ -135,9 +141,10 @@ def test_review_approve_submits_exactly_once_and_streams_events(tmp_path, monkey
         thread, out = _run_review_in_background(project)
         paused = _paused_review_run()
         assert state.created_jobs == 0  # nothing happens before the form is answered
-        assert {r["file"] for r in _artifact("jsonl-cost")[0].data and json.loads(_artifact("jsonl-cost")[0].data)} >= {
-            "tactile_train", "rgb_tac_val"}
-        assert _artifact("jsonl-report-tactile-train-html")[0].data.startswith("[")  # link artifact (markdown link)
+        (cost,) = _artifact("jsonl-cost", paused.id)
+        assert {row["file"] for row in json.loads(cost.data)} == {"tactile_train", "tactile_val", "rgb_tac_train",
+                                                                  "rgb_tac_val"}
+        assert _artifact("jsonl-report-tactile-train-html", paused.id)[0].data.startswith("[")  # link artifact (markdown link)
         resume_flow_run(paused.id, run_input={"decision": "approve", "reviewer": "ana", "note": "quotas look right",
                                               "datasets": ["tactile"]})
         thread.join(120)
@@ -162,6 +169,8 @@ def test_review_approve_submits_exactly_once_and_streams_events(tmp_path, monkey
         time.sleep(0.5)
     assert any("successfully completed" in m for m in logs)  # the job's events are in the flow run's logs
     assert not any(KEY in m for m in logs)
+    (decision,) = _artifact("review-decision", paused.id)
+    assert decision.data.startswith("# Approved by ana")
     assert all(KEY not in (a.data or "") for a in _artifact("review-decision") + _artifact("jsonl-cost"))
 
 
@@ -175,13 +184,15 @@ def test_review_reject_submits_nothing(tmp_path, monkeypatch):
     with ApiServer(state) as server:
         project = _review_project(tmp_path, server.base_url)
         thread, out = _run_review_in_background(project)
-        resume_flow_run(_paused_review_run().id, run_input={"decision": "reject", "reviewer": "bo",
-                                                            "note": "too many duplicate examples"})
+        paused = _paused_review_run()
+        resume_flow_run(paused.id, run_input={"decision": "reject", "reviewer": "bo",
+                                              "note": "too many duplicate examples"})
         thread.join(120)
     assert out["state"].result()["decision"] == "reject"
     assert state.created_jobs == 0 and not state.files
     assert not (project / "artifacts/finetune/approvals.json").exists()
-    assert "too many duplicate examples" in _artifact("review-decision")[0].data
+    (decision,) = _artifact("review-decision", paused.id)
+    assert "Rejected by bo" in decision.data and "too many duplicate examples" in decision.data
 
 
 def test_review_timeout_fails_and_submits_nothing(tmp_path, monkeypatch):
