@@ -207,6 +207,20 @@ def load_state(model: torch.nn.Module, state: dict) -> None:
     model.load_state_dict(kept)
 
 
+def build_model(spec: EncoderSpec) -> torch.nn.Module:
+    """Meta's ImageBindModel of ``spec``'s config with only the vision and text towers, weights drawn
+    from ``spec.seed`` (identical in every run; a checkpoint, if any, is loaded by the caller)."""
+    module = imagebind_model_module()
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG stream
+        torch.manual_seed(spec.seed)
+        model = module.ImageBindModel(**spec.config())
+    for attr in MODULE_DICTS:  # audio, depth, thermal, imu are never used: free their memory
+        modules = getattr(model, attr)
+        for key in [k for k in modules.keys() if k not in KEPT_MODALITIES]:
+            del modules[key]
+    return model
+
+
 class ImageBindEncoder:
     """Vision and text towers of ImageBind, eval mode, on ``spec.device``."""
 
@@ -216,14 +230,7 @@ class ImageBindEncoder:
         self.device = resolve_device(spec.device)
         config = spec.config()
         checkpoint = resolve_checkpoint(spec)  # before building: a missing file fails fast
-        module = imagebind_model_module()
-        with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG stream
-            torch.manual_seed(spec.seed)  # tiny random weights are identical in every run
-            model = module.ImageBindModel(**config)
-        for attr in MODULE_DICTS:  # audio, depth, thermal, imu are never used: free their memory
-            modules = getattr(model, attr)
-            for key in [k for k in modules.keys() if k not in KEPT_MODALITIES]:
-                del modules[key]
+        model = build_model(spec)
         if checkpoint:
             load_state(model, torch.load(checkpoint, map_location="cpu", weights_only=True))
         self.model = model.eval().to(self.device)
