@@ -30,7 +30,9 @@ def test_make_ui_serves_the_deployments_with_the_nightly_schedule(tmp_path):
     port = _free_port()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flows": {"reindex_cron": "30 3 * * *"}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    # the scheduler service normally wakes every 60 s; the test wants its first pass soon
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT),
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
     proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--start-server", "--port", str(port),
                              "--repo", str(tmp_path)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -53,6 +55,19 @@ def test_make_ui_serves_the_deployments_with_the_nightly_schedule(tmp_path):
         (schedule,) = by_name["nightly"]["schedules"]
         assert schedule["schedule"]["cron"] == "30 3 * * *" and schedule["active"]
         assert not by_name["build"]["schedules"] and not by_name["review"]["schedules"]
+        # the server's scheduler really creates the upcoming nightly runs, at 03:30 UTC
+        nightly_filter = {"deployments": {"id": {"any_": [by_name["nightly"]["id"]]}},
+                          "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}
+        upcoming = []
+        while time.monotonic() < deadline and not upcoming:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                upcoming = _post(f"{api}/flow_runs/filter", nightly_filter)
+            except OSError:  # a busy server may time out one request
+                pass
+            time.sleep(1)
+        assert upcoming, "the scheduler created no runs for the nightly deployment"
+        assert all(r["expected_start_time"][11:16] == "03:30" for r in upcoming)
         # the server listens on loopback only
         with socket.socket() as s:
             s.settimeout(1)
