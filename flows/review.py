@@ -124,9 +124,11 @@ def review(repo: str = ".", timeout_s: int | None = None, poll_s: int | None = N
         params = load_params()
         rows = publish_review(params)
         total = sum(r["cost_usd"] for r in rows if r["file"].endswith("_train"))
-        logger.info("review the reports (artifacts jsonl-report-*, jsonl-cost); training files total ~$%.2f", total)
+        cost = (f"training files ~${total:.2f} in all at {params.jsonl.model} prices" if params.finetune.provider != "local"
+                else f"provider local: trained on this machine, no API cost (~${total:.2f} at {params.jsonl.model} prices)")
+        logger.info("review the reports (artifacts jsonl-report-*, jsonl-cost); %s", cost)
         form = ReviewDecision.with_initial_data(
-            description=(f"Read the artifacts `jsonl-report-*` and `jsonl-cost` (training files ~${total:.2f} in all), "
+            description=(f"Read the artifacts `jsonl-report-*` and `jsonl-cost` ({cost}), "
                          "then approve or reject."), datasets=[params.finetune.dataset])
         try:
             decision = pause_flow_run(wait_for_input=form, key="review",
