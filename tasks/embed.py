@@ -9,6 +9,7 @@ Writes, in the layout the original toolkit's tools read (row i of every file is 
     embeddings/embeddings_text/...                 caption embeddings, same order
     embeddings/sensor_ids.npy                      [N] int64
     embeddings/meta.json                           encoder fingerprint, dim, count, normalised, smoke
+    artifacts/reports/embed/summary.json           this run: pairs embedded now vs taken from the cache
 
 Vectors are cached under ``embeddings/cache/<fingerprint>/`` keyed by content hash, so a rerun
 embeds only new or changed images.  Everything is computed before anything is written: a file that
@@ -52,7 +53,8 @@ class EmbeddingSet:
     uids: np.ndarray  # int64 [N]
     sensor_ids: np.ndarray  # int64 [N]
     vectors: dict[str, np.ndarray]  # modality -> float32 [N, D]
-    meta: dict
+    meta: dict  # what decides the vectors (meta.json): the same whenever the vectors are the same
+    embedded_now: int = 0  # pairs this run computed rather than took from the cache
 
 
 class _PairImages(Dataset):
@@ -163,11 +165,11 @@ def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache:
         "text": np.stack([cache.get(text_key(str(c))) for c in manifest["caption"]]),
     }
     meta = {**encoder.fingerprint_info(), "fingerprint": encoder.fingerprint, "dim": encoder.dim,
-            "count": len(manifest), "normalized": True, "embedded_now": len(todo),
+            "count": len(manifest), "normalized": True,
             "note": ("imagebind_tiny has random weights: these embeddings are for smoke runs only"
                      if encoder.is_smoke else "")}
     return EmbeddingSet(manifest["uid"].to_numpy(np.int64), manifest["sensor_id"].to_numpy(np.int64),
-                        {m: v.astype(np.float32) for m, v in vectors.items()}, meta)
+                        {m: v.astype(np.float32) for m, v in vectors.items()}, meta, embedded_now=len(todo))
 
 
 def _safe_image_key(path: str) -> str:
@@ -252,13 +254,16 @@ def run(params: Params) -> EmbeddingSet:
     result = compute_embeddings(manifest, encoder, cache, batch_size, workers, embed_fn)
     validation.run_validation("embed", validation_tables(result, manifest), params.validation).raise_if_failed()
     write_embeddings(result, p.out_dir)
+    atomic.write_json(p.summary, {"pairs": len(result.uids), "embedded_now": result.embedded_now,
+                                  "from_cache": len(result.uids) - result.embedded_now,
+                                  "fingerprint": result.meta["fingerprint"]})
     return result
 
 
 def main() -> None:
     result = run(load_params())
     log.info("embedded %d pairs (dim %d, %d newly computed) -> embeddings/",
-             len(result.uids), result.meta["dim"], result.meta["embedded_now"])
+             len(result.uids), result.meta["dim"], result.embedded_now)
 
 
 if __name__ == "__main__":

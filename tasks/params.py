@@ -86,6 +86,9 @@ class EmbedParams(_Section):
     """Decoding worker processes; None picks per device (0 on CPU, where workers compete with the forward)."""
     out_dir: Path = Path("embeddings")
     cache_dir: Path = Path("embeddings/cache")
+    summary: Path = Path("artifacts/reports/embed/summary.json")
+    """This run's counts (pairs embedded now vs from the cache): a DVC metric, kept out of meta.json so a
+    rerun that only hit the cache does not look like new embeddings to the stages downstream."""
     runner: Literal["local", "dask"] = "local"
     """dask: shard the images over a Dask cluster through prefect-dask (same output as local)."""
     dask_address: str | None = None

@@ -17,7 +17,7 @@ def _params(tmp_path, root, **embed):
         "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
                     "augment": {"copies": 1}},
         "embed": {"out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache"),
-                  "num_workers": 0, **embed},
+                  "summary": str(tmp_path / "emb/summary.json"), "num_workers": 0, **embed},
         "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False},
     })
 
@@ -55,19 +55,25 @@ def test_outputs_in_the_original_toolkits_layout(prepared):
 def test_cache_embeds_only_new_images_and_encoder_change_invalidates(tmp_path, prepared, dataset):
     first = run(prepared)
     pairs = len(first.uids)
-    assert first.meta["embedded_now"] == pairs
-    assert run(prepared).meta["embedded_now"] == 0
+    assert first.embedded_now == pairs
+    meta = (prepared.embed.out_dir / "meta.json").read_bytes()
+    assert run(prepared).embedded_now == 0
+    # a cache-only rerun leaves meta.json (a dependency of the projector stages) byte-identical;
+    # the run's counts go to the summary metric
+    assert (prepared.embed.out_dir / "meta.json").read_bytes() == meta
+    assert json.loads(prepared.embed.summary.read_text()) == {"pairs": pairs, "embedded_now": 0, "from_cache": pairs,
+                                                              "fingerprint": first.meta["fingerprint"]}
     write_pair(dataset, 99)
     caps = pd.read_csv(dataset / "captions.csv")
     write_captions(dataset, list(caps.itertuples(index=False, name=None)) + [(99, "new, rough", 0)])
     prepare.run(prepared)
     grown = run(prepared)
     added = len(grown.uids) - pairs
-    assert 1 <= added <= 2 and grown.meta["embedded_now"] == added  # the new id (and its copy, if train)
+    assert 1 <= added <= 2 and grown.embedded_now == added  # the new id (and its copy, if train)
     # the cached vectors are exactly the ones computed before
     np.testing.assert_array_equal(grown.vectors["tac"][:pairs], first.vectors["tac"])
     reseeded = run(_params(tmp_path, dataset, seed=1))
-    assert reseeded.meta["embedded_now"] == len(grown.uids)
+    assert reseeded.embedded_now == len(grown.uids)
     assert reseeded.meta["fingerprint"] != grown.meta["fingerprint"]
 
 

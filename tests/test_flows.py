@@ -227,14 +227,15 @@ def test_dask_sharded_embedding_equals_single_process(tmp_path, dataset):
             "data": {"root": str(dataset)},
             "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
                         "augment": {"copies": 1}},
-            "embed": {"out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / name / "cache"), "num_workers": 0,
+            "embed": {"out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / name / "cache"),
+                      "summary": str(tmp_path / name / "summary.json"), "num_workers": 0,
                       **extra},
             "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False}})
 
     prepare.run(params("local"))
     single = embed.run(params("local"))
     sharded = embed.run(params("dask", runner="dask", dask_workers=2, shards=3))
-    assert sharded.meta["embedded_now"] == single.meta["embedded_now"] >= 30  # separate caches: both embed all
+    assert sharded.embedded_now == single.embedded_now >= 30  # separate caches: both embed all
     for modality in ("tac", "rgb", "text"):
         a, ids_a = load_embeddings(tmp_path / "local", modality)
         b, ids_b = load_embeddings(tmp_path / "dask", modality)
