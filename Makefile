@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Re-runs only when a requirements file changed since the last successful install.
-$(STAMP): requirements.txt requirements-nodeps.txt
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	# the library itself, editable: `touchvl` on the venv's PATH, importable from any directory
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 repro: setup
@@ -23,7 +25,7 @@ test: setup
 
 # The locally fine-tuned model (finetune.provider: local) on an OpenAI-compatible endpoint, 127.0.0.1:8765 by default.
 serve-model: setup
-	$(BIN)/python -m tasks.finetune serve
+	$(BIN)/touchvl finetune serve
 
 # Prefect UI on http://127.0.0.1:4200 with the build, review and nightly reindex deployments (Ctrl-C stops both).
 ui: setup

@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from tasks import atomic
-from tasks.embed import compute_embeddings, default_batch_size, default_num_workers, embed_pairs
-from tasks.encoders import EncoderSpec, ImageBindEncoder, preprocess_image
-from tasks.sample import render_item
-from tasks.vector_cache import VectorCache
+from touchvl import disk
+from touchvl.imagebind.embedding import compute_embeddings, default_batch_size, default_num_workers, embed_pairs
+from touchvl.imagebind.encoder import EncoderSpec, ImageBindEncoder, preprocess_image
+from touchvl.data.sample import render_item
+from touchvl.imagebind.cache import VectorCache
 
 
 def make_pairs(folder: Path, ids: range, size: int) -> pd.DataFrame:
@@ -83,7 +83,7 @@ def main() -> None:
         "full_run_s": round(full, 3), "incremental_1pct_s": round(incremental, 3),
         "incremental_fraction_of_full": round(incremental / full, 4),
     }
-    atomic.write_json(Path(__file__).parent / "results" / "embed.json", result)
+    disk.write_json(Path(__file__).parent / "results" / "embed.json", result)
     for key, value in result.items():
         print(f"{key:32s} {value}")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from tasks import atomic
-from tasks.retrieval import build_index, normalize
+from touchvl import disk
+from touchvl.retrieval.index import build_index, normalize
 
 
 def synthetic(n: int, dim: int, seed: int = 0, clusters: int = 1000) -> np.ndarray:
@@ -68,7 +68,7 @@ def main() -> None:
     for name in set(results) - {"flat"}:
         results[name]["speedup_vs_flat"] = round(results["flat"]["query_100_s"] / results[name]["query_100_s"], 1)
     report = {"n": args.n, "dim": args.dim, "threads": faiss.omp_get_max_threads(), "results": results}
-    atomic.write_json(Path(__file__).parent / "results" / f"index_{args.n}.json", report)
+    disk.write_json(Path(__file__).parent / "results" / f"index_{args.n}.json", report)
     print(f"n={args.n} dim={args.dim} threads={report['threads']}")
     for name, r in results.items():
         print(f"{name:5s} build {r['build_s']:8.2f}s  100 queries {r['query_100_s']:.4f}s  "

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from tasks import atomic
-from tasks.jsonl_validate import validate_file
+from touchvl import disk
+from touchvl.chat.validate import validate_file
 
 
 def write_file(path: Path, n: int) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
             seconds, peak = measure(path)
             result[str(n)] = {"file_mb": round(path.stat().st_size / 2**20, 1), "seconds": round(seconds, 2),
                               "examples_per_s": round(n / seconds), "heap_peak_mb": round(peak / 2**20, 2)}
-    atomic.write_json(Path(__file__).parent / "results" / "jsonl.json", result)
+    disk.write_json(Path(__file__).parent / "results" / "jsonl.json", result)
     for n, r in result.items():
         print(f"{n:>7} examples: {r['file_mb']} MB in {r['seconds']} s ({r['examples_per_s']}/s), heap peak {r['heap_peak_mb']} MB")
 

@@ -18,7 +18,6 @@ Writes bench/results/projector_ceiling.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tasks import atomic
-from tasks.params import load_params
-from tasks.projector_model import ProjectorConfig, ViTProjector
-from tasks.projector_train import project, recall_at_k
-from tasks.sample import draw_material
-from tasks.train_projector import PairedEmbeddings, fit, load_pairs
+from touchvl import disk
+from touchvl.params import load_params
+from touchvl.projector.model import ProjectorConfig, ViTProjector
+from touchvl.projector.training import project, recall_at_k
+from touchvl.data.sample import draw_material
+from touchvl.projector.pairs import PairedEmbeddings, fit, load_pairs
 
 RADIAL_BINS, ORIENTATION_BINS, CROP = 12, 24, 64
 
@@ -84,7 +83,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/projector_ceiling.json"))
     args = ap.parse_args()
     params = load_params()
-    encoder_data = load_pairs(params)
+    encoder_data = load_pairs(params.embed.out_dir, disk.read_manifest(params.prepare.out_dir / "manifest.csv"), params.projector.val_fraction)
     import pandas as pd
 
     manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv", keep_default_na=False).set_index("uid")
@@ -117,7 +116,7 @@ def main() -> None:
         print(f"{name[:48]:48s} {r['raw']['R@1']:8.3f} {r['projected']['R@1']:9.3f} {r['projected']['R@5']:9.3f}  "
               + ", ".join(f"{p} {v:.2f}" for p, v in by_pattern.items()))
     report["test_patterns"] = {p: int((patterns == p).sum()) for p in sorted(set(patterns))}
-    atomic.write_json(args.out, report)
+    disk.write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from tasks.encoders import CLIP_MEAN, CLIP_STD
-from tasks.projector_train import _lr_factor as lr_factor  # warm-up + cosine, as the projector
+from touchvl.imagebind.encoder import CLIP_MEAN, CLIP_STD
+from touchvl.projector.training import _lr_factor as lr_factor  # warm-up + cosine, as the projector
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def _load_224_uint8(path: str) -> torch.Tensor:
 def _embed(model: torch.nn.Module, paths, batch: int = 32) -> np.ndarray:
     from PIL import Image
 
-    from tasks.encoders import preprocess_image
+    from touchvl.imagebind.encoder import preprocess_image
 
     out = []
     for start in range(0, len(paths), batch):
@@ -147,10 +147,10 @@ def main() -> None:
     from tqdm import tqdm
 
     from bench.projector_ceiling import evaluate
-    from tasks import atomic
-    from tasks.encoders import EncoderSpec, build_model
-    from tasks.params import load_params
-    from tasks.train_projector import PairedEmbeddings, load_pairs
+    from touchvl import disk
+    from touchvl.imagebind.encoder import EncoderSpec, build_model
+    from touchvl.params import load_params
+    from touchvl.projector.pairs import PairedEmbeddings, load_pairs
 
     ap = argparse.ArgumentParser(prog="python -m bench.ssl_encoder")
     ap.add_argument("--epochs", type=int, default=15)
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=32, help="out_embed_dim of the tiny tower")
     args = ap.parse_args()
     params = load_params()
-    pairs = load_pairs(params)
+    pairs = load_pairs(params.embed.out_dir, disk.read_manifest(params.prepare.out_dir / "manifest.csv"), params.projector.val_fraction)
     manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv", keep_default_na=False).set_index("uid")
     rows = manifest.loc[pairs.uids]
     train_rows = rows[pairs.split == "train"]
@@ -177,7 +177,7 @@ def main() -> None:
               "pretrain_s": round(seconds, 1), "final_loss": history[-1]["loss"], "raw": result["raw"],
               "projected": result["projected"], "best_val_r1": result["best_val_r1"]}
     print(json.dumps(report, indent=2))
-    atomic.write_json(Path(f"bench/results/ssl_encoder_{args.modalities.replace(',', '_')}_{args.epochs}.json"), report)
+    disk.write_json(Path(f"bench/results/ssl_encoder_{args.modalities.replace(',', '_')}_{args.epochs}.json"), report)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import numpy as np
 import quicktok
 import tiktoken
 
-from tasks import atomic
-from tasks.jsonl_validate import estimate_tokens
+from touchvl import disk
+from touchvl.chat.validate import estimate_tokens
 
 EXTRA = ["Ça glisse, c'est lisse et froid.", "触感是粗糙的，坚硬的。", "Шершавая, твёрдая поверхность.",
          "def f(x):\n    return x ** 2  # ✓", "🙂 smooth!!! ... 12345 67890", "  leading and trailing  \n\n"]
@@ -52,7 +52,7 @@ def main() -> None:
               "estimate_vs_o200k": {"mean_abs_rel_error": round(float(np.mean(np.abs(rel))), 4),
                                     "p95_abs_rel_error": round(float(np.percentile(np.abs(rel), 95)), 4),
                                     "total_rel_error": round(float(estimate.sum() / exact.sum() - 1), 4)}}
-    atomic.write_json(Path(__file__).parent / "results" / "tokens.json", result)
+    disk.write_json(Path(__file__).parent / "results" / "tokens.json", result)
     print(json.dumps(result, indent=2))
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import oss2
 
-from tasks import atomic
-from tasks.params import UploadParams
-from tasks.storage import Blob, OssStorage
-from tasks.upload import upload_all
+from touchvl import disk
+from touchvl.params import UploadParams
+from touchvl.storage.backends import Blob, OssStorage
+from touchvl.storage.upload import upload_all
 from tests.oss_server import Faults, OssServer, OssState
 
 
@@ -59,7 +59,7 @@ def main() -> None:
               "sequential_s": round(sequential, 3), "concurrent_s": round(concurrent, 3),
               "speedup": round(sequential / concurrent, 1), "rerun_s": round(rerun_s, 4),
               "rerun_objects_sent": rerun.sent, "rerun_bytes_received_by_server": state.bytes_received}
-    atomic.write_json(Path(__file__).parent / "results" / "upload.json", result)
+    disk.write_json(Path(__file__).parent / "results" / "upload.json", result)
     for key, value in result.items():
         print(f"{key:32s} {value}")
 

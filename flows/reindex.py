@@ -19,15 +19,15 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import build
-from tasks import atomic
-from tasks.params import load_params
+from touchvl import disk
+from touchvl.params import load_params
 
 STAGES = ["prepare", "embed", "train_projector_stage1", "train_projector_stage2", "index"]
 
 
 def snapshot(root: Path) -> dict[str, str]:
     """Image file -> sha256 for everything under images_tac/ and images_rgb/."""
-    return {p.relative_to(root).as_posix(): atomic.sha256_file(p)
+    return {p.relative_to(root).as_posix(): disk.sha256_file(p)
             for folder in ("images_tac", "images_rgb") for p in sorted((root / folder).glob("*")) if p.is_file()}
 
 
@@ -56,7 +56,7 @@ def reindex(repo: str = ".") -> dict:
               "embedded_now": _read(root / params.embed.summary).get("embedded_now"),
               "index": after_metrics.get("build"), "duration_s": round(time.perf_counter() - start, 1),
               "retrieval_before": before, "retrieval_after": after_metrics.get("tac_to_rgb", {}).get("index")}
-    atomic.write_json(snapshot_path, snapshot(data_root))
+    disk.write_json(snapshot_path, snapshot(data_root))
     create_markdown_artifact(key="reindex-report", description="nightly re-index", markdown="\n".join([
         "# Nightly re-index", "",
         f"- images: +{report['added']} added, {report['changed']} changed, -{report['removed']} removed",

@@ -5,9 +5,9 @@ uploaded or paid for.
    Prefect artifacts: its Markdown, a cost table across files and a link to the HTML report.
 2. The flow pauses with a typed form (:class:`ReviewDecision`: approve or reject, reviewer, note,
    datasets).  In the UI it is the paused run's *Resume* button.
-3. approve → the approval is recorded for the exact bytes (``finetune.approve``: the files are
+3. approve → the approval is recorded for the exact bytes (``touchvl.finetune.contract.approve``: the files are
    re-validated, keyed by their sha256), the upload stage runs through DVC when the storage backend
-   is remote, and each dataset is submitted with ``tasks.finetune.Submission`` (exactly once,
+   is remote, and each dataset is submitted through its provider's submission (exactly once,
    resumable); the job's events are streamed into this flow's logs.
    reject → nothing is approved or submitted; the note is kept as the ``review-decision`` artifact.
    no answer within ``flows.review_timeout_s`` → the run fails, nothing submitted.
@@ -31,9 +31,10 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from flows.pipeline import reproduce_stage
-from tasks import finetune
-from tasks.params import Params, load_params
-from tasks.stage import StageError
+from touchvl.errors import StageError
+from touchvl.finetune import contract
+from touchvl.finetune.providers import submission
+from touchvl.params import Params, load_params
 
 DATASETS = ("tactile", "rgb_tac")
 
@@ -79,7 +80,7 @@ def publish_review(params: Params) -> list[dict]:
 
 
 class _ForwardToRunLogger(logging.Handler):
-    """Job events are logged by tasks.finetune; this puts them into the flow run's logs too."""
+    """Job events are logged by touchvl.finetune; this puts them into the flow run's logs too."""
 
     def __init__(self, run_logger):
         super().__init__(logging.INFO)
@@ -91,9 +92,9 @@ class _ForwardToRunLogger(logging.Handler):
 
 @contextlib.contextmanager
 def _job_events_in_run_logs(run_logger):
-    """Remote job events (tasks.finetune) and local training steps (tasks.finetune_local) reach the run's logs."""
+    """Remote job events (touchvl.finetune.remote) and local training steps (touchvl.finetune.local.job) reach the run's logs."""
     forward = _ForwardToRunLogger(run_logger)
-    sources = [logging.getLogger(name) for name in ("tasks.finetune", "tasks.finetune_local")]
+    sources = [logging.getLogger("touchvl.finetune")]
     levels = [source.level for source in sources]
     for source in sources:
         source.setLevel(logging.INFO)
@@ -108,11 +109,11 @@ def _job_events_in_run_logs(run_logger):
 
 def submit(params: Params, dataset: str) -> dict:
     ds_params = _for_dataset(params, dataset)
-    files = finetune.dataset_files(ds_params)
-    notice = finetune.provider_notice(ds_params.finetune.provider, dt.date.today())
+    files = contract.dataset_files(ds_params)
+    notice = contract.provider_notice(ds_params.finetune.provider, dt.date.today())
     if notice:
         get_run_logger().warning(notice)
-    return finetune.submission(ds_params, files).run(wait=True)
+    return submission(ds_params, files).run(wait=True)
 
 
 @flow(name="review", log_prints=True)
@@ -145,7 +146,7 @@ def review(repo: str = ".", timeout_s: int | None = None, poll_s: int | None = N
             logger.warning("rejected by %s: %s", decision.reviewer, decision.note or "(no note)")
             return summary
         for dataset in decision.datasets:
-            record = finetune.approve(_for_dataset(params, dataset), finetune.dataset_files(_for_dataset(params, dataset)),
+            record = contract.approve(_for_dataset(params, dataset), contract.dataset_files(_for_dataset(params, dataset)),
                                       confirm=lambda: True, reviewer=decision.reviewer, note=decision.note)
             logger.info("approved %s (%s) ~$%s", dataset, record["files"], record["estimated_cost_usd"])
         if params.upload.backend != "local":

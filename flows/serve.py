@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tasks.params import Params, load_params
+from touchvl.params import Params, load_params
 
 
 def deployments(repo: Path, params: Params) -> list:

@@ -1,2 +1,4 @@
-"""Pipeline stages. Each module has a pure core (data in, data out) and a ``main()`` that dvc.yaml
-runs as ``python -m tasks.<stage>``; ``main()`` alone touches paths, params and logging."""
+"""The DVC stages, one thin module each (``python -m tasks.<stage>``): load params, call touchvl, write.
+
+Nothing imports these modules (tests/test_layout.py checks it); the library is :mod:`touchvl`.
+"""

@@ -1,270 +1,58 @@
-"""``embed``: ImageBind embeddings of every tactile image, RGB image and caption in the manifest.
+"""DVC stage ``embed``: ImageBind embeddings of every tactile image, RGB image and caption in the manifest.
 
-Writes, in the layout the original toolkit's tools read (row i of every file is manifest uid
-``all_indices[i]``; tac and rgb share one index order)::
-
-    embeddings/embeddings_tac/all_embeddings.npy   [N, D] float32, L2-normalised
-    embeddings/embeddings_tac/all_indices.npy      [N] int64 (manifest uid)
-    embeddings/embeddings_rgb/...                  same
-    embeddings/embeddings_text/...                 caption embeddings, same order
-    embeddings/sensor_ids.npy                      [N] int64
-    embeddings/meta.json                           encoder fingerprint, dim, count, normalised, smoke
-    artifacts/reports/embed/summary.json           this run: pairs embedded now vs taken from the cache
-
-Vectors are cached under ``embeddings/cache/<fingerprint>/`` keyed by content hash, so a rerun
-embeds only new or changed images.  Everything is computed before anything is written: a file that
-no longer decodes fails the stage with its path and uid and leaves the previous outputs in place.
+Reads ``data/prepared/manifest.csv``; writes ``embeddings/embeddings_{tac,rgb,text}/``, ``sensor_ids.npy``,
+``meta.json`` (encoder fingerprint) and ``artifacts/reports/embed/summary.json`` (embedded now vs cached).
+Everything is computed and validated before anything is written (core: touchvl.imagebind.embedding).
 """
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
-from typing import Callable
 
-import numpy as np
-import pandas as pd
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from tasks import atomic
-from tasks.encoders import EncoderSpec, ImageBindEncoder, preprocess_image
-from tasks.params import EmbedParams, Params, load_params
-from tasks.stage import StageError, run_main
-from tasks.vector_cache import VectorCache, image_key, text_key
+from touchvl import disk
+from touchvl.imagebind.cache import VectorCache
+from touchvl.imagebind.embedding import (EmbeddingSet, compute_embeddings, default_batch_size, default_num_workers,
+                                         validation_tables, write_embeddings)
+from touchvl.imagebind.encoder import ImageBindEncoder, encoder_spec
+from touchvl.logs import run_stage
+from touchvl.params import Params
 
 log = logging.getLogger(__name__)
-MODALITIES = ("tac", "rgb", "text")
-
-
-class EmbedError(StageError):
-    pass
-
-
-@dataclass
-class EmbeddingSet:
-    """The stage's result: one row per manifest uid, in manifest order."""
-
-    uids: np.ndarray  # int64 [N]
-    sensor_ids: np.ndarray  # int64 [N]
-    vectors: dict[str, np.ndarray]  # modality -> float32 [N, D]
-    meta: dict  # what decides the vectors (meta.json): the same whenever the vectors are the same
-    embedded_now: int = 0  # pairs this run computed rather than took from the cache
-
-
-class _PairImages(Dataset):
-    """Decodes and preprocesses the tactile and RGB image of each pair (in DataLoader workers)."""
-
-    def __init__(self, rows: list[tuple[int, str, str]]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        uid, tac_path, rgb_path = self.rows[i]
-        tensors = []
-        for path in (tac_path, rgb_path):
-            try:
-                with Image.open(path) as img:
-                    tensors.append(preprocess_image(img))
-            except Exception as exc:  # reported with path and uid by the caller, never swallowed
-                return uid, None, f"{path}: {type(exc).__name__}: {exc}"
-        return uid, torch.stack(tensors), None
-
-
-def _collate(items):
-    return items
-
-
-def default_batch_size(device: torch.device) -> int:
-    # measured (bench/embed.py): on a 2-core CPU 4 pairs per forward is fastest; GPUs want big batches
-    return 4 if device.type == "cpu" else 64
-
-
-def default_num_workers(device: torch.device) -> int:
-    # measured: on CPU, decoding workers steal cores from the forward and cost ~1.8x; a GPU frees them
-    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-
-
-def embed_pairs(encoder: ImageBindEncoder, rows: list[tuple[int, str, str]], batch_size: int,
-                num_workers: int) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Embed (uid, tac_path, rgb_path) rows; each batch's tac and rgb images go through one forward.
-
-    Returns {uid: (tac_vector, rgb_vector)} and the decode errors ("path: reason (uid N)").
-    """
-    loader = DataLoader(_PairImages(rows), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, shuffle=False)
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    errors: list[str] = []
-    with tqdm(total=len(rows), desc="embed images", unit="pair") as bar:
-        for batch in loader:
-            good = [(uid, pix) for uid, pix, err in batch if err is None]
-            errors += [f"{err} (uid {uid})" for uid, pix, err in batch if err is not None]
-            if good:
-                pixels = torch.cat([pix for _, pix in good])  # [2B, 3, 224, 224]: tac0, rgb0, tac1, ...
-                vectors = encoder.encode_images(pixels).numpy()
-                for j, (uid, _) in enumerate(good):
-                    out[uid] = (vectors[2 * j], vectors[2 * j + 1])
-            bar.update(len(batch))
-    return out, errors
-
-
-PairEmbedder = Callable[[list[tuple[int, str, str]]], tuple[dict[int, tuple[np.ndarray, np.ndarray]], list[str]]]
-
-
-def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache: VectorCache,
-                       batch_size: int, num_workers: int, embed_fn: PairEmbedder | None = None) -> EmbeddingSet:
-    """Look every image and caption up in the cache, embed the misses, assemble manifest-ordered arrays.
-
-    ``embed_fn`` embeds the missing pairs (default: :func:`embed_pairs` in this process; the Dask
-    runner shards them over a cluster and returns the same mapping).
-    """
-    paths = sorted(set(manifest["tac_path"]) | set(manifest["rgb_path"]))
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        keys = dict(zip(paths, tqdm(pool.map(_safe_image_key, paths), total=len(paths), desc="hash images", unit="file")))
-    missing_files = [f"{p}: {k}" for p, k in keys.items() if k.startswith("error:")]
-    if missing_files:
-        raise EmbedError("cannot read image(s) listed in the manifest:\n  " + "\n  ".join(missing_files[:20]))
-    todo: list[tuple[int, str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for r in manifest.itertuples():
-        pair = (keys[r.tac_path], keys[r.rgb_path])
-        # one forward per distinct content: an unchanged file is never embedded twice
-        if pair in seen or (pair[0] in cache and pair[1] in cache):
-            continue
-        seen.add(pair)
-        todo.append((int(r.uid), r.tac_path, r.rgb_path))
-    log.info("images: %d pairs, %d to embed (%d cached vectors)", len(manifest), len(todo), len(cache))
-    if todo:
-        embedded, errors = (embed_fn or partial(embed_pairs, encoder, batch_size=batch_size,
-                                                num_workers=num_workers))(todo)
-        for uid, tac_path, rgb_path in todo:
-            if uid in embedded:
-                cache.put(keys[tac_path], embedded[uid][0])
-                cache.put(keys[rgb_path], embedded[uid][1])
-        cache.flush()  # keep what decoded even if the stage fails below
-        if errors:
-            raise EmbedError(f"{len(errors)} image(s) failed to decode (changed since prepare?):\n  "
-                             + "\n  ".join(errors[:20]))
-    captions = sorted(set(manifest["caption"].astype(str)))
-    new_captions = [c for c in captions if text_key(c) not in cache]
-    for start in tqdm(range(0, len(new_captions), 64), desc="embed captions", unit="batch"):
-        chunk = new_captions[start:start + 64]
-        for caption, vector in zip(chunk, encoder.encode_texts(chunk).numpy()):
-            cache.put(text_key(caption), vector)
-    cache.flush()
-    vectors = {
-        "tac": np.stack([cache.get(keys[p]) for p in manifest["tac_path"]]),
-        "rgb": np.stack([cache.get(keys[p]) for p in manifest["rgb_path"]]),
-        "text": np.stack([cache.get(text_key(str(c))) for c in manifest["caption"]]),
-    }
-    meta = {**encoder.fingerprint_info(), "fingerprint": encoder.fingerprint, "dim": encoder.dim,
-            "count": len(manifest), "normalized": True,
-            "note": ("imagebind_tiny has random weights: these embeddings are for smoke runs only"
-                     if encoder.is_smoke else "")}
-    return EmbeddingSet(manifest["uid"].to_numpy(np.int64), manifest["sensor_id"].to_numpy(np.int64),
-                        {m: v.astype(np.float32) for m, v in vectors.items()}, meta, embedded_now=len(todo))
-
-
-def _safe_image_key(path: str) -> str:
-    try:
-        return image_key(path)
-    except OSError as exc:
-        return f"error: {exc}"
-
-
-def write_embeddings(result: EmbeddingSet, out_dir: Path) -> None:
-    for modality in MODALITIES:
-        folder = out_dir / f"embeddings_{modality}"
-        _save_npy(folder / "all_embeddings.npy", result.vectors[modality])
-        _save_npy(folder / "all_indices.npy", result.uids)
-    _save_npy(out_dir / "sensor_ids.npy", result.sensor_ids)
-    atomic.write_json(out_dir / "meta.json", result.meta)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic.atomic_open(path, "wb") as fh:
-        np.save(fh, array)
-
-
-def load_embeddings(out_dir: Path, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    folder = out_dir / f"embeddings_{modality}"
-    return np.load(folder / "all_embeddings.npy"), np.load(folder / "all_indices.npy")
-
-
-def encoder_spec(p: EmbedParams) -> EncoderSpec:
-    return EncoderSpec(name=p.encoder, checkpoint=p.checkpoint, cache_dir=p.checkpoint_dir, seed=p.seed,
-                       device=p.device)
-
-
-def validation_tables(result: EmbeddingSet, manifest: pd.DataFrame) -> list:
-    from tasks import validation
-
-    gxe = validation.gxe
-    critical = dict(severity="critical")
-    rows = pd.DataFrame({"uid": result.uids})
-    for modality, vectors in result.vectors.items():
-        rows[f"{modality}_finite"] = np.isfinite(vectors).all(axis=1)
-        rows[f"{modality}_norm"] = np.linalg.norm(np.nan_to_num(vectors), axis=1)
-    vector_checks = [gxe.ExpectColumnValuesToBeUnique(column="uid", **critical)]
-    for modality in MODALITIES:
-        vector_checks += [
-            gxe.ExpectColumnValuesToBeInSet(column=f"{modality}_finite", value_set=[True], **critical),
-            gxe.ExpectColumnValuesToBeBetween(column=f"{modality}_norm", min_value=0.999, max_value=1.001,
-                                              severity="critical" if modality != "text" else "warning"),
-        ]
-    shapes = pd.DataFrame([{"array": m, "rows": v.shape[0], "dim": v.shape[1] if v.ndim == 2 else -1,
-                            "dtype": str(v.dtype), "index_rows": len(result.uids)}
-                           for m, v in result.vectors.items()])
-    shape_checks = [
-        gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["float32"], **critical),
-        gxe.ExpectColumnValuesToBeInSet(column="dim", value_set=[result.meta["dim"]], **critical),
-        gxe.ExpectColumnPairValuesToBeEqual(column_A="rows", column_B="index_rows", **critical),
-    ]
-    coverage = pd.DataFrame({"uid": manifest["uid"].to_numpy(np.int64)})
-    coverage_checks = [gxe.ExpectColumnValuesToBeInSet(column="uid", value_set=result.uids.tolist(), **critical)]
-    return [validation.Table("vectors", rows, vector_checks, id_column="uid"),
-            validation.Table("arrays", shapes, shape_checks, id_column="array"),
-            validation.Table("manifest_coverage", coverage, coverage_checks, id_column="uid")]
 
 
 def run(params: Params) -> EmbeddingSet:
-    from tasks import validation
+    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.embed
-    manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv", keep_default_na=False)
+    manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     encoder = ImageBindEncoder(encoder_spec(p))
     if encoder.is_smoke:
-        log.warning("embed.encoder=imagebind_tiny: random weights, embeddings are for smoke runs only")
+        log.warning("embed.encoder=imagebind_tiny: smoke encoder, embeddings are for smoke runs only")
     cache = VectorCache(p.cache_dir, encoder.fingerprint)
     workers = default_num_workers(encoder.device) if p.num_workers is None else p.num_workers
     batch_size = p.batch_size or default_batch_size(encoder.device)
     embed_fn = None
     if p.runner == "dask":
-        from flows.embed_dask import sharded_embedder  # prefect-dask is needed only for this runner
+        from touchvl.imagebind.sharded import sharded_embedder  # prefect-dask is needed only for this runner
 
         embed_fn = sharded_embedder(encoder_spec(p), batch_size, address=p.dask_address,
                                     n_workers=p.dask_workers, shards=p.shards)
     result = compute_embeddings(manifest, encoder, cache, batch_size, workers, embed_fn)
-    validation.run_validation("embed", validation_tables(result, manifest), params.validation).raise_if_failed()
+    checks.run_validation("embed", validation_tables(result, manifest), params.validation).raise_if_failed()
     write_embeddings(result, p.out_dir)
-    atomic.write_json(p.summary, {"pairs": len(result.uids), "embedded_now": result.embedded_now,
-                                  "from_cache": len(result.uids) - result.embedded_now,
-                                  "fingerprint": result.meta["fingerprint"]})
+    disk.write_json(p.summary, {"pairs": len(result.uids), "embedded_now": result.embedded_now,
+                                "from_cache": len(result.uids) - result.embedded_now,
+                                "fingerprint": result.meta["fingerprint"]})
     return result
 
 
-def main() -> None:
-    result = run(load_params())
-    log.info("embedded %d pairs (dim %d, %d newly computed) -> embeddings/",
-             len(result.uids), result.meta["dim"], result.embedded_now)
+def main(argv: list[str] | None = None) -> None:
+    def body(params: Params, args) -> None:
+        result = run(params)
+        log.info("embedded %d pairs (dim %d, %d newly computed) -> %s",
+                 len(result.uids), result.meta["dim"], result.embedded_now, params.embed.out_dir)
+
+    run_stage("embed", __doc__, body, argv)
 
 
 if __name__ == "__main__":
-    run_main("embed", main)
+    main()

@@ -1,129 +1,27 @@
-"""``upload``: the manifest's images to object storage, idempotently and concurrently, plus URLs.
+"""DVC stage ``upload``: the manifest's images to object storage (local folder or Aliyun OSS), plus URLs.
 
-Writes ``artifacts/upload/manifest.csv`` (key, local_path, size, md5, etag, uploaded_at) and
-``artifacts/upload/image_url_mapping.csv`` (``index,tac_url,rgb_url``; index = manifest uid).
-
-An object recorded with the same MD5 is skipped without a request; on a first run against a bucket
-that already holds objects, HEAD tells whether the remote ETag matches.  A run with failures keeps
-what succeeded in the upload manifest, names the failed keys and exits non-zero; the next run
-sends only what is missing.
+Writes ``artifacts/upload/manifest.csv`` (what is stored where, with MD5 and ETag) and
+``artifacts/upload/image_url_mapping.csv`` (``index,tac_url,rgb_url``; index = manifest uid).  A run with
+failures keeps what succeeded, names the failed keys and exits non-zero; the next run sends only what is
+missing (core: touchvl.storage).
 """
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 
-import pandas as pd
-from tqdm import tqdm
-
-from tasks import atomic
-from tasks.params import Params, load_params
-from tasks.stage import StageError, run_main
-from tasks.storage import Blob, Storage, StorageError, make_storage
+from touchvl import disk
+from touchvl.errors import StageError
+from touchvl.logs import run_stage
+from touchvl.params import Params
+from touchvl.storage.backends import make_storage
+from touchvl.storage.upload import UploadResult, build_mapping, plan_blobs, read_records, upload_all, write_records
 
 log = logging.getLogger(__name__)
-RECORD_COLUMNS = ["key", "local_path", "size", "md5", "etag", "uploaded_at"]
-
-
-@dataclass(frozen=True)
-class UploadRecord:
-    key: str
-    local_path: str
-    size: int
-    md5: str
-    etag: str
-    uploaded_at: str
-
-
-@dataclass
-class UploadResult:
-    records: dict[str, UploadRecord]
-    failures: dict[str, str]  # key -> reason
-    sent: int  # objects sent this run
-    sent_bytes: int
-    skipped: int
-
-
-def object_key(prefix: str, kind: str, path: str) -> str:
-    return f"{prefix}{kind}/{Path(path).name}"
-
-
-def plan_blobs(manifest: pd.DataFrame, prefix: str) -> list[Blob]:
-    blobs: dict[str, Blob] = {}
-    for kind in ("tac", "rgb"):
-        for path in manifest[f"{kind}_path"]:
-            key = object_key(prefix, kind, path)
-            if key in blobs and blobs[key].path != Path(path):
-                raise StageError(f"two files map to object key {key}: {blobs[key].path} and {path}")
-            if key not in blobs:
-                blobs[key] = Blob(key, Path(path), Path(path).stat().st_size, atomic.md5_file(path))
-    return list(blobs.values())
-
-
-def upload_all(storage: Storage, blobs: list[Blob], previous: dict[str, UploadRecord], workers: int,
-               prefix: str = "") -> UploadResult:
-    """Upload what is not already stored with the same MD5; never raises for one object's failure."""
-    now = lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")  # noqa: E731
-    records = dict(previous)
-    result = UploadResult(records, {}, 0, 0, 0)
-    todo = []
-    for blob in blobs:
-        known = previous.get(blob.key)
-        if known and known.md5 == blob.md5 and known.size == blob.size:
-            result.skipped += 1
-        else:
-            todo.append(blob)
-    if todo:  # objects stored by an earlier run or another machine: one listing instead of a HEAD each
-        remote = storage.list_etags(prefix)
-        for blob in list(todo):
-            if remote.get(blob.key, "").upper() == blob.md5.upper():
-                records[blob.key] = UploadRecord(blob.key, str(blob.path), blob.size, blob.md5, remote[blob.key], now())
-                result.skipped += 1
-                todo.remove(blob)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=sum(b.size for b in todo), unit="B", unit_scale=True, desc="upload") as bar:
-        futures = {pool.submit(storage.put, blob): blob for blob in todo}
-        for future in as_completed(futures):
-            blob = futures[future]
-            bar.update(blob.size)
-            try:
-                etag = future.result()
-            except StorageError as exc:
-                result.failures[blob.key] = str(exc)
-                continue
-            records[blob.key] = UploadRecord(blob.key, str(blob.path), blob.size, blob.md5, etag, now())
-            result.sent += 1
-            result.sent_bytes += blob.size
-    return result
-
-
-def read_records(path: Path) -> dict[str, UploadRecord]:
-    if not path.is_file():
-        return {}
-    frame = pd.read_csv(path, dtype={"size": "int64"}, keep_default_na=False)
-    return {r["key"]: UploadRecord(**{c: r[c] for c in RECORD_COLUMNS}) for r in frame.to_dict("records")}
-
-
-def write_records(path: Path, records: dict[str, UploadRecord]) -> None:
-    rows = [asdict(records[k]) for k in sorted(records)]
-    atomic.write_csv(path, pd.DataFrame(rows, columns=RECORD_COLUMNS))
-
-
-def build_mapping(manifest: pd.DataFrame, prefix: str, storage: Storage) -> pd.DataFrame:
-    return pd.DataFrame({
-        "index": manifest["uid"].astype("int64"),
-        "tac_url": [storage.url(object_key(prefix, "tac", p)) for p in manifest["tac_path"]],
-        "rgb_url": [storage.url(object_key(prefix, "rgb", p)) for p in manifest["rgb_path"]],
-    })
 
 
 def run(params: Params) -> UploadResult:
     p = params.upload
-    manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv", keep_default_na=False)
+    manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     storage = make_storage(p)  # credentials are checked here, before any request
     blobs = plan_blobs(manifest, p.prefix)
     result = upload_all(storage, blobs, read_records(p.manifest), p.workers, p.prefix)
@@ -133,13 +31,13 @@ def run(params: Params) -> UploadResult:
     if result.failures:
         lines = "\n  ".join(reason for _, reason in sorted(result.failures.items())[:20])
         raise StageError(f"{len(result.failures)} object(s) failed to upload (rerun to retry only these):\n  {lines}")
-    atomic.write_csv(p.mapping, build_mapping(manifest, p.prefix, storage))
+    disk.write_csv(p.mapping, build_mapping(manifest, p.prefix, storage))
     return result
 
 
-def main() -> None:
-    run(load_params())
+def main(argv: list[str] | None = None) -> None:
+    run_stage("upload", __doc__, lambda params, args: run(params), argv)
 
 
 if __name__ == "__main__":
-    run_main("upload", main)
+    main()

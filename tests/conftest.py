@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks.params import Params, parse_params
-from tasks.sample import render_item
+from touchvl.params import Params, parse_params
+from touchvl.data.sample import render_item
 
 
 def write_pair(root: Path, item_id, size: int = 64) -> None:

@@ -1,4 +1,8 @@
-"""The real DVC pipeline in a throwaway git repo: repro, no-op rerun, param change reruns what depends on it."""
+"""The real DVC pipeline in a throwaway git repo: repro, no-op rerun, param change reruns what depends on it.
+
+DVC is called as ``.venv/bin/dvc`` with the venv NOT on PATH (as the README tells users): the stage commands
+(``bin/stage``) find the project's interpreter themselves.
+"""
 import json
 import os
 import shutil
@@ -15,9 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+PATH_WITHOUT_VENV = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
+
+
 def sh(*args, cwd):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "PYTHONPATH": str(cwd)}
+    if args[0] == "dvc":
+        args = (str(BIN / "dvc"), *args[1:])
+    env = {**os.environ, "PATH": PATH_WITHOUT_VENV, "DVC_NO_ANALYTICS": "1"}
+    env.pop("VIRTUAL_ENV", None)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
 
 
@@ -25,9 +34,13 @@ def sh(*args, cwd):
 def repo(tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("tasks", "dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("tasks", "touchvl", "bin", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, work / name)
+    (work / ".venv").symlink_to(Path(sys.prefix))  # the project's venv, found by bin/stage
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["sample"]["n_ids"] = 40
     params["sample"]["image_size"] = 48

@@ -5,9 +5,11 @@ import pandas as pd
 import pytest
 
 from tasks import prepare
-from tasks.embed import EmbedError, EmbeddingSet, load_embeddings, run, validation_tables
-from tasks.params import parse_params
-from tasks.validation import run_validation
+from tasks.embed import run
+from touchvl.disk import read_vectors
+from touchvl.imagebind.embedding import EmbedError, EmbeddingSet, validation_tables
+from touchvl.params import parse_params
+from touchvl.checks import run_validation
 from tests.conftest import write_captions, write_pair
 
 
@@ -34,10 +36,10 @@ def test_outputs_in_the_original_toolkits_layout(prepared):
     manifest = pd.read_csv(prepared.prepare.out_dir / "manifest.csv")
     out = prepared.embed.out_dir
     for modality in ("tac", "rgb", "text"):
-        vectors, indices = load_embeddings(out, modality)
+        vectors, indices = read_vectors(out / f"embeddings_{modality}")
         assert vectors.dtype == np.float32 and vectors.shape == (len(manifest), 32)
         assert indices.dtype == np.int64 and indices.tolist() == manifest["uid"].tolist()
-    tac, _ = load_embeddings(out, "tac")
+    tac, _ = read_vectors(out / "embeddings_tac")
     np.testing.assert_allclose(np.linalg.norm(tac, axis=1), 1.0, atol=1e-5)
     assert np.load(out / "sensor_ids.npy").tolist() == manifest["sensor_id"].tolist()
     meta = json.loads((out / "meta.json").read_text())
@@ -45,7 +47,7 @@ def test_outputs_in_the_original_toolkits_layout(prepared):
     assert meta["dim"] == 32 and meta["count"] == len(manifest) and meta["fingerprint"] == result.meta["fingerprint"]
     # tactile and RGB of a pair are different images, so different vectors; captions shared by copies agree
     assert not np.allclose(result.vectors["tac"][0], result.vectors["rgb"][0])
-    text, _ = load_embeddings(out, "text")
+    text, _ = read_vectors(out / "embeddings_text")
     same_caption = manifest.groupby("caption").indices
     for rows in same_caption.values():
         np.testing.assert_array_equal(text[rows[0]], text[rows[-1]])

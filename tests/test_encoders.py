@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from tasks.encoders import (CHECKPOINT_ENV, CLIP_MEAN, CLIP_STD, ENCODER_CONFIGS, MODULE_DICTS, EncoderError,
+from touchvl.devices import resolve_device
+from touchvl.errors import StageError
+from touchvl.imagebind.encoder import (CHECKPOINT_ENV, CLIP_MEAN, CLIP_STD, ENCODER_CONFIGS, MODULE_DICTS, EncoderError,
                             EncoderSpec, ImageBindEncoder, fingerprint, imagebind_model_module, preprocess_image,
-                            resolve_checkpoint, resolve_device, tokenize)
+                            resolve_checkpoint, tokenize)
 
 # the huge keyword set with small values: the same code paths as imagebind_huge, built in seconds
 SCALED_HUGE = (("vision_embed_dim", 64), ("vision_num_blocks", 2), ("vision_num_heads", 2), ("text_embed_dim", 32),
@@ -158,7 +160,7 @@ def test_missing_huge_weights_name_the_path_and_how_to_get_them(tmp_path, monkey
     monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
     with pytest.raises(EncoderError, match=re.escape(str(tmp_path / "imagebind_huge.pth"))) as info:
         ImageBindEncoder(EncoderSpec(name="imagebind_huge", cache_dir=tmp_path))
-    assert f"tasks.encoders download --dest {tmp_path}" in str(info.value) and CHECKPOINT_ENV in str(info.value)
+    assert f"touchvl download-weights --dest {tmp_path}" in str(info.value) and CHECKPOINT_ENV in str(info.value)
     monkeypatch.setenv(CHECKPOINT_ENV, str(tmp_path / "elsewhere.pth"))
     with pytest.raises(EncoderError, match="elsewhere.pth"):
         ImageBindEncoder(EncoderSpec(name="imagebind_huge", cache_dir=tmp_path))
@@ -179,8 +181,10 @@ def test_checkpoint_precedence_spec_then_env_then_cache_dir(tmp_path, monkeypatc
 
 def test_device_resolution():
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
-    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == expected
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(StageError, match=r"embed.device='tpu' is not a device"):
+        resolve_device("tpu", "embed.device")
     if not torch.cuda.is_available():
-        with pytest.raises(EncoderError, match="CUDA is not available"):
-            resolve_device("cuda")
+        with pytest.raises(StageError, match="embed.device='cuda' but CUDA is not available"):
+            resolve_device("cuda", "embed.device")

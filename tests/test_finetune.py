@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import finetune
-from tasks.params import parse_params
-from tasks.stage import StageError
+from tasks import finetune as finetune_stage
+from touchvl.finetune import contract, providers, remote
+from touchvl.params import parse_params
+from touchvl.errors import StageError
 from tests.jsonl_fixtures import write_dataset
 from tests.openai_server import ApiFaults, ApiServer, ApiState
 
@@ -42,13 +43,13 @@ def api_key(monkeypatch):
 
 
 def _approve(params):
-    finetune.approve(params, finetune.dataset_files(params), confirm=lambda: True)
+    contract.approve(params, contract.dataset_files(params), confirm=lambda: True)
 
 
 def test_dry_run_writes_a_plan_and_makes_no_call(files, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     params = parse_params(_raw(files))
-    plan = finetune.run(params, today=TODAY)
+    plan = finetune_stage.run(params, today=TODAY)
     saved = json.loads((files / "ft/plan.json").read_text())
     assert saved == json.loads(json.dumps(plan)) and saved["submit"] is False and saved["approved"] is False
     assert saved["files"]["train"]["examples"] == 12 and len(saved["files"]["train"]["sha256"]) == 64
@@ -62,12 +63,12 @@ def test_happy_path_to_a_fine_tuned_model(files, caplog):
     with ApiServer(state) as server:
         params = parse_params(_raw(files, server.base_url, submit=True))
         _approve(params)
-        job = finetune.run(params, today=TODAY)
+        job = finetune_stage.run(params, today=TODAY)
     model = json.loads((files / "ft/model.json").read_text())
     assert job["status"] == "succeeded" and model["fine_tuned_model"].startswith("ft:gpt-4o-2024-08-06:org-test:touch:")
     assert state.created_jobs == 1 and len(state.files) == 2
     created = next(iter(state.jobs.values()))
-    assert created["metadata"]["dataset_sha256"] == finetune.dataset_files(params).dataset_sha256()
+    assert created["metadata"]["dataset_sha256"] == contract.dataset_files(params).dataset_sha256()
     assert created["validation_file"] and created["suffix"] == "touch"
     messages = [r.getMessage() for r in caplog.records if "[info]" in r.getMessage()]
     assert len(messages) == len(set(messages)) == 3  # each event logged once
@@ -82,7 +83,7 @@ def test_failed_job_surfaces_the_server_error(files):
         params = parse_params(_raw(files, server.base_url, submit=True))
         _approve(params)
         with pytest.raises(StageError, match="failed: Training file has too few examples"):
-            finetune.run(params, today=TODAY)
+            finetune_stage.run(params, today=TODAY)
     assert json.loads((files / "ft/job.json").read_text())["status"] == "failed"
 
 
@@ -91,12 +92,12 @@ def test_unknown_model_and_bad_key_stop_with_the_server_message(files, monkeypat
         params = parse_params(_raw(files, server.base_url, submit=True, model="gpt-9"))
         _approve(params)
         with pytest.raises(StageError, match="API error 400: .*gpt-9 is not available"):
-            finetune.run(params, today=TODAY)
+            finetune_stage.run(params, today=TODAY)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
         params = parse_params(_raw(files, server.base_url, submit=True))
         _approve(params)
         with pytest.raises(StageError, match="API error 401: .*Incorrect API key provided"):
-            finetune.run(params, today=TODAY)
+            finetune_stage.run(params, today=TODAY)
 
 
 def test_exactly_one_job_with_dropped_responses_500s_and_429s(files):
@@ -104,7 +105,7 @@ def test_exactly_one_job_with_dropped_responses_500s_and_429s(files):
     with ApiServer(state) as server:
         params = parse_params(_raw(files, server.base_url, submit=True, max_retries=12))
         _approve(params)
-        job = finetune.run(params, today=TODAY)
+        job = finetune_stage.run(params, today=TODAY)
     assert job["status"] == "succeeded"
     assert state.created_jobs == 1  # the server's own count
     assert len(state.files) == 2
@@ -115,12 +116,12 @@ def test_unapproved_or_invalid_files_are_refused(files):
     with ApiServer(ApiState(KEY)) as server:
         params = parse_params(_raw(files, server.base_url, submit=True))
         with pytest.raises(StageError, match="is not approved"):
-            finetune.run(params, today=TODAY)
+            finetune_stage.run(params, today=TODAY)
         _approve(params)
         with open(files / "jsonl/tactile_train.jsonl", "a") as fh:  # changed after approval
             fh.write('{"messages": []}\n')
         with pytest.raises(StageError, match="is not approved"):
-            finetune.run(params, today=TODAY)
+            finetune_stage.run(params, today=TODAY)
         with pytest.raises(StageError, match="validation errors"):
             _approve(params)
 
@@ -130,9 +131,9 @@ def test_cancel(files):
     with ApiServer(state) as server:
         params = parse_params(_raw(files, server.base_url, submit=True))
         _approve(params)
-        submission = finetune.Submission(params, finetune.make_client(params.finetune), finetune.dataset_files(params))
+        submission = remote.Submission(params, remote.make_client(params.finetune), contract.dataset_files(params))
         submission.run(wait=False)
-        finetune.commands("cancel", submission, submission.state["job_id"])
+        submission.cancel()
     assert json.loads((files / "ft/job.json").read_text())["status"] == "cancelled"
     assert next(iter(state.jobs.values()))["status"] == "cancelled"
 
@@ -165,17 +166,17 @@ def test_kill_9_mid_poll_then_rerun_resumes_the_same_job(files):
 
 
 def test_openai_wind_down_warns_then_refuses():
-    assert "days left" in finetune.provider_notice("openai", dt.date(2026, 11, 22))
+    assert "days left" in contract.provider_notice("openai", dt.date(2026, 11, 22))
     with pytest.raises(StageError, match="azure .* or compatible"):
-        finetune.provider_notice("openai", dt.date(2027, 1, 6))
-    assert finetune.provider_notice("azure", dt.date(2027, 6, 1)) is None
+        contract.provider_notice("openai", dt.date(2027, 1, 6))
+    assert contract.provider_notice("azure", dt.date(2027, 6, 1)) is None
 
 
 def test_every_entry_point_picks_the_providers_submission(files):
-    """The stage, the CLI and the review flow all submit through finetune.submission()."""
-    from tasks.finetune_local import LocalSubmission
+    """The stage, the CLI and the review flow all submit through providers.submission()."""
+    from touchvl.finetune.local.job import LocalSubmission
 
-    remote = finetune.submission(parse_params(_raw(files)), finetune.dataset_files(parse_params(_raw(files))))
+    hosted = providers.submission(parse_params(_raw(files)), contract.dataset_files(parse_params(_raw(files))))
     local_params = parse_params(_raw(files, provider="local"))
-    local = finetune.submission(local_params, finetune.dataset_files(local_params))
-    assert type(remote) is finetune.Submission and type(local) is LocalSubmission
+    local = providers.submission(local_params, contract.dataset_files(local_params))
+    assert type(hosted) is remote.Submission and type(local) is LocalSubmission

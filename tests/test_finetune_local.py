@@ -17,12 +17,19 @@ import pytest
 import torch
 import yaml
 
-from tasks import finetune, finetune_local, index
-from tasks.finetune_local import IGNORE, Encoder, Events, Example, Layout, Trainer, collate, load_examples
-from tasks.model_server import ChatModel, ModelServer
-from tasks.params import parse_params
-from tasks.qa import TouchQAModel
-from tasks.stage import StageError
+from tasks import finetune as finetune_stage
+from tasks import index
+from touchvl.finetune import contract
+from touchvl.finetune.local import data as local_data
+from touchvl.finetune.local import job as local_job
+from touchvl.finetune.local import tiny as local_tiny
+from touchvl.finetune.local import trainer as local_trainer
+from touchvl.finetune.local.data import IGNORE, Encoder, Example, collate, load_examples
+from touchvl.finetune.local.trainer import Events, Layout, Trainer
+from touchvl.finetune.server import ChatModel, ModelServer
+from touchvl.params import parse_params
+from touchvl.qa import TouchQAModel
+from touchvl.errors import StageError
 from tests.finetune_local_fixtures import data_url, example, local_raw, write_image_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +50,7 @@ def one_thread():
 def tiny(tmp_path_factory):
     """The tiny random-weight LLaVA, built once: every test loads it from this folder, offline."""
     corpus = write_image_dataset(tmp_path_factory.mktemp("corpus") / "c.jsonl", 12)
-    return finetune_local.build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "base", finetune_local.dataset_texts(corpus))
+    return local_tiny.build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "base", local_tiny.dataset_texts(corpus))
 
 
 def _project(root: Path, n_train: int = 12, n_val: int = 4) -> Path:
@@ -53,7 +60,7 @@ def _project(root: Path, n_train: int = 12, n_val: int = 4) -> Path:
 
 
 def _approve(params):
-    finetune.approve(params, finetune.dataset_files(params), confirm=lambda: True)
+    contract.approve(params, contract.dataset_files(params), confirm=lambda: True)
 
 
 def _metric_steps(events, key="train_loss"):
@@ -66,7 +73,7 @@ def trained(tiny, tmp_path_factory):
     root = _project(tmp_path_factory.mktemp("trained"), n_train=4, n_val=3)
     params = parse_params(local_raw(root, str(tiny), batch_size=4, epochs=30, checkpoint_every=10))
     _approve(params)
-    job = finetune.run(params)
+    job = finetune_stage.run(params)
     return root, params, job
 
 
@@ -80,7 +87,7 @@ def test_lora_on_a_repeated_batch_reduces_loss_and_the_job_succeeds(trained):
     assert model["fine_tuned_model"] == job["fine_tuned_model"] and model["provider"] == "local"
     assert (Path(model["model_dir"]) / "model.safetensors").is_file()
     assert (Path(model["adapter_dir"]) / "adapter_model.safetensors").is_file()
-    events = finetune_local.read_events(root / "ft/local/events.jsonl")
+    events = local_trainer.read_events(root / "ft/local/events.jsonl")
     assert _metric_steps(events) == list(range(1, 31)) and model["val_loss"] is not None
     assert [p.name for p in sorted((root / "ft/local/checkpoints").iterdir())] == ["step-20", "step-30"]  # keep 2
 
@@ -92,7 +99,7 @@ def test_assistant_only_labels(tiny):
     raw = example(0)["messages"] + [{"role": "user", "content": "And again?"},
                                     {"role": "assistant", "content": "Still rough.", "weight": 0},
                                     {"role": "user", "content": "Once more?"}, {"role": "assistant", "content": "Hard."}]
-    messages, images, trained = finetune_local.convert_messages(raw, "t:1")
+    messages, images, trained = local_data.convert_messages(raw, "t:1")
     assert trained == (2, 6)  # the weight-0 answer carries no loss
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     item = Encoder(processor, image_id, 512)(0, Example(messages, images, trained, "t:1"))
@@ -102,7 +109,7 @@ def test_assistant_only_labels(tiny):
     decoded = [processor.tokenizer.decode(ids[s]) for s in _runs(kept)]
     assert decoded == ["It feels rough and hard, like brick.<|end|>", "Hard.<|end|>"]
     assert int((ids == image_id).sum()) == 16 and not kept[ids == image_id].any()
-    short = Encoder(processor, image_id, 512)(1, Example(*finetune_local.convert_messages(example(1)["messages"], "t:2"), "t:2"))
+    short = Encoder(processor, image_id, 512)(1, Example(*local_data.convert_messages(example(1)["messages"], "t:2"), "t:2"))
     batch = collate([item, short], processor.tokenizer.pad_token_id)
     pad = batch["attention_mask"][1] == 0
     assert pad.any() and (batch["labels"][1][pad] == IGNORE).all() and batch["pixel_values"].shape[0] == 2
@@ -165,12 +172,12 @@ def test_unapproved_or_changed_data_is_refused_and_nothing_trains(tiny, tmp_path
     root = _project(tmp_path, n_train=4, n_val=2)
     params = parse_params(local_raw(root, str(tiny)))
     with pytest.raises(StageError, match="is not approved"):
-        finetune.run(params)
+        finetune_stage.run(params)
     _approve(params)
     with open(root / "jsonl/tactile_train.jsonl", "a") as fh:  # changed after approval
         fh.write(json.dumps(example(99)) + "\n")
     with pytest.raises(StageError, match="is not approved"):
-        finetune.run(params)
+        finetune_stage.run(params)
     assert not (root / "ft/job.json").exists() and not (root / "ft/local").exists()
 
 
@@ -189,18 +196,18 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_last_checkpoint(tiny, t
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    before = finetune_local.read_events(events_path)
+    before = local_trainer.read_events(events_path)
     killed_at = max(_metric_steps(before))
     assert 5 <= killed_at < 72, (tmp_path / "first.log").read_text()[-2000:]
-    sub = finetune_local.LocalSubmission(params, finetune.dataset_files(params))
-    stale = finetune_local.status(sub)
+    sub = local_job.LocalSubmission(params, contract.dataset_files(params))
+    stale = local_job.status(sub)
     assert stale["status"] == "running" and not stale["trainer_alive"] and "resumes" in stale["note"]
     checkpoint = max(int(p.name.split("-")[1]) for p in (root / "ft/local/checkpoints").glob("step-*"))
     rerun = subprocess.run([sys.executable, "-m", "tasks.finetune", "submit"], cwd=root, env=env, capture_output=True,
                            text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["status"] == "succeeded" and (root / "ft/model.json").is_file()
-    after = finetune_local.read_events(events_path)[len(before):]
+    after = local_trainer.read_events(events_path)[len(before):]
     resumed = [e for e in after if "resumed_from_step" in (e.get("data") or {})]
     assert resumed[0]["data"]["resumed_from_step"] == checkpoint and f"checkpoint step-{checkpoint}" in resumed[0]["message"]
     assert _metric_steps(after) == list(range(checkpoint + 1, 73))  # continues; no step from 0
@@ -216,36 +223,36 @@ def test_cancel_stops_the_trainer_and_records_it(tiny, tmp_path):
     root = _project(tmp_path, n_train=4, n_val=2)
     params = parse_params(local_raw(root, str(tiny), batch_size=1, epochs=200, checkpoint_every=1000))
     _approve(params)
-    files = finetune.dataset_files(params)
+    files = contract.dataset_files(params)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(job=finetune.run(params)))
+    worker = threading.Thread(target=lambda: result.update(job=finetune_stage.run(params)))
     worker.start()
     events_path = root / "ft/local/events.jsonl"
     deadline = time.time() + 60
-    while time.time() < deadline and not _metric_steps(finetune_local.read_events(events_path)):
+    while time.time() < deadline and not _metric_steps(local_trainer.read_events(events_path)):
         time.sleep(0.05)
-    job = finetune_local.cancel(finetune_local.LocalSubmission(params, files))
+    job = local_job.cancel(local_job.LocalSubmission(params, files))
     worker.join(60)
     assert job["status"] == "cancelled" and result["job"]["status"] == "cancelled"
     assert json.loads((root / "ft/job.json").read_text())["status"] == "cancelled"
     assert not (root / "ft/model.json").exists()
-    events = finetune_local.read_events(events_path)
+    events = local_trainer.read_events(events_path)
     assert events[-1]["message"].startswith("Job cancelled at step") and max(_metric_steps(events)) < 800
-    assert finetune.run(params)["status"] == "cancelled"  # a rerun does not train a cancelled job again
-    assert finetune_local.read_events(events_path) == events
+    assert finetune_stage.run(params)["status"] == "cancelled"  # a rerun does not train a cancelled job again
+    assert local_trainer.read_events(events_path) == events
 
 
 def test_changed_settings_start_a_new_job_instead_of_resuming_another_ones_checkpoint(tiny, tmp_path):
     root = _project(tmp_path, n_train=4, n_val=2)
     first = parse_params(local_raw(root, str(tiny), max_steps=2, checkpoint_every=1))
     _approve(first)
-    job_a = finetune.run(first)
+    job_a = finetune_stage.run(first)
     second = parse_params(local_raw(root, str(tiny), max_steps=2, checkpoint_every=1, lr=1e-3))
     # as `submit --no-wait` does: job.json names the new job before its trainer starts
-    finetune_local.LocalSubmission(second, finetune.dataset_files(second)).update_job(status="queued")
-    job_b = finetune.run(second)
+    local_job.LocalSubmission(second, contract.dataset_files(second)).update_job(status="queued")
+    job_b = finetune_stage.run(second)
     assert job_a["job_id"] != job_b["job_id"] and job_b["status"] == "succeeded"
-    events = finetune_local.read_events(root / "ft/local/events.jsonl")
+    events = local_trainer.read_events(root / "ft/local/events.jsonl")
     assert {e["job_id"] for e in events} == {job_b["job_id"]} and _metric_steps(events) == [1, 2]
     assert events[0]["message"].startswith("Training 4 examples")
     states = [json.loads((p / "trainer_state.json").read_text()) for p in (root / "ft/local/checkpoints").iterdir()]
@@ -256,11 +263,11 @@ def test_cancel_without_a_live_trainer_marks_the_job_at_once(tmp_path):
     root = _project(tmp_path, n_train=4, n_val=2)
     params = parse_params(local_raw(root, "tiny"))
     _approve(params)
-    sub = finetune_local.LocalSubmission(params, finetune.dataset_files(params))
+    sub = local_job.LocalSubmission(params, contract.dataset_files(params))
     sub.update_job(status="running")  # what a trainer killed before its first step leaves behind
-    job = finetune_local.cancel(sub, wait_s=5)
+    job = local_job.cancel(sub, wait_s=5)
     assert job["status"] == "cancelled" and job["finished_at"] is not None
-    assert finetune_local.read_events(root / "ft/local/events.jsonl")[-1]["message"] == "Job cancelled at step 0"
+    assert local_trainer.read_events(root / "ft/local/events.jsonl")[-1]["message"] == "Job cancelled at step 0"
     assert not (root / "ft/local/cancel-request.json").exists()
 
 
@@ -297,7 +304,7 @@ def test_served_model_answers_a_chat_completion_with_an_image(server, trained):
 
 
 def test_touchqa_runs_end_to_end_against_the_served_local_model(built, server, trained, caplog):
-    caplog.set_level(logging.INFO, logger="tasks.model_server")
+    caplog.set_level(logging.INFO, logger="touchvl.finetune.server")
     index.run(built)
     params = built.model_copy(update={"finetune": parse_params({"finetune": {
         "provider": "local", "out_dir": str(trained[0] / "ft"), "local": {"serve_url": server.base_url}}}).finetune})

@@ -82,15 +82,16 @@ KEY = "sk-test-review-0123456789abcdef"
 
 
 def _review_project(tmp_path, base_url):
-    from tasks.jsonl import TRAINING_PRICES, samples, write_reports
-    from tasks.jsonl_validate import cost_estimate, report_dict, validate_file
+    from touchvl.chat.prices import DEFAULT_PRICES, cost_estimate
+    from touchvl.chat.report import report_dict, samples, write_reports
+    from touchvl.chat.validate import validate_file
     from tests.jsonl_fixtures import write_dataset
 
     for name, n in (("tactile_train", 12), ("tactile_val", 10), ("rgb_tac_train", 14), ("rgb_tac_val", 10)):
         path = tmp_path / "artifacts/jsonl" / f"{name}.jsonl"
         write_dataset(path, n)
         report = validate_file(path, model="gpt-4o-2024-08-06")
-        d = report_dict(report, cost_estimate(report.summary, "gpt-4o-2024-08-06", TRAINING_PRICES, n_epochs="auto"))
+        d = report_dict(report, cost_estimate(report.summary, "gpt-4o-2024-08-06", DEFAULT_PRICES, n_epochs="auto"))
         d["samples"] = samples(path)
         write_reports(d, tmp_path / "artifacts/jsonl/reports" / name)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
@@ -213,10 +214,10 @@ def test_review_timeout_fails_and_submits_nothing(tmp_path, monkeypatch):
 def test_dask_sharded_embedding_equals_single_process(tmp_path, dataset):
     import numpy as np
 
-    from flows.embed_dask import shard_rows
+    from touchvl.imagebind.sharded import shard_rows
     from tasks import embed, prepare
-    from tasks.embed import load_embeddings
-    from tasks.params import parse_params
+    from touchvl.disk import read_vectors
+    from touchvl.params import parse_params
 
     rows = [(i, f"t{i}", f"r{i}") for i in range(11)]
     pieces = shard_rows(rows, 3, 4)
@@ -237,6 +238,6 @@ def test_dask_sharded_embedding_equals_single_process(tmp_path, dataset):
     sharded = embed.run(params("dask", runner="dask", dask_workers=2, shards=3))
     assert sharded.embedded_now == single.embedded_now >= 30  # separate caches: both embed all
     for modality in ("tac", "rgb", "text"):
-        a, ids_a = load_embeddings(tmp_path / "local", modality)
-        b, ids_b = load_embeddings(tmp_path / "dask", modality)
+        a, ids_a = read_vectors(tmp_path / "local" / f"embeddings_{modality}")
+        b, ids_b = read_vectors(tmp_path / "dask" / f"embeddings_{modality}")
         assert np.array_equal(ids_a, ids_b) and np.array_equal(a, b)

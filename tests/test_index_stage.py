@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from tasks import embed, index, prepare, train_projector
-from tasks.query import QueryEncoder
-from tasks.retrieval import (IndexMeta, QueryMismatch, Retriever, SearchParams, build_index, index_ids,
+from touchvl.retrieval.query import QueryEncoder
+from touchvl.retrieval.index import (IndexMeta, QueryMismatch, Retriever, SearchParams, build_index, index_ids,
                              load_index)
 from tests.conftest import write_captions, write_pair
 

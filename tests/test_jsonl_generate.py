@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks.jsonl_generate import Item, answer, multimodal_set, quota_counts, tactile_set
-from tasks.jsonl_validate import validate_file
+from touchvl.chat.generate import Item, answer, multimodal_set, quota_counts, tactile_set
+from touchvl.chat.validate import validate_file
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(intents=("describe", "compare", "material", "property"), system="sys", mode="url", detail="low")

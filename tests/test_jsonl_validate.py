@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.jsonl_validate import (MAX_IMAGE_BYTES, TokenCounter, auto_epochs, cost_estimate, estimate_tokens,
-                                  image_tokens, validate_file)
+from touchvl.chat.prices import auto_epochs, cost_estimate
+from touchvl.chat.validate import MAX_IMAGE_BYTES, TokenCounter, estimate_tokens, image_tokens, validate_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_token_counts_of_known_strings():
 
 def test_cost_with_auto_epochs():
     assert auto_epochs(10) == 10 and auto_epochs(40) == 3 and auto_epochs(20_000) == 1 and auto_epochs(5) == 20
-    from tasks.jsonl_validate import Summary
+    from touchvl.chat.validate import Summary
     summary = Summary(tokens=Counter({1000: 10}))
     cost = cost_estimate(summary, "gpt-4o-2024-08-06", {"gpt-4o-2024-08-06": 25.0})
     assert cost["epochs"] == 10 and cost["trained_tokens"] == 100_000 and cost["cost_usd"] == 2.5
@@ -182,7 +182,7 @@ def test_no_input_shape_makes_the_validator_crash(tmp_path):
 
 
 def test_duplicate_detection_survives_bloom_false_positives(tmp_path, monkeypatch):
-    from tasks import jsonl_validate
+    from touchvl.chat import validate as jsonl_validate
 
     monkeypatch.setattr(jsonl_validate.DigestFilter, "BITS", 16)  # nearly every example collides in the filter
     lines = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(12)] + [example(answer="It feels smooth and hard, sample 3.")]

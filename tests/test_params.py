@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import ParamsError, load_params, parse_params
+from touchvl.params import ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks.prepare import (MANIFEST_COLUMNS, REASONS, UID_STRIDE, PrepareError, draw_augment, run,
-                           stable_split)
+from tasks.prepare import run
+from touchvl.data.prepare import REASONS, UID_STRIDE, PrepareError, draw_augment, stable_split
+from touchvl.disk import MANIFEST_COLUMNS
 from tests.conftest import make_params, write_captions, write_pair
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.projector_model import ProjectorConfig, ViTProjector, checkpoint_dict, projector_from_checkpoint
-from tasks.projector_train import (MultiSensorBatchSampler, TrainConfig, align_by_ids, info_nce, project,
+from touchvl.projector.model import ProjectorConfig, ViTProjector, checkpoint_dict, projector_from_checkpoint
+from touchvl.projector.training import (MultiSensorBatchSampler, TrainConfig, align_by_ids, info_nce, project,
                                    recall_at_k, train)
-from tasks.stage import StageError
+from touchvl.errors import StageError
 
 
 def _unit(x):

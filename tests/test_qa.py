@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from tasks import evaluate, index
-from tasks.evaluate import adjective_prf, bleu, retrieval_answer
-from tasks.qa import CLASSIFY_PROMPT, STYLE, TouchQAModel
-from tasks.retrieval import QueryMismatch
-from tasks.stage import StageError
+from touchvl.evaluation import JUDGE_PROMPT, adjective_prf, bleu, retrieval_answer
+from touchvl.qa import CLASSIFY_PROMPT, STYLE, TouchQAModel
+from touchvl.retrieval.index import QueryMismatch
+from touchvl.errors import StageError
 from tests.openai_server import ApiServer, ApiState
 
 KEY = "sk-qa-test-0123456789abcdef"
@@ -101,11 +101,11 @@ def test_metric_functions_on_hand_checked_examples():
 
 def test_gpt_judge_scores_when_a_key_is_present(qa_env, tmp_path):
     params, state = qa_env
-    state.chat_reply = lambda req: "7" if req["messages"][0]["content"] == evaluate.JUDGE_PROMPT else "smooth"
+    state.chat_reply = lambda req: "7" if req["messages"][0]["content"] == JUDGE_PROMPT else "smooth"
     params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"metrics": tmp_path / "eval.json"})})
     metrics = evaluate.run(params)
     assert metrics["gpt_judge"]["mean"] == 7.0 and metrics["gpt_judge"]["scored"] == metrics["n"]
-    judged = [r for r in state.chat_requests if r["messages"][0]["content"] == evaluate.JUDGE_PROMPT]
+    judged = [r for r in state.chat_requests if r["messages"][0]["content"] == JUDGE_PROMPT]
     assert len(judged) == metrics["n"] and "Reference: " in judged[0]["messages"][1]["content"]
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.retrieval import (IndexMeta, QueryMismatch, QuerySpace, Retriever, SearchParams, build_index,
-                             index_ids, load_index, normalize, recall_at_k, save_index)
+from touchvl.retrieval.index import (IndexMeta, QueryMismatch, QuerySpace, Retriever, SearchParams, build_index,
+                             index_ids, index_recall_at_k, load_index, normalize, save_index)
 
 DIM = 16
 
@@ -87,9 +87,9 @@ def test_incremental_add_remove_keeps_ids_consistent(tmp_path):
     assert found[0, 0] != 5000
 
 
-def test_recall_at_k():
+def test_index_recall_at_k():
     db = _unit(200)
     noisy = normalize(db + np.random.default_rng(3).normal(scale=0.05, size=db.shape))
     index = build_index(db, np.arange(200))
-    assert recall_at_k(index, noisy, np.arange(200))["R@1"] == 1.0
-    assert recall_at_k(index, _unit(200, seed=9), np.arange(200))["R@1"] < 0.05
+    assert index_recall_at_k(index, noisy, np.arange(200))["R@1"] == 1.0
+    assert index_recall_at_k(index, _unit(200, seed=9), np.arange(200))["R@1"] < 0.05

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tasks.params import SampleParams
-from tasks.sample import PATTERNS, draw_material, generate, render_item, write_dataset
+from touchvl.params import SampleParams
+from touchvl.data.sample import PATTERNS, draw_material, generate, render_item, write_dataset
 
 
 def _digest(path):

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from tasks import prepare, upload
-from tasks.params import parse_params
-from tasks.stage import StageError
+from touchvl.storage import upload as upload_core
+from touchvl.storage.backends import Blob, make_storage
+from touchvl.params import parse_params
+from touchvl.errors import StageError
 from tests.oss_server import Faults, OssServer, OssState
 
 KEY_ID, SECRET = "LTAItestkeyid", "test-secret-value-0123456789"
@@ -61,7 +63,7 @@ def test_local_backend_copies_maps_every_uid_and_rerun_sends_nothing(prepared):
         local = Path(urllib.request.url2pathname(row.tac_url.removeprefix("file://")))
         assert _md5(local) == _md5(src.tac_path)
     records = pd.read_csv(params.upload.manifest)
-    assert list(records.columns) == upload.RECORD_COLUMNS and (records["etag"] == records["md5"].str.upper()).all()
+    assert list(records.columns) == upload_core.RECORD_COLUMNS and (records["etag"] == records["md5"].str.upper()).all()
     again = upload.run(params)
     assert again.sent == 0 and again.sent_bytes == 0
 
@@ -73,7 +75,7 @@ def test_oss_with_faults_stores_everything_exactly_once_and_rerun_sends_nothing(
         p = _oss(params, server, retries=20)  # P(21 straight faults) ~ 1e-6 per object
         result = upload.run(p)
         assert not result.failures
-        blobs = upload.plan_blobs(manifest, p.upload.prefix)
+        blobs = upload_core.plan_blobs(manifest, p.upload.prefix)
         assert set(k for _, k in state.objects) == {b.key for b in blobs}  # one object per key, no strays
         for blob in blobs:
             assert state.objects[("tvl", blob.key)].data == blob.path.read_bytes()
@@ -132,7 +134,7 @@ def test_failed_keys_are_listed_and_the_next_run_sends_only_them(prepared, oss_e
         with pytest.raises(StageError, match="failed to upload") as info:
             upload.run(p)
         stored = pd.read_csv(p.upload.manifest)
-        n_total = len(upload.plan_blobs(manifest, "tvl/"))
+        n_total = len(upload_core.plan_blobs(manifest, "tvl/"))
         assert 0 < len(stored) < n_total and str(n_total - len(stored)) in str(info.value)
         state.faults.error_rate = 0.0
         state.requests.clear()
@@ -175,11 +177,11 @@ def test_server_rejects_a_corrupted_body_by_content_md5(oss_env):
 def test_large_files_go_multipart(tmp_path, oss_env):
     big = tmp_path / "image_1_tac.jpg"
     big.write_bytes(bytes(range(256)) * 1200)  # 300 KiB
-    blob = upload.Blob("tvl/tac/image_1_tac.jpg", big, big.stat().st_size, hashlib.md5(big.read_bytes()).hexdigest())
+    blob = Blob("tvl/tac/image_1_tac.jpg", big, big.stat().st_size, hashlib.md5(big.read_bytes()).hexdigest())
     state = OssState({KEY_ID: SECRET}, {"tvl"})
     with OssServer(state) as server:
         p = parse_params({"upload": {"backend": "oss", "endpoint": server.endpoint, "bucket": "tvl",
                                      "multipart_threshold": 102400, "manifest": str(tmp_path / "m.csv")}}).upload
-        etag = upload.make_storage(p).put(blob)
+        etag = make_storage(p).put(blob)
     assert etag.endswith("-3") or etag.endswith("-1")
     assert state.objects[("tvl", blob.key)].data == big.read_bytes()

@@ -3,9 +3,10 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.params import ValidationParams
-from tasks.prepare import run, validation_tables
-from tasks.validation import Table, ValidationFailed, gxe, run_validation
+from touchvl.params import ValidationParams
+from tasks.prepare import run
+from touchvl.data.prepare import validation_tables
+from touchvl.checks import Table, ValidationFailed, gxe, run_validation
 from tests.conftest import make_params
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 
-from tasks import vector_cache
-from tasks.vector_cache import VectorCache, image_key, text_key
+from touchvl.imagebind import cache as vector_cache
+from touchvl.imagebind.cache import VectorCache, image_key, text_key
 
 
 def test_put_flush_reload_and_namespaces(tmp_path):

@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.stage import StageError
+from touchvl.errors import StageError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 

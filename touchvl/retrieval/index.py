@@ -16,8 +16,9 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from tasks import atomic
-from tasks.stage import StageError
+from touchvl import disk
+from touchvl.errors import StageError
+from touchvl.params import IndexParams
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 
@@ -101,9 +102,9 @@ def index_ids(index: faiss.Index) -> np.ndarray:
 
 def save_index(index: faiss.Index, meta: IndexMeta, folder: Path) -> None:
     path = folder / f"{meta.name}.faiss"
-    with atomic.atomic_open(path, "wb") as fh:
+    with disk.atomic_open(path, "wb") as fh:
         fh.write(faiss.serialize_index(index).tobytes())
-    atomic.write_json(folder / f"{meta.name}.json", asdict(meta))
+    disk.write_json(folder / f"{meta.name}.json", asdict(meta))
 
 
 def load_index(folder: Path, name: str) -> tuple[faiss.Index, IndexMeta]:
@@ -143,6 +144,13 @@ class SearchParams:
     dedupe: bool = True
 
 
+def search_params(p: IndexParams, k: int | None = None) -> SearchParams:
+    """The retriever's settings from ``index.search`` (``k`` overrides ``index.search.k``)."""
+    s = p.search
+    return SearchParams(k=k or s.k, overfetch_mul=s.overfetch_mul, overfetch_bias=s.overfetch_bias,
+                        min_cos=s.min_cos, dedupe=s.dedupe)
+
+
 class Retriever:
     """Searches one index; ``catalog`` (the manifest, by uid) turns ids into captions and paths."""
 
@@ -176,7 +184,7 @@ class Retriever:
         return hits
 
 
-def recall_at_k(index: faiss.Index, queries: np.ndarray, true_ids: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+def index_recall_at_k(index: faiss.Index, queries: np.ndarray, true_ids: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
     """Fraction of queries whose true id is in the index's top k (no de-dup, exact index semantics)."""
     _, ids = index.search(normalize(queries), max(ks))
     hit_rank = [(list(row).index(t) if t in row else None) for row, t in zip(ids.tolist(), true_ids.tolist())]

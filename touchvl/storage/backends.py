@@ -18,9 +18,9 @@ import oss2
 import requests
 from urllib3.util.retry import Retry
 
-from tasks import atomic
-from tasks.params import UploadParams
-from tasks.stage import StageError
+from touchvl import disk
+from touchvl.params import UploadParams
+from touchvl.errors import StageError
 
 CREDENTIAL_VARS = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")
 
@@ -55,14 +55,14 @@ class LocalStorage:
         found = {}
         for path in self.root.glob(f"{prefix}**/*"):
             if path.is_file() and not path.name.startswith("."):
-                found[path.relative_to(self.root).as_posix()] = atomic.md5_file(path).upper()
+                found[path.relative_to(self.root).as_posix()] = disk.md5_file(path).upper()
         return found
 
     def put(self, blob: Blob) -> str:
         target = self.root / blob.key
-        with atomic.atomic_open(target, "wb") as out, open(blob.path, "rb") as src:
+        with disk.atomic_open(target, "wb") as out, open(blob.path, "rb") as src:
             shutil.copyfileobj(src, out)
-        etag = atomic.md5_file(target).upper()
+        etag = disk.md5_file(target).upper()
         if etag != blob.md5.upper():
             raise StorageError(f"{blob.key}: copy does not match the source MD5 ({etag} != {blob.md5.upper()})")
         return etag

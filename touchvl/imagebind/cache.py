@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import atomic
+from touchvl import disk
 
 COMPACT_AFTER = 16  # shards; merging keeps load time flat as nightly runs add small shards
 
 
 def image_key(path: Path | str) -> str:
-    return "img:" + atomic.sha256_file(path)
+    return "img:" + disk.sha256_file(path)
 
 
 def text_key(text: str) -> str:
@@ -74,5 +74,5 @@ class VectorCache:
         path = self.folder / f"shard-{digest}.npz"
         buffer = io.BytesIO()
         np.savez(buffer, keys=np.array(keys), vectors=np.stack(vectors).astype(np.float32))
-        atomic.write_bytes(path, buffer.getvalue())
+        disk.write_bytes(path, buffer.getvalue())
         return path

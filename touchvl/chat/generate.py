@@ -10,14 +10,17 @@ sight, name the material, judge hardness/roughness).  Pure functions: rows in, e
 """
 from __future__ import annotations
 
-import base64
+import json
 import math
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+from touchvl import disk
+from touchvl.chat.messages import image_part
+from touchvl.errors import StageError
 
 HARDNESS = ("hard", "firm", "soft", "squishy")
 ROUGHNESS = ("rough", "coarse", "grainy", "bumpy", "ridged", "grooved", "textured", "woven", "smooth", "slippery", "fine")
@@ -80,13 +83,6 @@ TEXT_QUESTIONS = {
 }
 
 
-def image_part(url: str, mode: str, detail: str) -> dict:
-    if mode == "base64" and url.startswith("file://"):
-        path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
-        url = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
-    return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
-
-
 def build_example(item: Item, kind: str, intent: str, system: str, mode: str, detail: str) -> Example:
     if kind == "text_only":
         user: str | list = TEXT_QUESTIONS[intent].format(c=item.caption)
@@ -137,3 +133,21 @@ def tactile_set(items: list[Item], limit: int, quotas: dict[str, float], intents
     chosen = _cycle(items, total, rng)
     return [build_example(item, kind, intents[rng.integers(len(intents))], system, mode, detail)
             for item, kind in zip(chosen, kinds)]
+
+
+def load_items(captions_csv: Path, mapping_csv: Path, uids=None) -> list[Item]:
+    """Join captions (``index,caption`` or the manifest's ``uid,caption``) to ``index,tac_url,rgb_url``."""
+    captions = pd.read_csv(captions_csv, keep_default_na=False)
+    captions = captions.rename(columns={"uid": "index"}) if "uid" in captions.columns else captions
+    mapping = pd.read_csv(mapping_csv, keep_default_na=False)
+    joined = captions[["index", "caption"]].merge(mapping, on="index", how="inner", validate="one_to_one")
+    missing = set(captions["index"]) - set(joined["index"])
+    if missing:
+        raise StageError(f"{mapping_csv}: no URLs for {len(missing)} ids in {captions_csv} (e.g. {sorted(missing)[:5]})")
+    if uids is not None:
+        joined = joined[joined["index"].isin(set(uids))]
+    return [Item(int(r.index), str(r.caption), str(r.tac_url), str(r.rgb_url)) for r in joined.itertuples()]
+
+
+def write_jsonl(path: Path, examples: list[Example]) -> None:
+    disk.write_text(path, "".join(json.dumps({"messages": e.messages}, ensure_ascii=False) + "\n" for e in examples))

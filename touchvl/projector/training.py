@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.projector_model import ViTProjector
-from tasks.stage import StageError
+from touchvl.projector.model import ViTProjector
+from touchvl.errors import StageError
 
 TAU_RANGE = (0.01, 1.0)
 """Learnable temperature bounds: CLIP's logit-scale cap of 100 below, a near-uniform softmax above."""

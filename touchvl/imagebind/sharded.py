@@ -18,8 +18,8 @@ import numpy as np
 from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
-from tasks.embed import PairEmbedder, embed_pairs
-from tasks.encoders import EncoderSpec, ImageBindEncoder
+from touchvl.imagebind.embedding import PairEmbedder, embed_pairs
+from touchvl.imagebind.encoder import EncoderSpec, ImageBindEncoder
 
 Rows = list[tuple[int, str, str]]
 
@@ -63,7 +63,7 @@ def task_runner(address: str | None, n_workers: int) -> DaskTaskRunner:
 
 def sharded_embedder(spec: EncoderSpec, batch_size: int, address: str | None = None, n_workers: int = 2,
                      shards: int | None = None) -> PairEmbedder:
-    """An ``embed_fn`` for :func:`tasks.embed.compute_embeddings` that runs the shards on Dask."""
+    """An ``embed_fn`` for :func:`touchvl.imagebind.embedding.compute_embeddings` that runs the shards on Dask."""
     runner = task_runner(address, n_workers)
     pieces = shards or n_workers
 

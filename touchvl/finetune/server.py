@@ -1,6 +1,6 @@
 """An OpenAI-compatible chat endpoint for the locally fine-tuned model (``finetune.provider: local``).
 
-    python -m tasks.finetune serve [--port N]      # or: make serve-model
+    python -m touchvl.finetune.remote serve [--port N]      # or: make serve-model
 
 Serves the merged model named in ``artifacts/finetune/model.json`` on 127.0.0.1, so TouchQA and the
 evaluate stage reach it through the same ``openai`` client, only with another base URL:
@@ -33,10 +33,13 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tasks.finetune import KEY_VARS, read_json, serve_url
-from tasks.finetune_local import convert_messages, open_image, read_image_url, resolve_device
-from tasks.params import FinetuneParams
-from tasks.stage import StageError
+from touchvl import disk
+from touchvl.chat.messages import open_image, read_image_url
+from touchvl.devices import resolve_device
+from touchvl.errors import StageError
+from touchvl.finetune.local.data import convert_messages
+from touchvl.finetune.remote import KEY_VARS, serve_url
+from touchvl.params import FinetuneParams
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ class ChatModel:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.name, self.default_max_tokens = name, default_max_tokens
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "finetune.local.device")
         try:
             self.processor = AutoProcessor.from_pretrained(model_dir)
             self.model = AutoModelForImageTextToText.from_pretrained(
@@ -273,10 +276,10 @@ class ModelServer(ThreadingHTTPServer):
 
 def serve_finetuned(p: FinetuneParams, host: str | None = None, port: int | None = None) -> None:
     """Serve model.json's merged local model until interrupted."""
-    info = read_json(p.out_dir / "model.json", {})
+    info = disk.read_json(p.out_dir / "model.json", {})
     if info.get("provider") != "local" or not info.get("model_dir"):
         raise StageError(f"{p.out_dir / 'model.json'}: no locally fine-tuned model "
-                         f"(set finetune.provider: local, approve, then `python -m tasks.finetune submit`)")
+                         f"(set finetune.provider: local, approve, then `python -m touchvl.finetune.remote submit`)")
     model = ChatModel(info["model_dir"], info["fine_tuned_model"], p.local.device, p.local.serve_max_tokens)
     try:
         server = ModelServer(model, host or p.local.serve_host, port or p.local.serve_port,

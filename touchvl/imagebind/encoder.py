@@ -9,11 +9,10 @@ Encoders: ``imagebind_huge`` (Meta's weights, from ``embed.checkpoint``, ``$IMAG
 or ``<checkpoint_dir>/imagebind_huge.pth``) and ``imagebind_tiny`` (random weights from a fixed
 seed: the offline default; its embeddings are for smoke runs only).
 
-    python -m tasks.encoders download --dest .checkpoints    # only when you ask: 4.5 GB, CC-BY-NC
+    touchvl download-weights --dest .checkpoints    # only when you ask: 4.5 GB, CC-BY-NC
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import importlib.util
@@ -31,8 +30,10 @@ from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
 
-from tasks import atomic
-from tasks.stage import StageError, run_main
+from touchvl import disk
+from touchvl.devices import resolve_device
+from touchvl.errors import StageError
+from touchvl.params import EmbedParams
 
 PREPROCESS_VERSION = "clip224-v2"  # v2: PIL-side resize, bit-identical to ImageBind (v1 resized tensors)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -107,21 +108,6 @@ def tokenize(texts: list[str]) -> torch.Tensor:
     return tokenizer(list(texts)).reshape(len(texts), tokenizer.context_length)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: cuda, then mps, then cpu; an explicit name is honoured or fails clearly."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderError(f"embed.device={name!r} but CUDA is not available here (use 'auto' or 'cpu')")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise EncoderError("embed.device='mps' but MPS is not available here (use 'auto' or 'cpu')")
-    return torch.device(name)
-
-
 @dataclass(frozen=True)
 class EncoderSpec:
     name: str = "imagebind_tiny"
@@ -138,6 +124,12 @@ class EncoderSpec:
         return {**ENCODER_CONFIGS[self.name], **dict(self.config_overrides)}
 
 
+def encoder_spec(p: EmbedParams) -> EncoderSpec:
+    """The encoder the ``embed`` params describe (every query must be encoded by this same spec)."""
+    return EncoderSpec(name=p.encoder, checkpoint=p.checkpoint, cache_dir=p.checkpoint_dir, seed=p.seed,
+                       device=p.device)
+
+
 def resolve_checkpoint(spec: EncoderSpec) -> Path | None:
     """imagebind_huge: the first of spec.checkpoint, $IMAGEBIND_CHECKPOINT, cache_dir that is set."""
     if spec.name != "imagebind_huge":
@@ -151,13 +143,13 @@ def resolve_checkpoint(spec: EncoderSpec) -> Path | None:
     if not path.is_file():
         raise EncoderError(f"imagebind_huge weights not found at {path}. Set embed.checkpoint or "
                            f"{CHECKPOINT_ENV} to the file, or download it once with "
-                           f"`python -m tasks.encoders download --dest {spec.cache_dir}` (4.5 GB, CC-BY-NC).")
+                           f"`touchvl download-weights --dest {spec.cache_dir}` (4.5 GB, CC-BY-NC).")
     return path
 
 
 @functools.lru_cache(maxsize=8)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return atomic.sha256_file(path)  # keyed by size+mtime: a 4.5 GB file is hashed once per process
+    return disk.sha256_file(path)  # keyed by size+mtime: a 4.5 GB file is hashed once per process
 
 
 def checkpoint_sha256(path: Path) -> str:
@@ -227,7 +219,7 @@ class ImageBindEncoder:
     def __init__(self, spec: EncoderSpec):
         self.spec = spec
         self.name = spec.name
-        self.device = resolve_device(spec.device)
+        self.device = torch.device(resolve_device(spec.device, "embed.device"))
         config = spec.config()
         checkpoint = resolve_checkpoint(spec)  # before building: a missing file fails fast
         model = build_model(spec)
@@ -267,7 +259,7 @@ def download_checkpoint(dest_dir: Path) -> Path:
     if dest.is_file():  # writes are atomic, so an existing file is a complete one
         return dest
     try:
-        with urllib.request.urlopen(CHECKPOINT_URL) as response, atomic.atomic_open(dest, "wb") as fh:
+        with urllib.request.urlopen(CHECKPOINT_URL) as response, disk.atomic_open(dest, "wb") as fh:
             total = int(response.headers.get("Content-Length", 0)) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := response.read(1 << 20):
@@ -277,16 +269,3 @@ def download_checkpoint(dest_dir: Path) -> Path:
         raise EncoderError(f"download of {CHECKPOINT_URL} failed ({exc}); fetch it elsewhere and set "
                            f"{CHECKPOINT_ENV} to the file") from exc
     return dest
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.encoders")
-    sub = ap.add_subparsers(dest="command", required=True)
-    dl = sub.add_parser("download", help="download imagebind_huge.pth (4.5 GB, CC-BY-NC 4.0)")
-    dl.add_argument("--dest", type=Path, default=Path(".checkpoints"))
-    args = ap.parse_args()
-    run_main("encoders download", lambda: print(download_checkpoint(args.dest)))
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ import math
 import re
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -83,18 +83,6 @@ def image_tokens(width: int | None, height: int | None, detail: str = "auto") ->
     scale = min(1.0, 768 / min(width, height))
     width, height = width * scale, height * scale
     return 170 * math.ceil(width / 512) * math.ceil(height / 512) + 85
-
-
-def auto_epochs(n_examples: int) -> int:
-    """How the service resolves ``n_epochs: auto`` (OpenAI's published rule)."""
-    target, min_examples, max_examples = 3, 100, 25_000
-    if n_examples == 0:
-        return target
-    if n_examples * target < min_examples:
-        return min(25, min_examples // n_examples)
-    if n_examples * target > max_examples:
-        return max(1, max_examples // n_examples)
-    return target
 
 
 @dataclass(frozen=True)
@@ -392,61 +380,3 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
     elif report.summary.examples < MIN_EXAMPLES:
         report.warnings.append(Finding(0, "few_examples", f"{report.summary.examples} examples; at least {MIN_EXAMPLES} are required to train"))
     return report
-
-
-def cost_estimate(summary: Summary, model: str, prices_per_million: dict[str, float], context: int | None = None,
-                  n_epochs: int | str = "auto") -> dict:
-    context = context or MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
-    billed = sum(min(context, t) * c for t, c in summary.tokens.items())
-    epochs = auto_epochs(sum(summary.tokens.values())) if n_epochs == "auto" else int(n_epochs)
-    price = prices_per_million.get(model)
-    return {"model": model, "billed_tokens_per_epoch": billed, "epochs": epochs, "epochs_setting": n_epochs,
-            "trained_tokens": billed * epochs, "price_per_million": price,
-            "cost_usd": round(billed * epochs * price / 1e6, 4) if price is not None else None}
-
-
-def report_dict(report: Report, cost: dict) -> dict:
-    s = report.summary
-    return {"file": report.path, "model": report.model, "ok": report.ok,
-            "errors": [asdict(f) for f in report.errors], "warnings": [asdict(f) for f in report.warnings],
-            "summary": {"examples": s.examples, "valid_examples": s.valid_examples,
-                        "error_count": len(report.errors), "warning_count": len(report.warnings),
-                        "errors_by_code": dict(Counter(f.code for f in report.errors)),
-                        "warnings_by_code": dict(Counter(f.code for f in report.warnings)),
-                        "messages_per_example": dict(sorted(s.messages.items())),
-                        "images_per_example": dict(sorted(s.images.items())),
-                        "images_total": sum(k * v for k, v in s.images.items()),
-                        "tokens": s.token_stats(), "image_tokens": s.image_tokens,
-                        "text_tokens_exact": s.text_tokens_exact, "text_tokens_source": s.text_tokens_source,
-                        "cost": cost}}
-
-
-def report_markdown(d: dict) -> str:
-    s = d["summary"]
-    verdict = "PASS (no errors)" if d["ok"] else f"FAIL ({s['error_count']} errors)"
-    lines = [f"# JSONL validation: `{d['file']}`", "", f"**{verdict}** — {s['examples']} examples, "
-             f"{s['warning_count']} warnings, model `{d['model']}`", "",
-             f"Cost estimate: {s['cost']['trained_tokens']:,} trained tokens ({s['cost']['billed_tokens_per_epoch']:,} "
-             f"× {s['cost']['epochs']} epochs) ≈ **${s['cost']['cost_usd']}** at ${s['cost']['price_per_million']}/1M"
-             + f" (text tokens: {s['text_tokens_source']})", ""]
-    for title, rows in (("Errors", d["errors"]), ("Warnings", d["warnings"])):
-        lines += [f"## {title} ({len(rows)})", ""]
-        if rows:
-            lines += ["| line | code | message |", "|---|---|---|"]
-            lines += [f"| {r['line']} | `{r['code']}` | {r['message'].replace('|', '/')} |" for r in rows[:500]]
-        lines.append("")
-    lines += ["## Distributions", "", f"- messages per example: {s['messages_per_example']}",
-              f"- images per example: {s['images_per_example']}", f"- tokens per example: {s['tokens']}", ""]
-    if d.get("expectations"):
-        lines += ["## Great Expectations over the example table", "", "| table | expectation | met |", "|---|---|---|"]
-        lines += [f"| {r['table']} | {r['expectation']} | {'yes' if r['success'] else 'NO'} |" for r in d["expectations"]]
-        lines.append("")
-    comp = d.get("composition")
-    if comp:
-        lines += ["## Composition", "", f"- kinds: {comp['kinds']}", f"- intents: {comp['intents']}", ""]
-        if comp.get("quotas"):
-            lines += ["| kind | share | expected | actual | exact |", "|---|---|---|---|---|"]
-            lines += [f"| {k} | {q['share']:.0%} | {q['expected']} | {q['actual']} | {'yes' if q['exact'] else 'NO'} |"
-                      for k, q in comp["quotas"].items()]
-            lines.append("")
-    return "\n".join(lines)

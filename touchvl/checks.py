@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from tasks import atomic
-from tasks.params import ValidationParams
-from tasks.stage import StageError
+from touchvl import disk
+from touchvl.params import ValidationParams
+from touchvl.errors import StageError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline: no usage statistics calls
 logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before import: GX logs at import time
@@ -160,7 +160,7 @@ def run_validation(stage: str, tables: list[Table], params: ValidationParams) ->
                     unexpected_examples=_jsonable(_examples(res, table.frame, table.id_column)),
                 ))
     report = ValidationReport(stage, outcomes)
-    atomic.write_json(params.reports_dir / f"{stage}.json", report.to_dict())
+    disk.write_json(params.reports_dir / f"{stage}.json", report.to_dict())
     for w in report.warnings:
         log.warning("validation warning: %s", w.describe())
     log.info("validation %s: %d expectations, %d blocking failures, %d warnings -> %s",

@@ -6,20 +6,18 @@ image's sensor id.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from tasks.embed import encoder_spec
-from tasks.encoders import ImageBindEncoder, preprocess_image
-from tasks.params import Params
-from tasks.projector_model import projector_from_checkpoint
-from tasks.projector_train import project
-from tasks.retrieval import QuerySpace
-from tasks.stage import StageError
+from touchvl import disk
+from touchvl.errors import StageError
+from touchvl.imagebind.encoder import ImageBindEncoder, encoder_spec, preprocess_image
+from touchvl.params import Params
+from touchvl.projector.model import projector_from_checkpoint
+from touchvl.projector.training import project
+from touchvl.retrieval.index import QuerySpace
 
 
 class QueryEncoder:
@@ -30,9 +28,8 @@ class QueryEncoder:
         self.projector = None
         self.projector_hash = None
         if checkpoint.is_file():
-            self.projector = projector_from_checkpoint(torch.load(checkpoint, map_location="cpu", weights_only=True))
-            if projected_meta.is_file():
-                self.projector_hash = json.loads(projected_meta.read_text())["projector_hash"]
+            self.projector = projector_from_checkpoint(disk.read_checkpoint(checkpoint))
+            self.projector_hash = (disk.read_json(projected_meta) or {}).get("projector_hash")
 
     def tactile(self, path: Path | str, sensor_id: int | None = None) -> tuple[np.ndarray, QuerySpace]:
         """Embed a tactile image and, when a projector is trained, project it into RGB space."""

@@ -1,0 +1,344 @@
+"""``touchvl``: the one command line of the project (argparse subcommands; ``--help`` at every level).
+
+    touchvl search --image data/sample/images_tac/image_3_tac.jpg [--sensor 1] [-k 5]
+    touchvl search --text "glossy, smooth" [-k 5]
+    touchvl ask IMAGE "What does this feel like?" [--sensor N] [--json]
+    touchvl validate FILE.jsonl [--report-dir DIR] [--check-urls] [--model M] [--epochs N|auto]
+    touchvl generate rgb_tac|tactile --csv C --image-url-csv M --out F [...]
+    touchvl finetune plan|approve|submit|status|events|cancel|list|serve
+    touchvl download-weights [--dest .checkpoints]
+
+Commands that read the pipeline's outputs run in the project: the nearest folder above the current one that
+has ``params.yaml`` and ``dvc.yaml`` (or ``-C DIR``); paths given on the command line are relative to where you
+are.  The DVC stages themselves stay ``python -m tasks.<stage>`` (dvc.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from touchvl.errors import StageError
+from touchvl.logs import setup_logging
+
+log = logging.getLogger("touchvl.cli")
+INTENTS = ("describe", "compare", "material", "property")
+
+
+def _path(value: str) -> Path:
+    """Command-line paths are the user's, relative to where they typed the command (we chdir later)."""
+    return Path(value).expanduser().absolute()
+
+
+def find_project(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        if (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file():
+            return folder
+    return None
+
+
+class Context:
+    """The project a command runs in and its params, loaded once, on first use."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.root = args.project or find_project(Path.cwd())
+        self._params = None
+
+    @property
+    def params(self):
+        from touchvl.params import load_params
+
+        if self._params is None:
+            if self.root is None and self.args.params is None:
+                raise StageError("no project here: run inside a touchvl project (a folder with params.yaml and "
+                                 "dvc.yaml) or pass -C DIR")
+            self._params = load_params(self.args.params or self.root / "params.yaml")
+        return self._params
+
+    @property
+    def has_params(self) -> bool:
+        return self.args.params is not None or (self.root is not None and (self.root / "params.yaml").is_file())
+
+    @contextlib.contextmanager
+    def inside(self):
+        """Params paths are relative to the project root, as under ``dvc repro``."""
+        if self.root is None:
+            yield
+            return
+        with contextlib.chdir(self.root):
+            yield
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def cmd_search(ctx: Context) -> int:
+    from touchvl import disk
+    from touchvl.retrieval.index import Retriever, load_index, search_params
+    from touchvl.retrieval.query import QueryEncoder
+
+    args, params = ctx.args, ctx.params
+    manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
+    retriever = Retriever(*load_index(params.index.out_dir, args.index), manifest)
+    encoder = QueryEncoder(params)
+    vector, space = encoder.tactile(args.image, args.sensor) if args.image else encoder.text(args.text)
+    hits = retriever.search(vector, space, search_params(params.index, args.k))[0]
+    for hit in hits:
+        print(json.dumps(asdict(hit)))
+    if not hits:
+        print(f"no result with cosine >= index.search.min_cos={params.index.search.min_cos}", file=sys.stderr)
+    return 0
+
+
+def cmd_ask(ctx: Context) -> int:
+    from touchvl.qa import TouchQAModel
+
+    args = ctx.args
+    result = TouchQAModel(ctx.params).answer(args.image, args.question, args.sensor, args.k)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(result.text)
+        print(f"\n[{result.model}, intent {result.intent}; evidence: "
+              + ", ".join(f"uid {h.uid} ({h.score:.2f}: {h.caption})" for h in result.evidence) + "]", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(ctx: Context) -> int:
+    from touchvl.chat.prices import DEFAULT_PRICES, cost_estimate
+    from touchvl.chat.report import report_dict, samples, write_reports
+    from touchvl.chat.validate import validate_file
+
+    args = ctx.args
+    if not args.file.is_file():
+        raise UsageError(f"{args.file}: no such file")
+    if args.epochs != "auto" and not args.epochs.isdigit():
+        raise UsageError(f"--epochs must be 'auto' or a positive integer, got {args.epochs!r}")
+    prices = ctx.params.jsonl.prices_per_million if ctx.has_params else DEFAULT_PRICES  # validate works anywhere
+    report = validate_file(args.file, model=args.model, check_urls=args.check_urls)
+    d = report_dict(report, cost_estimate(report.summary, args.model, prices, n_epochs=args.epochs))
+    d["samples"] = samples(args.file)
+    report_dir = args.report_dir or args.file.with_suffix(".report")
+    write_reports(d, report_dir)
+    s = d["summary"]
+    print(f"{'PASS' if report.ok else 'FAIL'}: {s['examples']} examples, {s['error_count']} errors, "
+          f"{s['warning_count']} warnings; est. ${s['cost']['cost_usd']} -> {report_dir}/report.md")
+    for f in report.errors[:10]:
+        print(f"  line {f.line}: {f.code}: {f.message}")
+    return 0 if report.ok else 1
+
+
+def cmd_generate(ctx: Context) -> int:
+    """The original toolkit's generator CLIs (rgb_tac_ft_jsonl.py / tactile_ft_jsonl.py)."""
+    from touchvl.chat.generate import load_items, multimodal_set, tactile_set, write_jsonl
+
+    args, p = ctx.args, ctx.params.jsonl
+    limit = args.limit if args.limit is not None else (p.multimodal_limit if args.kind == "rgb_tac" else p.tactile_limit)
+    intents = tuple(i.strip() for i in (args.intents or ",".join(p.intents)).split(",") if i.strip())
+    unknown = set(intents) - set(INTENTS)
+    if unknown:
+        raise UsageError(f"unknown intent(s) {sorted(unknown)}; choose from {', '.join(INTENTS)}")
+    items = load_items(args.csv, args.image_url_csv)
+    seed = p.seed if args.seed is None else args.seed
+    common = dict(intents=intents, seed=seed, system=p.system_prompt, mode=args.image_mode or p.image_mode, detail=p.detail)
+    if args.kind == "rgb_tac":
+        every = p.text_only_every if args.text_only_every is None else args.text_only_every
+        examples = multimodal_set(items, limit, every, **common)
+    else:
+        quotas = dict(p.tactile_quotas)
+        if args.text_only_pairs is not None:  # an exact count of text-only examples, the rest keeps its ratio
+            total = min(limit, len(items) * len(intents))
+            text_share = min(1.0, args.text_only_pairs / max(1, total))
+            rest = quotas["tactile_only"] + quotas["dual_image"]
+            quotas = {"tactile_only": quotas["tactile_only"] / rest * (1 - text_share),
+                      "dual_image": quotas["dual_image"] / rest * (1 - text_share), "text_only": text_share}
+        examples = tactile_set(items, limit, quotas, **common)
+    if args.image_limit is not None:
+        with_images = [i for i, e in enumerate(examples) if e.kind != "text_only"]
+        drop = set(with_images[args.image_limit:])
+        examples = [e for i, e in enumerate(examples) if i not in drop]
+    write_jsonl(args.out, examples)
+    print(f"wrote {len(examples)} examples {dict(Counter(e.kind for e in examples))} -> {args.out}")
+    return 0
+
+
+def cmd_finetune(ctx: Context) -> int:
+    from touchvl.finetune.contract import approve, dataset_files, plan, provider_notice
+    from touchvl.finetune.providers import submission
+
+    args, params = ctx.args, ctx.params
+    if args.action == "serve":
+        from touchvl.finetune.server import serve_finetuned
+
+        serve_finetuned(params.finetune, args.host, args.port)
+        return 0
+    if args.action == "list":
+        return _list_jobs(params)
+    files = dataset_files(params)
+    if args.action == "plan":
+        print(json.dumps(plan(params, files, dt.date.today()), indent=2))
+        return 0
+    if args.action == "approve":
+        confirm = (lambda: True) if args.yes else (lambda: input("approve this dataset for fine-tuning? [y/N] ").strip().lower() == "y")
+        record = approve(params, files, confirm, reviewer=args.reviewer, note=args.note)
+        print(f"approved: {record['files']}")
+        return 0
+    notice = provider_notice(params.finetune.provider, dt.date.today())
+    if notice and args.action == "submit":
+        log.warning(notice)
+    sub = submission(params, files)
+    if args.action == "submit":
+        print(json.dumps(sub.run(wait=not args.no_wait), indent=2))
+    elif args.action == "status":
+        print(json.dumps(sub.status(), indent=2))
+    elif args.action == "events":
+        for line in sub.event_lines():
+            print(line)
+    elif args.action == "cancel":
+        job = sub.cancel()
+        print(f"{job.get('job_id')}: {job.get('status')}")
+    return 0
+
+
+def _list_jobs(params) -> int:
+    """This project's job (job.json) and, for a hosted provider, the account's recent fine-tuning jobs."""
+    from touchvl import disk
+
+    job = disk.read_json(params.finetune.out_dir / "job.json")
+    print(json.dumps({"this_project": job}, indent=2))
+    if params.finetune.provider != "local":
+        from touchvl.finetune.remote import api_errors, make_client
+
+        with api_errors(params.finetune.provider):
+            for j in make_client(params.finetune).fine_tuning.jobs.list(limit=20):
+                print(f"{j.id}\t{j.status}\t{j.model}\t{j.fine_tuned_model or '-'}\t"
+                      f"dataset {(j.metadata or {}).get('dataset_sha256', '-')[:12]}")
+    return 0
+
+
+def cmd_download_weights(ctx: Context) -> int:
+    from touchvl.imagebind.encoder import download_checkpoint
+
+    print(download_checkpoint(ctx.args.dest))
+    return 0
+
+
+class UsageError(StageError):
+    """Bad command-line input: exit status 2, like argparse's own errors."""
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="touchvl", description="The command line of the touch-vision-language pipeline: "
+                                 "search, ask, validate, generate, fine-tune.",
+                                 epilog="Run `touchvl COMMAND --help` for a command's options.")
+    ap.add_argument("-C", "--project", type=_path, default=None, help="the project folder (default: found from here)")
+    ap.add_argument("--params", type=_path, default=None, help="params file (default: <project>/params.yaml)")
+    ap.add_argument("--verbose", action="store_true", help="library logs too (DEBUG)")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    search = sub.add_parser("search", help="search the RGB index with a tactile image or a text",
+                            description="Search an index: a tactile image (embedded and projected exactly as the "
+                                        "database was) or a text (ImageBind's text tower).")
+    group = search.add_mutually_exclusive_group(required=True)
+    group.add_argument("--image", type=_path, help="tactile image (projected with the trained projector)")
+    group.add_argument("--text", help="text query, e.g. 'glossy, smooth'")
+    search.add_argument("--sensor", type=int, default=None, help="sensor id of the tactile image (default: unknown)")
+    search.add_argument("-k", type=int, default=None, help="results (default index.search.k)")
+    search.add_argument("--index", default="rgb", help="index name under index.out_dir (rgb, tac_projected)")
+    search.set_defaults(func=cmd_search)
+
+    ask = sub.add_parser("ask", help="TouchQA: answer a question about a tactile image",
+                         description="Retrieve reference surfaces for a tactile image and answer with the chat model.")
+    ask.add_argument("image", type=_path)
+    ask.add_argument("question")
+    ask.add_argument("--sensor", type=int, default=None)
+    ask.add_argument("-k", type=int, default=None, help="neighbours to show (default: by intent)")
+    ask.add_argument("--json", action="store_true", help="the answer and its evidence as JSON")
+    ask.set_defaults(func=cmd_ask)
+
+    validate = sub.add_parser("validate", help="validate a chat fine-tuning JSONL file (report.json/md/html)",
+                              description="Validate any OpenAI chat fine-tuning JSONL file, images included. Exit "
+                                          "status: 0 valid (warnings allowed), 1 invalid, 2 could not validate.")
+    validate.add_argument("file", type=_path)
+    validate.add_argument("--report-dir", type=_path, default=None, help="default: <file without .jsonl>.report/")
+    validate.add_argument("--check-urls", action="store_true", help="fetch https image URLs (reachability, size, token cost)")
+    validate.add_argument("--model", default="gpt-4o-2024-08-06")
+    validate.add_argument("--epochs", default="auto", help="n_epochs as sent to the service (default auto)")
+    validate.set_defaults(func=cmd_validate)
+
+    generate = sub.add_parser("generate", help="write a fine-tuning JSONL from captions and image URLs",
+                              description="The original toolkit's generators: rgb_tac (tactile + RGB pairs, a "
+                                          "text-only example every N) and tactile (exact quotas).")
+    generate.add_argument("kind", choices=("rgb_tac", "tactile"))
+    generate.add_argument("--csv", type=_path, required=True, help="captions: index,caption (or the manifest)")
+    generate.add_argument("--image-url-csv", type=_path, required=True, help="index,tac_url,rgb_url")
+    generate.add_argument("--out", type=_path, required=True)
+    generate.add_argument("--limit", type=int, default=None, help="examples (default jsonl.*_limit)")
+    generate.add_argument("--image-limit", type=int, default=None, help="at most this many examples carry images")
+    generate.add_argument("--text-only-every", type=int, default=None, help="rgb_tac: every Nth example text-only")
+    generate.add_argument("--text-only-pairs", type=int, default=None, help="tactile: exact number of text-only examples")
+    generate.add_argument("--intents", default=None, help=f"comma-separated, from {', '.join(INTENTS)}")
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--image-mode", choices=("base64", "url"), default=None)
+    generate.set_defaults(func=cmd_generate)
+
+    finetune = sub.add_parser("finetune", help="plan, approve, submit and watch the fine-tuning job",
+                              description="The fine-tuning job of finetune.dataset with finetune.provider: exactly "
+                                          "once, resumable, gated by an approval of the exact files.")
+    actions = finetune.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("plan", help="print the dry-run plan (files, sha256, cost, approval state)")
+    approve = actions.add_parser("approve", help="print the validation summary and cost, then record the approval")
+    approve.add_argument("--yes", action="store_true", help="approve without the interactive question")
+    approve.add_argument("--reviewer", default=None, help="who approves (default $USER)")
+    approve.add_argument("--note", default="", help="kept with the approval")
+    submit = actions.add_parser("submit", help="upload, create the job (once) and poll (local: train)")
+    submit.add_argument("--no-wait", action="store_true", help="return after creating the job (local: train in the background)")
+    actions.add_parser("status", help="the job's status (job.json)")
+    actions.add_parser("events", help="the job's events")
+    actions.add_parser("cancel", help="cancel the job")
+    actions.add_parser("list", help="this project's job and the provider's recent jobs")
+    serve = actions.add_parser("serve", help="provider local: serve model.json's merged model (OpenAI-compatible)")
+    serve.add_argument("--host", default=None, help="default finetune.local.serve_host (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="default finetune.local.serve_port")
+    finetune.set_defaults(func=cmd_finetune)
+
+    download = sub.add_parser("download-weights", help="download Meta's imagebind_huge.pth (4.5 GB, CC-BY-NC 4.0)",
+                              description="Only when you ask: the real ImageBind weights, atomically, with progress.")
+    download.add_argument("--dest", type=_path, default=Path(".checkpoints"))
+    download.set_defaults(func=cmd_download_weights)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # --help and usage errors exit here, before any work
+    setup_logging(args.verbose or None)
+    ctx = Context(args)
+    try:
+        with ctx.inside():
+            return args.func(ctx)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"touchvl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except StageError as exc:
+        print(f"touchvl {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"touchvl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """The console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

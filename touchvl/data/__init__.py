@@ -1,0 +1,1 @@
+"""Datasets: the offline sample generator and the prepare step (join, quarantine, augment, split)."""

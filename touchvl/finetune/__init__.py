@@ -1,0 +1,1 @@
+"""Fine-tuning: the provider-independent contract, remote providers, local LoRA training and its server."""

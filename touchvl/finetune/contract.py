@@ -1,0 +1,131 @@
+"""The fine-tuning contract every provider keeps: the exact files, the plan, the approval gate.
+
+* :class:`DatasetFiles`: the train/validation JSONL pair, identified by its sha256 (the approval, file names
+  and job metadata all carry it, so a changed byte is a new dataset);
+* :func:`plan`: the dry run (``plan.json``): files, hyperparameters, cost from the one price table
+  (``jsonl.prices_per_million``), approval state, the provider's notice;
+* :func:`approve`: re-validates the exact bytes, shows the cost, records who approved what.
+
+Submitting is the providers' part (:mod:`touchvl.finetune.providers` chooses one): each writes ``job.json``
+(queued -> running -> succeeded | failed | cancelled) and, on success, ``model.json``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from touchvl import disk
+from touchvl.chat.prices import cost_estimate
+from touchvl.chat.validate import validate_file
+from touchvl.errors import StageError
+from touchvl.params import FinetuneParams, Params
+
+OPENAI_SHUTDOWN = dt.date(2027, 1, 6)  # OpenAI accepts no new fine-tuning jobs from this day
+TERMINAL = ("succeeded", "failed", "cancelled")
+TRAINING_KEYS = ("base_model", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+                 "exclude_modules", "epochs", "max_steps", "lr", "lr_scheduler", "warmup_steps", "weight_decay",
+                 "max_grad_norm", "batch_size", "grad_accum", "max_length")
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    train: Path
+    val: Path
+
+    @property
+    def sha256(self) -> dict[str, str]:
+        return {"train": disk.sha256_file(self.train), "val": disk.sha256_file(self.val)}
+
+    def dataset_sha256(self) -> str:
+        shas = self.sha256
+        return hashlib.sha256(f"{shas['train']}:{shas['val']}".encode()).hexdigest()
+
+
+def dataset_files(params: Params) -> DatasetFiles:
+    d = params.finetune.dataset
+    files = DatasetFiles(params.jsonl.out_dir / f"{d}_train.jsonl", params.jsonl.out_dir / f"{d}_val.jsonl")
+    for path in (files.train, files.val):
+        if not path.is_file():
+            raise StageError(f"{path}: not found (run `dvc repro jsonl`)")
+    return files
+
+
+def provider_notice(provider: str, today: dt.date) -> str | None:
+    """OpenAI's wind-down: warn before the cut-off, refuse from it."""
+    if provider != "openai":
+        return None
+    if today >= OPENAI_SHUTDOWN:
+        raise StageError(f"OpenAI accepts no new fine-tuning jobs since {OPENAI_SHUTDOWN}. Use finetune.provider: "
+                         f"azure (Azure OpenAI) or compatible (an OpenAI-compatible endpoint), or local LoRA training.")
+    return (f"OpenAI stops accepting new fine-tuning jobs on {OPENAI_SHUTDOWN} ({(OPENAI_SHUTDOWN - today).days} days left); "
+            f"finetune.provider: azure or compatible keep working after that.")
+
+
+def validation_summary(files: DatasetFiles, model: str, n_epochs, prices: dict[str, float]) -> dict:
+    """Re-validate the exact bytes that would be uploaded (never trust a report of another version)."""
+    out = {}
+    for role, path in (("train", files.train), ("val", files.val)):
+        report = validate_file(path, model=model)
+        out[role] = {"path": str(path), "examples": report.summary.examples, "errors": len(report.errors),
+                     "warnings": len(report.warnings), "first_error": report.errors[0].__dict__ if report.errors else None}
+        if role == "train":
+            out["cost"] = cost_estimate(report.summary, model, prices, n_epochs=n_epochs)
+    return out
+
+
+def local_hyperparameters(p: FinetuneParams) -> dict:
+    return {"n_epochs": p.local.epochs, **p.local.model_dump(mode="json", include=set(TRAINING_KEYS) - {"base_model", "epochs"})}
+
+
+def hyperparameters(p: FinetuneParams) -> dict:
+    return local_hyperparameters(p) if p.provider == "local" else {"n_epochs": p.n_epochs}
+
+
+def trained_model(p: FinetuneParams) -> str:
+    return p.local.base_model if p.provider == "local" else p.model
+
+
+def epochs_setting(p: FinetuneParams):
+    return p.local.epochs if p.provider == "local" else p.n_epochs
+
+
+def plan(params: Params, files: DatasetFiles, today: dt.date) -> dict:
+    p = params.finetune
+    shas = files.sha256
+    approvals = disk.read_json(p.out_dir / "approvals.json", {})
+    checked = validation_summary(files, p.model, epochs_setting(p), params.jsonl.prices_per_million)
+    if p.provider == "local":  # trained here: tokens as the validator counts them, no price
+        checked["cost"].update(model=p.local.base_model, price_per_million=None, cost_usd=0.0)
+    return {"provider": p.provider, "model": trained_model(p), "suffix": p.suffix, "seed": p.seed,
+            "hyperparameters": hyperparameters(p), "dataset_sha256": files.dataset_sha256(),
+            "files": {role: {"path": str(getattr(files, role)), "sha256": shas[role], "examples": checked[role]["examples"],
+                             "errors": checked[role]["errors"]} for role in ("train", "val")},
+            "estimated_cost": checked["cost"], "approved": files.dataset_sha256() in approvals,
+            "notice": provider_notice(p.provider, today), "submit": p.submit}
+
+
+def approve(params: Params, files: DatasetFiles, confirm, reviewer: str | None = None, note: str = "") -> dict:
+    p = params.finetune
+    checked = validation_summary(files, p.model, epochs_setting(p), params.jsonl.prices_per_million)
+    cost = checked["cost"]
+    print(f"dataset {p.dataset}: train {checked['train']['examples']} examples ({checked['train']['errors']} errors, "
+          f"{checked['train']['warnings']} warnings), val {checked['val']['examples']} examples ({checked['val']['errors']} errors)")
+    if p.provider == "local":
+        print(f"local training on {p.local.base_model}: ~{cost['trained_tokens']:,} tokens ({cost['epochs']} epochs), no API cost")
+    else:
+        print(f"estimated cost: {cost['trained_tokens']:,} trained tokens ({cost['epochs']} epochs) ~ ${cost['cost_usd']} on {p.model}")
+    if checked["train"]["errors"] or checked["val"]["errors"]:
+        raise StageError("the files have validation errors; fix them before approving "
+                         f"(first: {checked['train']['first_error'] or checked['val']['first_error']})")
+    if not confirm():
+        raise StageError("not approved")
+    record = {"dataset": p.dataset, "files": files.sha256, "model": trained_model(p), "estimated_cost_usd": cost["cost_usd"],
+              "approved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "approved_by": reviewer or os.environ.get("USER", "unknown"), "note": note}
+    approvals = disk.read_json(p.out_dir / "approvals.json", {})
+    approvals[files.dataset_sha256()] = record
+    disk.write_json(p.out_dir / "approvals.json", approvals)
+    return record

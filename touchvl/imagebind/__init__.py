@@ -1,0 +1,1 @@
+"""ImageBind vision and text towers, the content-hash vector cache, embedding and its Dask runner."""

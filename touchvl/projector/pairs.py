@@ -1,0 +1,117 @@
+"""Tactile/RGB/text embeddings paired by uid with their split, and the test metrics of a projector.
+
+Pairs are matched by uid.  Model selection (early stopping) uses ``projector.val_fraction`` of the *train*
+source ids; the test split is only ever used for the reported metrics.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from touchvl import disk
+from touchvl.errors import StageError
+from touchvl.params import TrainStageParams
+from touchvl.projector.model import ViTProjector
+from touchvl.projector.training import TrainConfig, align_by_ids, recall_at_k, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairedEmbeddings:
+    """Tactile/RGB/text rows aligned by uid, with the manifest's split and sensor for each row."""
+
+    uids: np.ndarray
+    tac: np.ndarray
+    rgb: np.ndarray
+    text: np.ndarray | None
+    sensors: np.ndarray
+    split: np.ndarray  # "train" | "val" | "test"
+    original: np.ndarray  # bool: copy 0 (evaluation uses originals only)
+    captions: np.ndarray
+    encoder_fingerprint: str
+
+
+def validation_holdout(source_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """True for the train source ids held out for early stopping: a stable hash, so copies of an item stay together."""
+    return np.array([int(hashlib.sha256(f"val:{s}".encode()).hexdigest()[:8], 16) / 16**8 < fraction
+                     for s in source_ids], dtype=bool)
+
+
+def load_pairs(embeddings_dir: Path, manifest: pd.DataFrame, val_fraction: float) -> PairedEmbeddings:
+    """The embed stage's outputs aligned by uid, with each row's split (train / val / test) from the manifest."""
+    tac, tac_ids = disk.read_vectors(embeddings_dir / "embeddings_tac")
+    rgb, rgb_ids = disk.read_vectors(embeddings_dir / "embeddings_rgb")
+    tac_rows, rgb_rows = align_by_ids(tac_ids, rgb_ids)
+    text = None
+    if (embeddings_dir / "embeddings_text/all_embeddings.npy").is_file():
+        text_vectors, text_ids = disk.read_vectors(embeddings_dir / "embeddings_text")
+        _, text_rows = align_by_ids(tac_ids, text_ids)
+        text = text_vectors[text_rows]
+    sensors = np.load(embeddings_dir / "sensor_ids.npy")[tac_rows]
+    catalog = manifest.set_index("uid")
+    uids = tac_ids[tac_rows]
+    missing = np.setdiff1d(uids, catalog.index.to_numpy())
+    if len(missing):
+        raise StageError(f"{len(missing)} embedded uids are not in the manifest (e.g. {missing[:5].tolist()}): rerun embed")
+    rows = catalog.loc[uids]
+    split = rows["split"].to_numpy().astype(object)
+    held = validation_holdout(rows["source_id"].to_numpy(), val_fraction)
+    split[(split == "train") & held] = "val"
+    meta = disk.read_meta(embeddings_dir)
+    return PairedEmbeddings(uids, tac[tac_rows], rgb[rgb_rows], text, sensors, split,
+                            rows["copy"].to_numpy() == 0, rows["caption"].to_numpy(), meta["fingerprint"])
+
+
+def train_config(p: TrainStageParams, device: str) -> TrainConfig:
+    return TrainConfig(**p.model_dump(), device=device)
+
+
+def fit(model: ViTProjector, data: PairedEmbeddings, stage: TrainStageParams, device: str):
+    tr = data.split == "train"
+    va = (data.split == "val") & data.original
+    if not va.any():
+        raise StageError("validation holdout is empty: raise projector.val_fraction or add data")
+    return train(model, data.tac[tr], data.rgb[tr], data.sensors[tr], data.tac[va], data.rgb[va], data.sensors[va],
+                 train_config(stage, device), log=lambda row: log.info("epoch %(epoch)d loss %(loss).4f val R@1 %(val_r1).3f tau %(tau).3f", row))
+
+
+def caption_recall_at_1(query: np.ndarray, text: np.ndarray, captions: np.ndarray) -> float:
+    """Tactile -> text: a hit when the nearest distinct caption is the query's own caption."""
+    unique, first = np.unique(captions, return_index=True)
+    gallery = text[first]
+    nearest = np.argmax((query / np.linalg.norm(query, axis=1, keepdims=True)) @ gallery.T, axis=1)
+    return float(np.mean(unique[nearest] == captions))
+
+
+def test_metrics(data: PairedEmbeddings, projected: np.ndarray) -> dict:
+    te = (data.split == "test") & data.original
+    metrics = {"test_queries": int(te.sum())}
+    for name, tac in (("raw", data.tac), ("projected", projected)):
+        metrics[name] = {"tac_to_rgb": recall_at_k(tac[te], data.rgb[te]),
+                         "rgb_to_tac": recall_at_k(data.rgb[te], tac[te])}
+        if data.text is not None:
+            metrics[name]["tac_to_text_R@1"] = caption_recall_at_1(tac[te], data.text[te], data.captions[te])
+    return metrics
+
+
+def validation_tables(projected: np.ndarray, uids: np.ndarray, raw_ids: np.ndarray) -> list:
+    """The train_projector boundary: every projected row finite and unit-norm, one per raw tactile uid, same order."""
+    from touchvl import checks
+
+    gxe = checks.gxe
+    rows = pd.DataFrame({"uid": uids, "finite": np.isfinite(projected).all(axis=1),
+                         "norm": np.linalg.norm(np.nan_to_num(projected), axis=1)})
+    ids = pd.DataFrame({"raw_uid": raw_ids, "projected_uid": uids if len(uids) == len(raw_ids) else -1})
+    return [checks.Table("projected", rows, [
+                gxe.ExpectColumnValuesToBeInSet(column="finite", value_set=[True], severity="critical"),
+                gxe.ExpectColumnValuesToBeBetween(column="norm", min_value=0.999, max_value=1.001, severity="critical"),
+                gxe.ExpectColumnValuesToBeUnique(column="uid", severity="critical")], id_column="uid"),
+            checks.Table("ids", ids, [
+                gxe.ExpectColumnPairValuesToBeEqual(column_A="raw_uid", column_B="projected_uid", severity="critical")],
+                id_column="raw_uid")]

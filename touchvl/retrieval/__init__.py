@@ -1,0 +1,1 @@
+"""FAISS indexes, the guarded retriever, query encoding and the retrieval gallery."""

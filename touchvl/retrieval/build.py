@@ -1,0 +1,118 @@
+"""Building the FAISS indexes over the RGB and projected-tactile databases (incrementally), and their metrics.
+
+Builds ``artifacts/index/rgb.faiss`` (raw ImageBind RGB vectors; accepts raw or projected queries,
+since the projector maps tactile vectors *into* RGB space) and ``artifacts/index/tac_projected.faiss``
+(projected tactile vectors; projected queries from the same projector only), each with a metadata
+JSON.  When an index of the same space, encoder, projector and type exists, only new uids are added
+and deleted/changed ones removed (the nightly path); otherwise it is rebuilt.
+
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from touchvl import disk
+from touchvl.params import IndexParams
+from touchvl.errors import StageError
+from touchvl.retrieval.index import IndexMeta, build_index, index_ids, index_recall_at_k, load_index, normalize, save_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Database:
+    """Vectors to index, with where they came from."""
+
+    name: str
+    space: str
+    query_spaces: tuple[str, ...]
+    vectors: np.ndarray
+    ids: np.ndarray
+    encoder_fingerprint: str
+    projector_hash: str | None
+
+
+def vector_digests(vectors: np.ndarray) -> np.ndarray:
+    """One int64 per row: detects a uid whose vector changed (image edited in place)."""
+    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big", signed=True)
+                     for row in np.ascontiguousarray(vectors, dtype=np.float32)], dtype=np.int64)
+
+
+def index_kwargs(p: IndexParams) -> dict:
+    return dict(nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m, ef_construction=p.ef_construction,
+                ef_search=p.ef_search, train_size=p.train_size)
+
+
+def update_or_build(db: Database, p: IndexParams, folder: Path) -> tuple[faiss.Index, IndexMeta, dict]:
+    """Incremental add/remove when compatible with the saved index, else a full build."""
+    meta = IndexMeta(db.name, db.space, db.query_spaces, db.vectors.shape[1], len(db.ids), db.encoder_fingerprint,
+                     db.projector_hash, p.type, index_kwargs(p))
+    digests = vector_digests(db.vectors)
+    digest_path = folder / f"{db.name}.digests.npz"
+    report = {"mode": "rebuild", "added": len(db.ids), "removed": 0}
+    try:
+        old_index, old_meta = load_index(folder, db.name)
+        with np.load(digest_path) as saved:
+            old = dict(zip(saved["ids"].tolist(), saved["digests"].tolist()))
+    except (StageError, FileNotFoundError, KeyError, ValueError, RuntimeError):
+        old_index, old_meta, old = None, None, {}
+    compatible = old_meta is not None and (
+        (old_meta.space, old_meta.dim, old_meta.encoder_fingerprint, old_meta.projector_hash, old_meta.index_type,
+         old_meta.index_params) == (meta.space, meta.dim, meta.encoder_fingerprint, meta.projector_hash, meta.index_type,
+                                    meta.index_params))
+    if compatible and set(old) == set(index_ids(old_index).tolist()):
+        new = dict(zip(db.ids.tolist(), digests.tolist()))
+        stale = [uid for uid, d in old.items() if new.get(uid) != d]  # deleted or changed
+        fresh = [i for i, uid in enumerate(db.ids.tolist()) if old.get(uid) != new[uid]]
+        if stale:
+            old_index.remove_ids(np.array(stale, dtype=np.int64))
+        if fresh:
+            old_index.add_with_ids(normalize(db.vectors[fresh]), db.ids[fresh])
+        index, report = old_index, {"mode": "incremental", "added": len(fresh), "removed": len(stale)}
+    else:
+        index = build_index(db.vectors, db.ids, p.type, **index_kwargs(p))
+    save_index(index, meta, folder)
+    with disk.atomic_open(digest_path, "wb") as fh:
+        np.savez(fh, ids=db.ids, digests=digests)
+    return index, meta, report
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_databases(embeddings_dir: Path) -> tuple[Database, Database, dict]:
+    encoder_meta = disk.read_meta(embeddings_dir)
+    rgb, rgb_ids = disk.read_vectors(embeddings_dir / "embeddings_rgb")
+    tac, tac_ids = disk.read_vectors(embeddings_dir / "embeddings_tac_projected")
+    projected_meta = disk.read_meta(embeddings_dir / "embeddings_tac_projected")
+    fingerprint = encoder_meta["fingerprint"]
+    # RGB vectors do not depend on the projector: retraining it must not force an RGB rebuild
+    return (Database("rgb", "raw", ("raw", "projected"), rgb, rgb_ids, fingerprint, None),
+            Database("tac_projected", "projected", ("projected",), tac, tac_ids, fingerprint,
+                     projected_meta["projector_hash"]),
+            encoder_meta)
+
+
+# ----------------------------------------------------------------------------- metrics and gallery
+
+
+def retrieval_metrics(rgb_index: faiss.Index, rgb: Database, tac: Database, test_uids: np.ndarray,
+                      p: IndexParams) -> dict:
+    """Test-split projected-tactile -> RGB recall of the built index, exact search, and ANN vs flat."""
+    rows = {uid: i for i, uid in enumerate(tac.ids.tolist())}
+    queries = tac.vectors[[rows[u] for u in test_uids.tolist()]]
+    metrics = {"queries": len(test_uids), "index_type": p.type,
+               "index": index_recall_at_k(rgb_index, queries, test_uids)}
+    flat = build_index(rgb.vectors, rgb.ids, "flat")
+    metrics["exact"] = index_recall_at_k(flat, queries, test_uids)
+    if p.type != "flat":
+        _, ann = rgb_index.search(normalize(queries), 10)
+        _, exact = flat.search(normalize(queries), 10)
+        metrics["ann_recall@10_vs_flat"] = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ann.tolist(), exact.tolist())]))
+    return metrics
