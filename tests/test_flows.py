@@ -241,3 +241,68 @@ def test_dask_sharded_embedding_equals_single_process(tmp_path, dataset):
         a, ids_a = read_vectors(tmp_path / "local" / f"embeddings_{modality}")
         b, ids_b = read_vectors(tmp_path / "dask" / f"embeddings_{modality}")
         assert np.array_equal(ids_a, ids_b) and np.array_equal(a, b)
+
+
+def test_dask_on_a_separately_started_scheduler_and_two_workers(tmp_path, dataset):
+    """The way a user's cluster runs: `dask scheduler` and two `dask worker` processes, embed.dask_address set.
+    The workers import touchvl from the installed package and read the images from the shared filesystem."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    from distributed import Client
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks import embed, prepare
+    from touchvl.disk import read_vectors
+    from touchvl.params import parse_params
+
+    dask_cli = str(Path(sys.executable).parent / "dask")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value() or "", "OMP_NUM_THREADS": "1"}
+    scheduler_file = tmp_path / "scheduler.json"
+    logs = open(tmp_path / "cluster.log", "wb")
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(scheduler_file)], env=env, stdout=logs, stderr=logs,
+                              cwd=tmp_path, start_new_session=True)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        procs += [subprocess.Popen([dask_cli, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                                    "--no-dashboard", "--name", f"w{i}"], env=env, stdout=logs, stderr=logs,
+                                   cwd=tmp_path, start_new_session=True) for i in range(2)]
+        with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
+            client.wait_for_workers(2, timeout=90)
+            address = client.scheduler.address
+
+            def params(name, **extra):
+                return parse_params({
+                    "data": {"root": str(dataset)},
+                    "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
+                                "augment": {"copies": 1}},
+                    "embed": {"out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / name / "cache"),
+                              "summary": str(tmp_path / name / "summary.json"), "num_workers": 0, **extra},
+                    "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False}})
+
+            prepare.run(params("local"))
+            single = embed.run(params("local"))
+            sharded = embed.run(params("cluster", runner="dask", dask_address=address, shards=4))
+            # every worker built the encoder once and embedded shards (the work really left this process)
+            built = client.run(lambda: __import__("touchvl.imagebind.sharded", fromlist=["x"])._worker_encoder.cache_info().currsize)
+        assert sorted(built.values()) == [1, 1], built
+        assert sharded.embedded_now == single.embedded_now >= 30
+        for modality in ("tac", "rgb", "text"):
+            a, ids_a = read_vectors(tmp_path / "local" / f"embeddings_{modality}")
+            b, ids_b = read_vectors(tmp_path / "cluster" / f"embeddings_{modality}")
+            assert np.array_equal(ids_a, ids_b) and np.array_equal(a, b)
+    finally:
+        for proc in reversed(procs):
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=30)
+        logs.close()

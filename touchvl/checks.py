@@ -31,6 +31,11 @@ import great_expectations as gx  # noqa: E402
 from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 
+# GX sets some of its module loggers to INFO at import time ("Created temporary directory ..." on every run):
+# put every one of them back under our rule, libraries at WARNING (touchvl.logs)
+for _name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]:
+    logging.getLogger(_name).setLevel(logging.NOTSET)
+
 log = logging.getLogger(__name__)
 gxe = gx.expectations
 MAX_EXAMPLES = 5
