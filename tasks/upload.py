@@ -14,24 +14,31 @@ from touchvl.errors import StageError
 from touchvl.logs import run_stage
 from touchvl.params import Params
 from touchvl.storage.backends import make_storage
-from touchvl.storage.upload import UploadResult, build_mapping, plan_blobs, read_records, upload_all, write_records
+from touchvl.storage.upload import (UploadResult, build_mapping, plan_blobs, read_records, stored_objects_table,
+                                    upload_all, validation_tables, write_records)
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> UploadResult:
+    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
+
     p = params.upload
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     storage = make_storage(p)  # credentials are checked here, before any request
     blobs = plan_blobs(manifest, p.prefix)
-    result = upload_all(storage, blobs, read_records(p.manifest), p.workers, p.prefix)
-    write_records(p.manifest, result.records)  # what succeeded is kept even when some keys failed
+    result = upload_all(storage, blobs, read_records(p.manifest, storage.destination), p.workers, p.prefix)
+    write_records(p.manifest, storage.destination, result.records)  # what succeeded is kept even when some keys failed
     log.info("upload: %d sent (%d bytes), %d already stored, %d failed",
              result.sent, result.sent_bytes, result.skipped, len(result.failures))
     if result.failures:
         lines = "\n  ".join(reason for _, reason in sorted(result.failures.items())[:20])
         raise StageError(f"{len(result.failures)} object(s) failed to upload (rerun to retry only these):\n  {lines}")
-    disk.write_csv(p.mapping, build_mapping(manifest, p.prefix, storage))
+    mapping = build_mapping(manifest, p.prefix, storage)
+    # checked against a fresh listing, not against our own records: a URL is published only for a stored object
+    objects = stored_objects_table(blobs, result.records, storage.list_etags(p.prefix))
+    checks.run_validation("upload", validation_tables(objects, mapping, manifest), params.validation).raise_if_failed()
+    disk.write_csv(p.mapping, mapping)
     return result
 
 

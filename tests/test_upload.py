@@ -87,7 +87,9 @@ def test_oss_with_faults_stores_everything_exactly_once_and_rerun_sends_nothing(
         state.requests.clear()
         state.bytes_received = 0
         again = upload.run(p)
-        assert again.sent == 0 and state.bytes_received == 0 and state.requests == []
+        # no object is sent; the only requests are the LIST pages that check the mapping against the bucket
+        assert again.sent == 0 and state.bytes_received == 0
+        assert state.requests and all(method == "GET" and "prefix=" in path for method, path, _ in state.requests)
 
 
 def test_first_run_against_a_filled_bucket_heads_instead_of_sending(prepared, oss_env):
@@ -99,7 +101,7 @@ def test_first_run_against_a_filled_bucket_heads_instead_of_sending(prepared, os
         p.upload.manifest.unlink()  # a new machine: no local record of what is stored
         state.requests.clear()
         result = upload.run(p)
-        assert result.sent == 0 and [m for m, _, _ in state.requests] == ["GET"]  # one listing, no PUT
+        assert result.sent == 0 and [m for m, _, _ in state.requests] == ["GET", "GET"]  # one listing, no PUT
 
 
 def test_bad_secret_fails_clearly_without_retrying(prepared, monkeypatch):
@@ -185,3 +187,82 @@ def test_large_files_go_multipart(tmp_path, oss_env):
         etag = make_storage(p).put(blob)
     assert etag.endswith("-3") or etag.endswith("-1")
     assert state.objects[("tvl", blob.key)].data == big.read_bytes()
+
+
+# --- the upload manifest is keyed by destination -----------------------------------------------------------
+
+
+def test_switching_to_oss_with_the_same_prefix_uploads_everything_and_maps_only_stored_objects(prepared, oss_env):
+    """After a local run, `upload.backend: oss` must not trust the local records: every object is sent."""
+    params, manifest = prepared
+    local = upload.run(params)
+    state = OssState({KEY_ID: SECRET}, {"tvl", "other"})
+    with OssServer(state) as server:
+        remote = upload.run(_oss(params, server))
+        assert remote.sent == local.sent and remote.skipped == 0
+        stored = {k for _, k in state.objects}
+        mapping = pd.read_csv(params.upload.mapping)
+        for url in mapping["tac_url"].tolist() + mapping["rgb_url"].tolist():
+            assert url.startswith(f"{server.endpoint}/tvl/") and url.split("/", 4)[4] in stored
+        # another bucket on the same endpoint is another destination too
+        other = upload.run(_oss(params, server, bucket="other"))
+        assert other.sent == local.sent
+    records = pd.read_csv(params.upload.manifest)
+    assert records["destination"].nunique() == 3  # local + two buckets, none overwriting another
+    assert upload.run(params).sent == 0  # the local records are still there, and true
+
+
+def test_a_destination_that_already_holds_the_objects_is_listed_not_reuploaded(prepared, oss_env):
+    params, manifest = prepared
+    state = OssState({KEY_ID: SECRET}, {"tvl"})
+    with OssServer(state) as server:
+        first = upload.run(_oss(params, server))
+        Path(params.upload.manifest).unlink()  # e.g. another machine, or a fresh clone
+        again = upload.run(_oss(params, server))
+    assert first.sent > 0 and again.sent == 0 and again.skipped == first.sent
+
+
+def test_a_mapped_object_missing_at_the_destination_fails_validation_and_publishes_no_mapping(prepared, monkeypatch):
+    """The mapping is checked against a fresh listing: a URL to an object that is not stored is never written."""
+    params, manifest = prepared
+    from touchvl.storage.backends import LocalStorage
+
+    real_put = LocalStorage.put
+
+    def put_then_lose(self, blob):
+        etag = real_put(self, blob)
+        if blob.key.endswith("image_3_rgb.jpg"):
+            (self.root / blob.key).unlink()  # stored, acknowledged, then gone (eventual consistency, a cleanup job...)
+        return etag
+
+    monkeypatch.setattr(LocalStorage, "put", put_then_lose)
+    with pytest.raises(StageError, match=r"(?s)validation of stage 'upload' failed.*stored_objects.*image_3_rgb"):
+        upload.run(params)
+    assert not Path(params.upload.mapping).exists()
+
+
+def test_a_killed_copy_leaves_nothing_inside_the_output_folder(prepared, monkeypatch):
+    params, manifest = prepared
+    import shutil as shutil_module
+
+    stale = params.upload.local_dir.parent / f".{params.upload.local_dir.name}.tmp"
+    stale.mkdir(parents=True)
+    (stale / "leftover.part").write_bytes(b"half a file from a kill -9")
+    calls = {"n": 0}
+    real_copy = shutil_module.copyfileobj
+
+    def dying_copy(src, dst, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            dst.write(src.read(100))
+            raise OSError("disk full")
+        return real_copy(src, dst, *a, **k)
+
+    monkeypatch.setattr("touchvl.storage.backends.shutil.copyfileobj", dying_copy)
+    with pytest.raises(StageError, match="failed to upload"):
+        upload.run(params)
+    inside = [p for p in params.upload.local_dir.rglob("*") if p.is_file()]
+    assert inside and all(not p.name.startswith(".") and not p.name.endswith((".tmp", ".part")) for p in inside)
+    assert not (stale / "leftover.part").exists()
+    assert all(_md5(p) == _md5(next(Path(s) for s in manifest["tac_path"].tolist() + manifest["rgb_path"].tolist()
+                                     if Path(s).name == p.name)) for p in inside)

@@ -8,8 +8,10 @@ MD5 hex for single-request uploads, as OSS computes them.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -42,6 +44,9 @@ class Blob:
 
 
 class Storage(Protocol):
+    destination: str
+    """Where objects go (backend + endpoint + bucket, or the local folder): upload records are keyed by it."""
+
     def list_etags(self, prefix: str) -> dict[str, str]: ...
     def put(self, blob: Blob) -> str: ...
     def url(self, key: str) -> str: ...
@@ -50,6 +55,11 @@ class Storage(Protocol):
 class LocalStorage:
     def __init__(self, root: Path):
         self.root = root
+        self.destination = f"local:{Path(root).as_posix()}"
+        # temp files of a copy live beside the folder, never inside it: a killed upload must not leave files
+        # in the output folder that DVC would record (and a later listing would report)
+        self.tmp = root.parent / f".{root.name}.tmp"
+        shutil.rmtree(self.tmp, ignore_errors=True)  # a killed run's leftovers
 
     def list_etags(self, prefix: str) -> dict[str, str]:
         found = {}
@@ -60,11 +70,23 @@ class LocalStorage:
 
     def put(self, blob: Blob) -> str:
         target = self.root / blob.key
-        with disk.atomic_open(target, "wb") as out, open(blob.path, "rb") as src:
-            shutil.copyfileobj(src, out)
-        etag = disk.md5_file(target).upper()
-        if etag != blob.md5.upper():
-            raise StorageError(f"{blob.key}: copy does not match the source MD5 ({etag} != {blob.md5.upper()})")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, open(blob.path, "rb") as src:
+                shutil.copyfileobj(src, out)
+                out.flush()
+                os.fsync(out.fileno())
+            etag = disk.md5_file(tmp).upper()
+            if etag != blob.md5.upper():
+                raise StorageError(f"{blob.key}: copy does not match the source MD5 ({etag} != {blob.md5.upper()})")
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise StorageError(f"{blob.key}: cannot copy {blob.path} to {target}: {exc}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return etag
 
     def url(self, key: str) -> str:
@@ -99,6 +121,7 @@ class OssStorage:
         # would resend empty; Content-MD5 on every PUT gives the server-side integrity check instead
         self.bucket = oss2.Bucket(auth, p.endpoint, p.bucket, session=retrying_session(p, p.workers),
                                   connect_timeout=p.timeout_s, region=p.region, enable_crc=False)
+        self.destination = f"oss:{p.endpoint.rstrip('/')}/{p.bucket}"
 
     def list_etags(self, prefix: str) -> dict[str, str]:
         """One LIST request per 1,000 keys instead of one HEAD per object."""
