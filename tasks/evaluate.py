@@ -15,7 +15,7 @@ import pandas as pd
 
 from touchvl import disk
 from touchvl.errors import StageError
-from touchvl.evaluation import judge_scores, retrieval_answer, score_all, words
+from touchvl.evaluation import judge_scores, retrieval_answer, score_all, validation_tables, words
 from touchvl.finetune.remote import KEY_VARS, api_errors
 from touchvl.logs import run_stage
 from touchvl.params import Params
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict:
+    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
     from touchvl.qa import TouchQAModel
 
     p = params.evaluate
@@ -53,9 +54,10 @@ def run(params: Params) -> dict:
                                 "scored": len(valid)}
     else:
         metrics["gpt_judge"] = "skipped (no API key)" if p.judge == "auto" else "off"
+    frame = pd.DataFrame({"uid": test["uid"], "reference": test["caption"], "prediction": predictions})
+    checks.run_validation("evaluate", validation_tables(frame, test["uid"].tolist(), metrics), params.validation).raise_if_failed()
     disk.write_json(p.metrics, metrics)
-    disk.write_csv(p.metrics.with_name("eval_predictions.csv"),
-                   pd.DataFrame({"uid": test["uid"], "reference": test["caption"], "prediction": predictions}))
+    disk.write_csv(p.metrics.with_name("eval_predictions.csv"), frame)
     return metrics
 
 

@@ -13,13 +13,21 @@ import logging
 import sys
 
 from touchvl import disk
-from touchvl.finetune.contract import dataset_files, plan
+from touchvl.finetune.contract import dataset_files, plan, validation_tables
 from touchvl.finetune.providers import submission
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
 log = logging.getLogger(__name__)
 COMMANDS = ("plan", "approve", "submit", "status", "events", "cancel", "list", "serve")
+
+
+def _check(params: Params, the_plan: dict, files) -> None:
+    from touchvl import checks  # Great Expectations is slow to import
+
+    p = params.finetune
+    tables = validation_tables(the_plan, files, disk.read_json(p.out_dir / "job.json"), disk.read_json(p.out_dir / "model.json"))
+    checks.run_validation("finetune", tables, params.validation).raise_if_failed()
 
 
 def run(params: Params, today: dt.date | None = None) -> dict:
@@ -30,9 +38,12 @@ def run(params: Params, today: dt.date | None = None) -> dict:
     if the_plan["notice"]:
         log.warning(the_plan["notice"])
     if not p.submit:
+        _check(params, the_plan, files)
         log.info("finetune.submit is false: wrote %s, no network call", p.out_dir / "plan.json")
         return the_plan
-    return submission(params, files).run()
+    job = submission(params, files).run()
+    _check(params, the_plan, files)  # the job and model just written belong to this plan's dataset
+    return job
 
 
 def main(argv: list[str] | None = None) -> None:

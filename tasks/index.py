@@ -17,7 +17,7 @@ import numpy as np
 from touchvl import disk
 from touchvl.logs import run_stage
 from touchvl.params import Params
-from touchvl.retrieval.build import load_databases, retrieval_metrics, update_or_build
+from touchvl.retrieval.build import load_databases, retrieval_metrics, save_database, update_or_build, validation_tables
 from touchvl.retrieval.gallery import gallery_html
 from touchvl.retrieval.index import QuerySpace, Retriever, search_params
 
@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict:
+    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
+
     p = params.index
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
-    rgb, tac, _ = load_databases(params.embed.out_dir)
+    rgb, tac, encoder_meta = load_databases(params.embed.out_dir)
     report = {}
     indexes = {}
     for db in (rgb, tac):
@@ -36,6 +38,10 @@ def run(params: Params) -> dict:
         indexes[db.name] = (index, meta)
         report[db.name] = {**how, "count": index.ntotal, "seconds": round(time.perf_counter() - start, 3)}
         log.info("index %s: %s (+%d -%d) -> %d vectors", db.name, how["mode"], how["added"], how["removed"], index.ntotal)
+    checks.run_validation("index", validation_tables([(*indexes[db.name], db) for db in (rgb, tac)],
+                                                     encoder_meta["fingerprint"]), params.validation).raise_if_failed()
+    for db in (rgb, tac):
+        save_database(*indexes[db.name], db, p.out_dir)
     test = disk.evaluation_rows(manifest)
     metrics = {"build": report, "tac_to_rgb": retrieval_metrics(indexes["rgb"][0], rgb, tac, test["uid"].to_numpy(np.int64), p)}
     disk.write_json(p.metrics, metrics)

@@ -2,13 +2,13 @@
 
 Writes ``data/sample/images_tac/image_{id}_tac.jpg``, ``images_rgb/image_{id}_rgb.jpg``, ``captions.csv``
 (``index,caption,sensor``) and ``split.csv`` (``index,split``), rendered from hidden materials
-(core: touchvl.data.sample).
+(core: touchvl.data.sample), validated before anything is written.
 """
 from __future__ import annotations
 
 import logging
 
-from touchvl.data.sample import generate, write_dataset
+from touchvl.data.sample import generate, validation_tables, write_dataset
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> None:
     def body(params: Params, args) -> None:
+        from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
+
         p = params.sample
         items, captions, split = generate(p)
+        checks.run_validation("sample", validation_tables(items, captions, split, p), params.validation).raise_if_failed()
         write_dataset(items, captions, split, p.out_dir)
         log.info("wrote %d ids (%d test) to %s", len(items), (split["split"] == "test").sum(), p.out_dir)
 

@@ -21,7 +21,8 @@ from touchvl.errors import StageError
 from touchvl.logs import run_stage
 from touchvl.params import Params
 from touchvl.projector.model import ProjectorConfig, ViTProjector, checkpoint_dict, projector_from_checkpoint
-from touchvl.projector.pairs import PairedEmbeddings, fit, load_pairs, test_metrics, validation_tables
+from touchvl.projector.pairs import (PairedEmbeddings, fit, load_pairs, stage1_validation_tables, test_metrics,
+                                    validation_tables)
 from touchvl.projector.training import project
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def pairs(params: Params) -> PairedEmbeddings:
 
 
 def run_stage1(params: Params) -> dict:
+    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
+
     p = params.projector
     data = pairs(params)
     device = resolve_device(p.device, "projector.device")
@@ -43,9 +46,13 @@ def run_stage1(params: Params) -> dict:
                                          num_sensors=num_sensors, sensor_tokens=p.sensor_tokens))
     result = fit(model, data, params.train_stage1, device)
     model.load_state_dict(result.best_state)
-    disk.write_checkpoint(p.out_dir / "stage1.pt", checkpoint_dict(
-        model, stage=1, best_epoch=result.best_epoch, best_val_r1=result.best_val_r1,
-        encoder_fingerprint=data.encoder_fingerprint))
+    ckpt = checkpoint_dict(model, stage=1, best_epoch=result.best_epoch, best_val_r1=result.best_val_r1,
+                           encoder_fingerprint=data.encoder_fingerprint)
+    # validated before anything is written: stage 2 and every query trust this checkpoint's geometry
+    checks.run_validation("train_projector_stage1", stage1_validation_tables(
+        result.history, ckpt["state_dict"], data.tac.shape[1], ckpt["config"]["emb_dim"], ckpt["encoder_fingerprint"],
+        disk.read_meta(params.embed.out_dir)["fingerprint"], result.best_val_r1), params.validation).raise_if_failed()
+    disk.write_checkpoint(p.out_dir / "stage1.pt", ckpt)
     disk.write_csv(p.history_dir / "projector_stage1.csv", pd.DataFrame(result.history))
     return {"best_epoch": result.best_epoch, "best_val_r1": result.best_val_r1}
 

@@ -36,6 +36,7 @@ def write_image_dataset(path: Path, n: int, start: int = 0) -> Path:
 def local_raw(root: Path, base_model: str, **local) -> dict:
     """params.yaml content for a local job with every output under ``root``."""
     return {"jsonl": {"out_dir": str(root / "jsonl")},
+            "validation": {"reports_dir": str(root / "val"), "build_data_docs": False},
             "finetune": {"provider": "local", "submit": True, "out_dir": str(root / "ft"),
                          "local": {"base_model": base_model, "device": "cpu", "lr": 5e-3, "batch_size": 2,
                                    "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_length": 256, **local}}}

@@ -26,6 +26,7 @@ TODAY = dt.date(2026, 11, 22)
 
 def _raw(tmp_path, base_url="http://127.0.0.1:9/v1", **finetune_params):
     return {"jsonl": {"out_dir": str(tmp_path / "jsonl")},
+            "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False},
             "finetune": {"provider": "compatible", "base_url": base_url, "out_dir": str(tmp_path / "ft"),
                          "poll_interval_s": 0.01, "poll_max_interval_s": 0.02, "max_retries": 8, **finetune_params}}
 
@@ -180,3 +181,30 @@ def test_every_entry_point_picks_the_providers_submission(files):
     local_params = parse_params(_raw(files, provider="local"))
     local = providers.submission(local_params, contract.dataset_files(local_params))
     assert type(hosted) is remote.Submission and type(local) is LocalSubmission
+
+
+def test_validation_flags_a_job_and_model_of_another_dataset(files):
+    """model.json of an older dataset would be served by TouchQA as if trained on this one: reported in a dry run,
+    an error when submitting."""
+    from touchvl.checks import run_validation
+
+    params = parse_params(_raw(files))
+    dataset = contract.dataset_files(params)
+    the_plan = contract.plan(params, dataset, dt.date(2026, 12, 1))
+    ok = run_validation("finetune", contract.validation_tables(the_plan, dataset, None, None), params.validation)
+    assert ok.success and not ok.warnings
+    old_job = {"job_id": "ftjob-old", "dataset_sha256": "0" * 64, "provider": "compatible", "status": "succeeded"}
+    old_model = {"job_id": "ftjob-old", "fine_tuned_model": "ft:old", "provider": "compatible"}
+    dry = run_validation("finetune", contract.validation_tables(the_plan, dataset, old_job, old_model), params.validation)
+    assert dry.success and [w.kwargs["column"] for w in dry.warnings] == ["job_dataset_matches_plan"]
+    strict = run_validation("finetune", contract.validation_tables({**the_plan, "submit": True}, dataset, old_job, old_model),
+                            params.validation)
+    assert [f.kwargs["column"] for f in strict.blocking_failures] == ["job_dataset_matches_plan"]
+    mismatched = {**old_model, "job_id": "ftjob-other"}
+    bad = run_validation("finetune", contract.validation_tables({**the_plan, "submit": True}, dataset,
+                                                                {**old_job, "dataset_sha256": dataset.dataset_sha256()},
+                                                                mismatched), params.validation)
+    assert [f.kwargs["column"] for f in bad.blocking_failures] == ["model_job_matches_job"]
+    (files / "jsonl" / "tactile_train.jsonl").write_text((files / "jsonl" / "tactile_train.jsonl").read_text() + "\n")
+    changed = run_validation("finetune", contract.validation_tables(the_plan, dataset, None, None), params.validation)
+    assert [f.kwargs["column"] for f in changed.blocking_failures] == ["sha_matches_files"]

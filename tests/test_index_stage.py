@@ -84,3 +84,33 @@ def test_text_search_returns_caption_matching_items(built):
     raw_meta = IndexMeta("tac_raw", "raw", ("raw",), vectors.shape[1], 3, encoder.encoder.fingerprint, None, "flat", {})
     with pytest.raises(QueryMismatch, match="query space 'projected'"):
         Retriever(build_index(vectors, np.array([1, 2, 3])), raw_meta, catalog).search(vector, space, SearchParams())
+
+
+def test_index_validation_refuses_stale_projections_and_missing_uids(built, tmp_path):
+    """The index boundary: projected vectors of another encoder, or an index missing a uid, fail the stage."""
+    import json
+
+    import pytest
+
+    from touchvl.checks import ValidationFailed, run_validation
+    from touchvl.retrieval.build import build_index, load_databases, validation_tables
+
+    params = built
+    rgb, tac, encoder_meta = load_databases(params.embed.out_dir)
+    good = [(build_index(db.vectors, db.ids), None, db) for db in (rgb, tac)]
+    from touchvl.retrieval.index import IndexMeta
+
+    def meta(db):
+        return IndexMeta(db.name, db.space, db.query_spaces, db.vectors.shape[1], len(db.ids), db.encoder_fingerprint,
+                         db.projector_hash, "flat")
+
+    vp = params.validation
+    assert run_validation("index", validation_tables([(i, meta(db), db) for i, _, db in good], encoder_meta["fingerprint"]), vp).success
+    short = build_index(rgb.vectors[1:], rgb.ids[1:])
+    report = run_validation("index", validation_tables([(short, meta(rgb), rgb)], encoder_meta["fingerprint"]), vp)
+    assert {f.table for f in report.blocking_failures} == {"rgb_ids", "rgb_guard"}
+    projected_meta = params.projector.projected_dir / "meta.json"
+    stale = {**json.loads(projected_meta.read_text()), "encoder_fingerprint": "another-encoder"}
+    projected_meta.write_text(json.dumps(stale))
+    with pytest.raises(ValidationFailed, match="tac_projected_guard"):
+        index.run(params)

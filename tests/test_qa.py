@@ -121,3 +121,20 @@ def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path
     assert saved["gpt_judge"] == "skipped (no API key)"
     predictions = pd.read_csv(tmp_path / "m/eval_predictions.csv")
     assert len(predictions) == saved["n"] and predictions["prediction"].str.len().gt(0).all()
+
+
+def test_evaluate_validation_needs_one_prediction_per_test_id_and_scores_in_range(tmp_path):
+    import pandas as pd
+
+    from touchvl.checks import run_validation
+    from touchvl.evaluation import validation_tables
+    from touchvl.params import ValidationParams
+
+    vp = ValidationParams(reports_dir=tmp_path, build_data_docs=False)
+    good = pd.DataFrame({"uid": [1000, 2000, 3000], "prediction": ["a", "b", "c"]})
+    metrics = {"bleu": 0.1, "meteor": 0.3, "bertscore_f1": 0.8, "adjective_f1": 0.5, "gpt_judge": {"mean": 6.5}}
+    assert run_validation("evaluate", validation_tables(good, [1000, 2000, 3000], metrics), vp).success
+    report = run_validation("evaluate", validation_tables(good.iloc[[0, 0, 1]], [1000, 2000, 3000],
+                                                          {**metrics, "bleu": 1.2, "gpt_judge": {"mean": 11}}), vp)
+    assert {(f.table, f.kwargs.get("column")) for f in report.blocking_failures} == {
+        ("predictions", "uid"), ("coverage", "uid"), ("scores", "value"), ("judge", "mean")}

@@ -75,3 +75,24 @@ def test_sensors_have_distinct_looks():
     corner = lambda it: it.tactile[:6, :6].reshape(-1, 3).mean(0)  # noqa: E731 - gel background
     by_sensor = {s: np.mean([corner(it) for it in items if it.material.sensor == s], axis=0) for s in (0, 1)}
     assert np.abs(by_sensor[0] - by_sensor[1]).max() > 10
+
+
+def test_validation_passes_the_sample_and_catches_a_constant_image(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from touchvl.checks import run_validation
+    from touchvl.data.sample import validation_tables
+    from touchvl.params import ValidationParams
+
+    p = SampleParams(n_ids=12, image_size=32)
+    items, captions, split = generate(p)
+    vp = ValidationParams(reports_dir=tmp_path / "val", build_data_docs=False)
+    assert run_validation("sample", validation_tables(items, captions, split, p), vp).success
+    flat = dataclasses.replace(items[3], tactile=items[3].tactile * 0 + 255)  # what a broken renderer would write
+    report = run_validation("sample", validation_tables([*items[:3], flat, *items[4:]], captions, split, p), vp)
+    failed = report.blocking_failures
+    assert [f.kwargs["column"] for f in failed] == ["tac_std"] and failed[0].unexpected_examples == [items[3].id]
+    with pytest.raises(Exception, match="tac_std"):
+        report.raise_if_failed()

@@ -100,3 +100,33 @@ def retrieval_answer(captions: list[str], k: int) -> str:
     """Adjectives named by most of the neighbours' captions, in order of votes."""
     votes = Counter(w.strip() for c in captions[:k] for w in c.split(",") if w.strip())
     return ", ".join(w for w, _ in votes.most_common(5))
+
+
+SCORES_IN_UNIT_RANGE = ("bleu", "meteor", "bertscore_f1", "adjective_precision", "adjective_recall", "adjective_f1")
+
+
+def validation_tables(predictions, test_uids, metrics: dict) -> list:
+    """The evaluate boundary: one prediction per test id (no id missing, none twice, none from elsewhere) and
+    every score in its range (the unit ones in [0, 1], the judge's mean in [1, 10])."""
+    import pandas as pd
+
+    from touchvl import checks
+
+    gxe = checks.gxe
+    critical = dict(severity="critical")
+    rows = pd.DataFrame({"uid": predictions["uid"].to_numpy(), "is_test_id": predictions["uid"].isin(set(test_uids)).to_numpy()})
+    coverage = pd.DataFrame({"uid": list(test_uids)})
+    scores = pd.DataFrame([{"metric": k, "value": float(metrics[k])} for k in SCORES_IN_UNIT_RANGE
+                           if isinstance(metrics.get(k), (int, float))])
+    tables = [checks.Table("predictions", rows, [gxe.ExpectColumnValuesToBeUnique(column="uid", **critical),
+                                                 gxe.ExpectColumnValuesToBeInSet(column="is_test_id", value_set=[True], **critical)],
+                           id_column="uid"),
+              checks.Table("coverage", coverage, [gxe.ExpectColumnValuesToBeInSet(
+                  column="uid", value_set=predictions["uid"].tolist(), **critical)], id_column="uid"),
+              checks.Table("scores", scores, [gxe.ExpectColumnValuesToBeBetween(column="value", min_value=0, max_value=1, **critical)],
+                           id_column="metric")]
+    judge = metrics.get("gpt_judge")
+    if isinstance(judge, dict) and judge.get("mean") is not None:
+        tables.append(checks.Table("judge", pd.DataFrame([{"mean": judge["mean"]}]), [
+            gxe.ExpectColumnValuesToBeBetween(column="mean", min_value=1, max_value=10, **critical)]))
+    return tables

@@ -228,3 +228,31 @@ def write_dataset(items: list[SampleItem], captions: pd.DataFrame, split: pd.Dat
             Image.fromarray(it.rgb).save(staging / "images_rgb" / f"image_{it.id}_rgb.jpg", quality=92)
         disk.write_csv(staging / "captions.csv", captions)
         disk.write_csv(staging / "split.csv", split)
+
+
+def validation_tables(items: list[SampleItem], captions: pd.DataFrame, split: pd.DataFrame, p: SampleParams) -> list:
+    """The sample boundary: every id once, both images of the requested size and never constant, a caption,
+    a sensor the params allow, and both splits present."""
+    from touchvl import checks
+
+    gxe = checks.gxe
+    critical = dict(severity="critical")
+    rows = pd.DataFrame({
+        "id": [it.id for it in items],
+        "tac_std": [float(it.tactile.std()) for it in items], "rgb_std": [float(it.rgb.std()) for it in items],
+        "tac_size_ok": [it.tactile.shape == (p.image_size, p.image_size, 3) for it in items],
+        "rgb_size_ok": [it.rgb.shape == (p.image_size, p.image_size, 3) for it in items],
+        "caption": captions["caption"].tolist(), "sensor": captions["sensor"].tolist(),
+        "split": split["split"].tolist(), "ids_aligned": (captions["index"].to_numpy() == split["index"].to_numpy()).tolist()})
+    expectations = [gxe.ExpectTableRowCountToEqual(value=p.n_ids, **critical),
+                    gxe.ExpectColumnValuesToBeUnique(column="id", **critical),
+                    gxe.ExpectColumnValuesToBeInSet(column="ids_aligned", value_set=[True], **critical),
+                    gxe.ExpectColumnValuesToBeInSet(column="tac_size_ok", value_set=[True], **critical),
+                    gxe.ExpectColumnValuesToBeInSet(column="rgb_size_ok", value_set=[True], **critical),
+                    # a constant image carries no signal: it would train and evaluate on nothing
+                    gxe.ExpectColumnValuesToBeBetween(column="tac_std", min_value=1.0, **critical),
+                    gxe.ExpectColumnValuesToBeBetween(column="rgb_std", min_value=1.0, **critical),
+                    gxe.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1, **critical),
+                    gxe.ExpectColumnValuesToBeBetween(column="sensor", min_value=0, max_value=p.n_sensors - 1, **critical),
+                    gxe.ExpectColumnDistinctValuesToEqualSet(column="split", value_set=["train", "test"], **critical)]
+    return [checks.Table("items", rows, expectations, id_column="id")]

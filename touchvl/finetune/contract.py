@@ -129,3 +129,34 @@ def approve(params: Params, files: DatasetFiles, confirm, reviewer: str | None =
     approvals[files.dataset_sha256()] = record
     disk.write_json(p.out_dir / "approvals.json", approvals)
     return record
+
+
+def validation_tables(plan_dict: dict, files: DatasetFiles, job: dict | None, model: dict | None) -> list:
+    """The finetune boundary: the plan describes the files on disk now, and job.json / model.json (when they
+    exist) belong to this plan's dataset and provider -- a model.json of an older dataset would otherwise be
+    served by TouchQA as if it were trained on this one."""
+    import pandas as pd
+
+    from touchvl import checks
+
+    gxe = checks.gxe
+    # with submit: true a stale job or model is an error; in a dry run it is only reported
+    strict = dict(severity="critical" if plan_dict["submit"] else "warning")
+    critical = dict(severity="critical")
+    sha = files.dataset_sha256()
+    plan_frame = pd.DataFrame([{"sha_matches_files": plan_dict["dataset_sha256"] == sha,
+                                "files_valid": all(f["errors"] == 0 for f in plan_dict["files"].values())}])
+    tables = [checks.Table("plan", plan_frame, [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True], **critical)
+                                                for c in plan_frame.columns])]
+    if job:
+        job_frame = pd.DataFrame([{"job_dataset_matches_plan": job.get("dataset_sha256") == sha,
+                                   "job_provider_matches_plan": job.get("provider") == plan_dict["provider"]}])
+        tables.append(checks.Table("job", job_frame, [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True], **strict)
+                                                      for c in job_frame.columns]))
+    if model:
+        model_frame = pd.DataFrame([{"model_job_matches_job": bool(job) and model.get("job_id") == job.get("job_id"),
+                                     "job_succeeded": bool(job) and job.get("status") == "succeeded",
+                                     "model_provider_matches_plan": model.get("provider") == plan_dict["provider"]}])
+        tables.append(checks.Table("model", model_frame, [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True], **strict)
+                                                          for c in model_frame.columns]))
+    return tables

@@ -115,3 +115,28 @@ def validation_tables(projected: np.ndarray, uids: np.ndarray, raw_ids: np.ndarr
             checks.Table("ids", ids, [
                 gxe.ExpectColumnPairValuesToBeEqual(column_A="raw_uid", column_B="projected_uid", severity="critical")],
                 id_column="raw_uid")]
+
+
+def stage1_validation_tables(history: list[dict], state: dict, emb_dim: int, checkpoint_dim: int,
+                             checkpoint_fingerprint: str, encoder_fingerprint: str, best_val_r1: float) -> list:
+    """The stage-1 boundary: a finite training curve and a checkpoint that fits the embeddings it was trained on."""
+    import torch
+
+    from touchvl import checks
+
+    gxe = checks.gxe
+    critical = dict(severity="critical")
+    curve = pd.DataFrame(history, columns=["epoch", "loss", "val_r1", "tau", "lr"])
+    curve["loss_finite"] = np.isfinite(curve["loss"].to_numpy(dtype=float))
+    checkpoint = pd.DataFrame([{
+        "dims_match": checkpoint_dim == emb_dim, "encoder_matches": checkpoint_fingerprint == encoder_fingerprint,
+        "weights_finite": all(bool(torch.isfinite(v).all()) for v in state.values() if torch.is_floating_point(v)),
+        "best_val_r1": float(best_val_r1)}])
+    return [checks.Table("history", curve, [gxe.ExpectTableRowCountToBeBetween(min_value=1, **critical),
+                                             gxe.ExpectColumnValuesToBeInSet(column="loss_finite", value_set=[True], **critical),
+                                             gxe.ExpectColumnValuesToBeBetween(column="val_r1", min_value=0, max_value=1, **critical)],
+                         id_column="epoch"),
+            checks.Table("checkpoint", checkpoint, [
+                gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True], **critical)
+                for c in ("dims_match", "encoder_matches", "weights_finite")]
+                + [gxe.ExpectColumnValuesToBeBetween(column="best_val_r1", min_value=0, max_value=1, **critical)])]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pandas as pd
 
 from touchvl import disk
 from touchvl.params import IndexParams
@@ -50,7 +51,8 @@ def index_kwargs(p: IndexParams) -> dict:
 
 
 def update_or_build(db: Database, p: IndexParams, folder: Path) -> tuple[faiss.Index, IndexMeta, dict]:
-    """Incremental add/remove when compatible with the saved index, else a full build."""
+    """Incremental add/remove when compatible with the saved index, else a full build (nothing saved yet:
+    :func:`save_database` writes it once it has been validated)."""
     meta = IndexMeta(db.name, db.space, db.query_spaces, db.vectors.shape[1], len(db.ids), db.encoder_fingerprint,
                      db.projector_hash, p.type, index_kwargs(p))
     digests = vector_digests(db.vectors)
@@ -77,10 +79,42 @@ def update_or_build(db: Database, p: IndexParams, folder: Path) -> tuple[faiss.I
         index, report = old_index, {"mode": "incremental", "added": len(fresh), "removed": len(stale)}
     else:
         index = build_index(db.vectors, db.ids, p.type, **index_kwargs(p))
-    save_index(index, meta, folder)
-    with disk.atomic_open(digest_path, "wb") as fh:
-        np.savez(fh, ids=db.ids, digests=digests)
     return index, meta, report
+
+
+def save_database(index: faiss.Index, meta: IndexMeta, db: Database, folder: Path) -> None:
+    save_index(index, meta, folder)
+    with disk.atomic_open(folder / f"{db.name}.digests.npz", "wb") as fh:
+        np.savez(fh, ids=db.ids, digests=vector_digests(db.vectors))
+
+
+def validation_tables(built: list[tuple[faiss.Index, IndexMeta, Database]], encoder_fingerprint: str) -> list:
+    """The index boundary: each index holds exactly its database's uids, once each, and its metadata guard
+    (space, dimension, encoder, projector) describes the vectors it was built from."""
+    from touchvl import checks
+
+    gxe = checks.gxe
+    critical = dict(severity="critical")
+    tables = []
+    for index, meta, db in built:
+        stored = index_ids(index)
+        values, counts = np.unique(stored, return_counts=True)
+        ids = pd.DataFrame({"uid": db.ids, "indexed": np.isin(db.ids, stored)})
+        extra = pd.DataFrame({"uid": values, "in_database": np.isin(values, db.ids), "copies": counts})
+        guard = pd.DataFrame([{"count_matches": index.ntotal == len(db.ids) == meta.count,
+                               "dim_matches": index.d == db.vectors.shape[1] == meta.dim,
+                               "encoder_matches": meta.encoder_fingerprint == db.encoder_fingerprint == encoder_fingerprint,
+                               "projector_matches": meta.projector_hash == db.projector_hash,
+                               "space_matches": meta.space == db.space}])
+        tables += [
+            checks.Table(f"{db.name}_ids", ids, [gxe.ExpectColumnValuesToBeInSet(column="indexed", value_set=[True], **critical)],
+                         id_column="uid"),
+            checks.Table(f"{db.name}_stored", extra, [
+                gxe.ExpectColumnValuesToBeInSet(column="in_database", value_set=[True], **critical),
+                gxe.ExpectColumnValuesToBeBetween(column="copies", min_value=1, max_value=1, **critical)], id_column="uid"),
+            checks.Table(f"{db.name}_guard", guard, [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True], **critical)
+                                                     for c in guard.columns])]
+    return tables
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -94,7 +128,8 @@ def load_databases(embeddings_dir: Path) -> tuple[Database, Database, dict]:
     fingerprint = encoder_meta["fingerprint"]
     # RGB vectors do not depend on the projector: retraining it must not force an RGB rebuild
     return (Database("rgb", "raw", ("raw", "projected"), rgb, rgb_ids, fingerprint, None),
-            Database("tac_projected", "projected", ("projected",), tac, tac_ids, fingerprint,
+            # the projected vectors' own record of their encoder: stale projections of another encoder fail validation
+            Database("tac_projected", "projected", ("projected",), tac, tac_ids, projected_meta.get("encoder_fingerprint", ""),
                      projected_meta["projector_hash"]),
             encoder_meta)
 
