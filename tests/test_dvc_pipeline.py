@@ -79,6 +79,12 @@ def test_repro_then_up_to_date_then_param_change(repo):
     again = sh("dvc", "repro", cwd=repo)
     assert again.returncode == 0 and "Data and pipelines are up to date" in again.stdout
 
+    # same inputs on the same machine, every stage run again from its inputs: the same bytes, an unchanged dvc.lock
+    lock = (repo / "dvc.lock").read_text()
+    forced = sh("dvc", "repro", "--force", cwd=repo)
+    assert forced.returncode == 0, forced.stderr
+    assert (repo / "dvc.lock").read_text() == lock
+
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prepare"]["augment"]["copies"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
