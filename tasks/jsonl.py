@@ -5,6 +5,7 @@
                           [--text-only-every N] [--text-only-pairs N] [--intents a,b] [--seed S]
     python -m tasks.jsonl tactile ...           # same flags, quotas from params
     python -m tasks.jsonl validate FILE [--report-dir DIR] [--check-urls] [--model M] [--epochs N|auto]
+                                        [--target openai|together]
 
 ``validate`` writes ``report.json``, ``report.md`` and ``report.html``; exit status 0 when there
 are no errors (warnings allowed), 1 with errors, 2 on usage errors.
@@ -23,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks import atomic
+from tasks.jsonl_targets import TARGETS
 from tasks.jsonl_generate import Example, Item, multimodal_set, quota_counts, tactile_set
 from tasks.jsonl_validate import cost_estimate, iter_lines, report_dict, report_markdown, validate_file
 from tasks.params import Params, load_params
@@ -122,15 +124,29 @@ def validate_main(argv: list[str]) -> int:
     ap.add_argument("file", type=Path)
     ap.add_argument("--report-dir", type=Path, default=None, help="default: <file without .jsonl>.report/")
     ap.add_argument("--check-urls", action="store_true", help="fetch https image URLs (reachability, size, real token cost)")
-    ap.add_argument("--model", default="gpt-4o-2024-08-06")
+    ap.add_argument("--model", default=None, help="default gpt-4o-2024-08-06; with --target together finetune.together.model")
     ap.add_argument("--epochs", default="auto", help="n_epochs as sent to the service (default auto)")
+    ap.add_argument("--target", choices=TARGETS, default="openai",
+                    help="the service's own rules on top of OpenAI's (together: base64 images, MIME types, turn order)")
     args = ap.parse_args(argv)
     if not args.file.is_file():
         ap.error(f"{args.file}: no such file")
     if args.epochs != "auto" and not args.epochs.isdigit():
         ap.error(f"--epochs must be 'auto' or a positive integer, got {args.epochs!r}")
-    report = validate_file(args.file, model=args.model, check_urls=args.check_urls)
-    d = report_dict(report, cost_estimate(report.summary, args.model, TRAINING_PRICES, n_epochs=args.epochs))
+    prices = TRAINING_PRICES
+    if args.target == "together":  # Together's table lives in params (the defaults when run outside a project)
+        from tasks.params import ParamsError, TogetherFinetuneParams
+
+        try:
+            together = load_params().finetune.together if Path("params.yaml").is_file() else TogetherFinetuneParams()
+        except ParamsError as exc:
+            ap.error(str(exc))
+        prices = {m: rates["lora"] for m, rates in together.prices_per_million.items() if "lora" in rates}
+        args.model = args.model or together.model
+        args.epochs = str(together.n_epochs) if args.epochs == "auto" else args.epochs  # Together has no "auto"
+    args.model = args.model or "gpt-4o-2024-08-06"
+    report = validate_file(args.file, model=args.model, check_urls=args.check_urls, target=args.target)
+    d = report_dict(report, cost_estimate(report.summary, args.model, prices, n_epochs=args.epochs))
     d["samples"] = samples(args.file)
     report_dir = args.report_dir or args.file.with_suffix(".report")
     write_reports(d, report_dir)
