@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 OPENAI_SHUTDOWN = dt.date(2027, 1, 6)  # OpenAI accepts no new fine-tuning jobs from this day
 TERMINAL = ("succeeded", "failed", "cancelled")
 KEY_VARS = {"openai": "OPENAI_API_KEY", "compatible": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY",
-            "local": "LOCAL_MODEL_API_KEY"}  # local: optional, only if the local server was started with one
+            "local": "LOCAL_MODEL_API_KEY", "together": "TOGETHER_API_KEY"}  # local: optional, only if the local server was started with one
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,10 @@ def provider_notice(provider: str, today: dt.date) -> str | None:
         return None
     if today >= OPENAI_SHUTDOWN:
         raise StageError(f"OpenAI accepts no new fine-tuning jobs since {OPENAI_SHUTDOWN}. Use finetune.provider: "
-                         f"azure (Azure OpenAI) or compatible (an OpenAI-compatible endpoint), or local LoRA training.")
+                         f"azure (Azure OpenAI) or compatible (an OpenAI-compatible endpoint), together (Together AI, "
+                         f"open vision models, same JSONL), or local LoRA training.")
     return (f"OpenAI stops accepting new fine-tuning jobs on {OPENAI_SHUTDOWN} ({(OPENAI_SHUTDOWN - today).days} days left); "
-            f"finetune.provider: azure or compatible keep working after that.")
+            f"finetune.provider: azure or compatible keep working after that, and together or local train open models.")
 
 
 def serve_url(p: FinetuneParams) -> str:
@@ -84,6 +85,10 @@ def make_client(p: FinetuneParams) -> openai.OpenAI:
         return openai.OpenAI(base_url=serve_url(p), api_key=os.environ.get(KEY_VARS["local"]) or "local",
                              max_retries=p.max_retries, timeout=p.timeout_s)
     key_var = KEY_VARS[p.provider]
+    if p.provider == "together":  # Together's chat API is OpenAI-compatible: TouchQA and evaluate use it unchanged
+        from tasks.finetune_together import api_key, inference_url
+
+        return openai.OpenAI(base_url=inference_url(p), api_key=api_key(), max_retries=p.max_retries, timeout=p.timeout_s)
     key = os.environ.get(key_var)
     if not key:
         raise StageError(f"finetune.provider={p.provider} needs {key_var} in the environment")
@@ -111,7 +116,20 @@ def validation_summary(files: DatasetFiles, model: str, n_epochs) -> dict:
     return out
 
 
+def checked_files(p: FinetuneParams, files: DatasetFiles) -> dict:
+    """validation_summary with the provider's own rules and prices (Together's: tasks/finetune_together.py)."""
+    if p.provider == "together":
+        from tasks.finetune_together import validation_summary as together_summary
+
+        return together_summary(p, files)
+    return validation_summary(files, p.model, epochs_setting(p))
+
+
 def hyperparameters(p: FinetuneParams) -> dict:
+    if p.provider == "together":
+        from tasks.finetune_together import hyperparameters as together_hyperparameters
+
+        return together_hyperparameters(p)
     if p.provider == "local":
         from tasks.finetune_local import hyperparameters as local_hyperparameters
 
@@ -120,18 +138,18 @@ def hyperparameters(p: FinetuneParams) -> dict:
 
 
 def trained_model(p: FinetuneParams) -> str:
-    return p.local.base_model if p.provider == "local" else p.model
+    return {"local": p.local.base_model, "together": p.together.model}.get(p.provider, p.model)
 
 
 def epochs_setting(p: FinetuneParams):
-    return p.local.epochs if p.provider == "local" else p.n_epochs
+    return {"local": p.local.epochs, "together": p.together.n_epochs}.get(p.provider, p.n_epochs)
 
 
 def plan(params: Params, files: DatasetFiles, today: dt.date) -> dict:
     p = params.finetune
     shas = files.sha256
     approvals = read_json(p.out_dir / "approvals.json", {})
-    checked = validation_summary(files, p.model, epochs_setting(p))
+    checked = checked_files(p, files)
     if p.provider == "local":  # trained here: tokens as the validator counts them, no price
         checked["cost"].update(model=p.local.base_model, price_per_million=None, cost_usd=0.0)
     return {"provider": p.provider, "model": trained_model(p), "suffix": p.suffix, "seed": p.seed,
@@ -148,14 +166,18 @@ def read_json(path: Path, default):
 
 def approve(params: Params, files: DatasetFiles, confirm, reviewer: str | None = None, note: str = "") -> dict:
     p = params.finetune
-    checked = validation_summary(files, p.model, epochs_setting(p))
+    checked = checked_files(p, files)
     cost = checked["cost"]
     print(f"dataset {p.dataset}: train {checked['train']['examples']} examples ({checked['train']['errors']} errors, "
           f"{checked['train']['warnings']} warnings), val {checked['val']['examples']} examples ({checked['val']['errors']} errors)")
     if p.provider == "local":
         print(f"local training on {p.local.base_model}: ~{cost['trained_tokens']:,} tokens ({cost['epochs']} epochs), no API cost")
+    elif cost["cost_usd"] is None:
+        print(f"estimated {cost['trained_tokens']:,} trained tokens ({cost['epochs']} epochs) on {trained_model(p)}; "
+              f"no price known for it, so no cost estimate")
     else:
-        print(f"estimated cost: {cost['trained_tokens']:,} trained tokens ({cost['epochs']} epochs) ~ ${cost['cost_usd']} on {p.model}")
+        print(f"estimated cost: {cost['trained_tokens']:,} trained tokens ({cost['epochs']} epochs) ~ ${cost['cost_usd']} "
+              f"on {trained_model(p)}")
     if checked["train"]["errors"] or checked["val"]["errors"]:
         raise StageError("the files have validation errors; fix them before approving "
                          f"(first: {checked['train']['first_error'] or checked['val']['first_error']})")
@@ -189,7 +211,7 @@ class Submission:
         if self.sha not in approvals:
             raise StageError(f"dataset {self.p.dataset} (sha256 {self.sha[:12]}) is not approved: "
                              f"run `python -m tasks.finetune approve` after reading its report")
-        checked = validation_summary(self.files, self.p.model, self.p.n_epochs)
+        self.checked = checked = checked_files(self.p, self.files)
         bad = [role for role in ("train", "val") if checked[role]["errors"]]
         if bad:
             raise StageError(f"{', '.join(bad)} file has validation errors; refusing to submit")
@@ -327,6 +349,10 @@ def submission(params: Params, files: DatasetFiles):
         from tasks.finetune_local import LocalSubmission
 
         return LocalSubmission(params, files)
+    if params.finetune.provider == "together":
+        from tasks.finetune_together import TogetherSubmission
+
+        return TogetherSubmission(params, files)
     return Submission(params, make_client(params.finetune), files)
 
 
@@ -362,6 +388,11 @@ def cli(argv: list[str]) -> None:
         from tasks import finetune_local
 
         finetune_local.command(args.command, params, files, wait=not getattr(args, "no_wait", False))
+        return
+    if params.finetune.provider == "together":
+        from tasks import finetune_together
+
+        finetune_together.command(args.command, params, files, wait=not getattr(args, "no_wait", False))
         return
     notice = provider_notice(params.finetune.provider, dt.date.today())
     if notice:
