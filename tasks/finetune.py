@@ -5,6 +5,7 @@
     python -m tasks.finetune submit [--no-wait]
     python -m tasks.finetune status | events | cancel
     python -m tasks.finetune serve [--port N]  # provider local: the merged model on an OpenAI-compatible endpoint
+    python -m tasks.finetune export --format sharegpt|trl|axolotl --out DIR  # the approved dataset, for other trainers
 
 State (``artifacts/finetune/state.json``) is written before and after every remote step.  Files and
 jobs carry the dataset's sha256 (file names, job metadata), so a response lost after the server
@@ -356,6 +357,24 @@ def submission(params: Params, files: DatasetFiles):
     return Submission(params, make_client(params.finetune), files)
 
 
+def export(params: Params, files: DatasetFiles, fmt: str, out: Path, fetch_images: bool = False) -> dict:
+    """The approved dataset, re-validated, converted for LLaMA-Factory / TRL / axolotl (tasks/export.py)."""
+    from tasks.export import export_dataset
+    from tasks.jsonl_validate import fetch_url
+
+    sha = files.dataset_sha256()
+    if sha not in read_json(params.finetune.out_dir / "approvals.json", {}):
+        raise StageError(f"dataset {params.finetune.dataset} (sha256 {sha[:12]}) is not approved: "
+                         f"run `python -m tasks.finetune approve` after reading its report")
+    checked = checked_files(params.finetune, files)
+    bad = [role for role in ("train", "val") if checked[role]["errors"]]
+    if bad:
+        raise StageError(f"{', '.join(bad)} file has validation errors; refusing to export")
+    return export_dataset({"train": files.train, "val": files.val}, fmt, out,
+                          {"dataset": params.finetune.dataset, "dataset_sha256": sha, "files": files.sha256},
+                          fetch=fetch_url if fetch_images else None)
+
+
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m tasks.finetune")
     sub = ap.add_subparsers(dest="command")
@@ -368,6 +387,10 @@ def cli(argv: list[str]) -> None:
     serve_cmd = sub.add_parser("serve", help="provider local: serve model.json's merged model (OpenAI-compatible)")
     serve_cmd.add_argument("--host", default=None)
     serve_cmd.add_argument("--port", type=int, default=None)
+    export_cmd = sub.add_parser("export", help="the approved dataset as LLaMA-Factory ShareGPT, TRL or axolotl files")
+    export_cmd.add_argument("--format", required=True, choices=("sharegpt", "trl", "axolotl"))
+    export_cmd.add_argument("--out", type=Path, required=True, help="an empty folder (or an earlier export)")
+    export_cmd.add_argument("--fetch-images", action="store_true", help="download http(s) image URLs (10 MB cap each)")
     args = ap.parse_args(argv)
     params = load_params()
     if args.command is None:
@@ -379,6 +402,9 @@ def cli(argv: list[str]) -> None:
         serve_finetuned(params.finetune, args.host, args.port)
         return
     files = dataset_files(params)
+    if args.command == "export":
+        print(json.dumps(export(params, files, args.format, args.out, args.fetch_images), indent=2))
+        return
     if args.command == "approve":
         confirm = (lambda: True) if args.yes else (lambda: input("approve this dataset for fine-tuning? [y/N] ").strip().lower() == "y")
         record = approve(params, files, confirm)
