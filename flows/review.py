@@ -126,6 +126,9 @@ def review(repo: str = ".", timeout_s: int | None = None, poll_s: int | None = N
         total = sum(r["cost_usd"] for r in rows if r["file"].endswith("_train"))
         cost = (f"training files ~${total:.2f} in all at {params.jsonl.model} prices" if params.finetune.provider != "local"
                 else f"provider local: trained on this machine, no API cost (~${total:.2f} at {params.jsonl.model} prices)")
+        if params.finetune.provider == "together":  # the reports price OpenAI's model; Together's rates differ
+            cost = (f"provider together: the reports say ~${total:.2f} at {params.jsonl.model} prices; Together's own "
+                    f"estimate for {params.finetune.together.model} is in artifacts/finetune/plan.json (dvc repro finetune)")
         logger.info("review the reports (artifacts jsonl-report-*, jsonl-cost); %s", cost)
         form = ReviewDecision.with_initial_data(
             description=(f"Read the artifacts `jsonl-report-*` and `jsonl-cost` ({cost}), "
