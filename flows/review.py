@@ -33,7 +33,7 @@ from pydantic import Field
 from flows.pipeline import reproduce_stage
 from touchvl.errors import StageError
 from touchvl.finetune import contract
-from touchvl.finetune.providers import submission
+from touchvl.finetune.providers import approve, submission
 from touchvl.params import Params, load_params
 
 DATASETS = ("tactile", "rgb_tac")
@@ -127,6 +127,9 @@ def review(repo: str = ".", timeout_s: int | None = None, poll_s: int | None = N
         total = sum(r["cost_usd"] for r in rows if r["file"].endswith("_train"))
         cost = (f"training files ~${total:.2f} in all at {params.jsonl.model} prices" if params.finetune.provider != "local"
                 else f"provider local: trained on this machine, no API cost (~${total:.2f} at {params.jsonl.model} prices)")
+        if params.finetune.provider == "together":  # the reports price OpenAI's model; Together's rates differ
+            cost = (f"provider together: the reports say ~${total:.2f} at {params.jsonl.model} prices; Together's own "
+                    f"estimate for {params.finetune.together.model} is in artifacts/finetune/plan.json (dvc repro finetune)")
         logger.info("review the reports (artifacts jsonl-report-*, jsonl-cost); %s", cost)
         form = ReviewDecision.with_initial_data(
             description=(f"Read the artifacts `jsonl-report-*` and `jsonl-cost` ({cost}), "
@@ -146,7 +149,7 @@ def review(repo: str = ".", timeout_s: int | None = None, poll_s: int | None = N
             logger.warning("rejected by %s: %s", decision.reviewer, decision.note or "(no note)")
             return summary
         for dataset in decision.datasets:
-            record = contract.approve(_for_dataset(params, dataset), contract.dataset_files(_for_dataset(params, dataset)),
+            record = approve(_for_dataset(params, dataset), contract.dataset_files(_for_dataset(params, dataset)),
                                       confirm=lambda: True, reviewer=decision.reviewer, note=decision.note)
             logger.info("approved %s (%s) ~$%s", dataset, record["files"], record["estimated_cost_usd"])
         if params.upload.backend != "local":

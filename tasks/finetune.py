@@ -3,7 +3,7 @@
 Writes ``artifacts/finetune/plan.json`` (files, sha256, hyperparameters, cost, approval state); with
 ``submit: true`` an approved dataset is submitted exactly once and polled (core: touchvl.finetune).  The
 former module commands are aliases: ``python -m tasks.finetune approve|submit|status|events|cancel|serve ...``
-= ``touchvl finetune ...``.
+= ``touchvl finetune ...`` (``export`` = ``touchvl export``).
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import logging
 import sys
 
 from touchvl import disk
-from touchvl.finetune.contract import dataset_files, plan, validation_tables
-from touchvl.finetune.providers import submission
+from touchvl.finetune.contract import dataset_files, validation_tables
+from touchvl.finetune.providers import plan, submission
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
 log = logging.getLogger(__name__)
-COMMANDS = ("plan", "approve", "submit", "status", "events", "cancel", "list", "serve")
+COMMANDS = ("plan", "approve", "submit", "status", "events", "cancel", "list", "serve", "export")
 
 
 def _check(params: Params, the_plan: dict, files) -> None:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in COMMANDS:  # the former module commands: now `touchvl finetune ...`
         cli = importlib.import_module("touchvl.cli").main  # at run time: the alias is not part of the stage's deps
-        sys.exit(cli(["-C", ".", "finetune", *argv]))
+        sys.exit(cli(["-C", ".", *(argv if argv[0] == "export" else ["finetune", *argv])]))
     run_stage("finetune", __doc__, lambda params, args: run(params), argv)
 
 

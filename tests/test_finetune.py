@@ -44,7 +44,7 @@ def api_key(monkeypatch):
 
 
 def _approve(params):
-    contract.approve(params, contract.dataset_files(params), confirm=lambda: True)
+    providers.approve(params, contract.dataset_files(params), confirm=lambda: True)
 
 
 def test_dry_run_writes_a_plan_and_makes_no_call(files, monkeypatch):
@@ -190,7 +190,7 @@ def test_validation_flags_a_job_and_model_of_another_dataset(files):
 
     params = parse_params(_raw(files))
     dataset = contract.dataset_files(params)
-    the_plan = contract.plan(params, dataset, dt.date(2026, 12, 1))
+    the_plan = providers.plan(params, dataset, dt.date(2026, 12, 1))
     ok = run_validation("finetune", contract.validation_tables(the_plan, dataset, None, None), params.validation)
     assert ok.success and not ok.warnings
     old_job = {"job_id": "ftjob-old", "dataset_sha256": "0" * 64, "provider": "compatible", "status": "succeeded"}

@@ -19,7 +19,7 @@ import yaml
 
 from tasks import finetune as finetune_stage
 from tasks import index
-from touchvl.finetune import contract
+from touchvl.finetune import contract, providers
 from touchvl.finetune.local import data as local_data
 from touchvl.finetune.local import job as local_job
 from touchvl.finetune.local import tiny as local_tiny
@@ -60,7 +60,7 @@ def _project(root: Path, n_train: int = 12, n_val: int = 4) -> Path:
 
 
 def _approve(params):
-    contract.approve(params, contract.dataset_files(params), confirm=lambda: True)
+    providers.approve(params, contract.dataset_files(params), confirm=lambda: True)
 
 
 def _metric_steps(events, key="train_loss"):

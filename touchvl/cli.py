@@ -6,6 +6,7 @@
     touchvl validate FILE.jsonl [--report-dir DIR] [--check-urls] [--model M] [--epochs N|auto]
     touchvl generate rgb_tac|tactile --csv C --image-url-csv M --out F [...]
     touchvl finetune plan|approve|submit|status|events|cancel|list|serve
+    touchvl export --format sharegpt|trl|axolotl --out DIR
     touchvl download-weights [--dest .checkpoints]
 
 Commands that read the pipeline's outputs run in the project: the nearest folder above the current one that
@@ -24,6 +25,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+from touchvl.chat.targets import TARGETS
 from touchvl.errors import StageError
 from touchvl.logs import setup_logging
 
@@ -119,9 +121,19 @@ def cmd_validate(ctx: Context) -> int:
         raise UsageError(f"{args.file}: no such file")
     if args.epochs != "auto" and not args.epochs.isdigit():
         raise UsageError(f"--epochs must be 'auto' or a positive integer, got {args.epochs!r}")
-    prices = ctx.params.jsonl.prices_per_million if ctx.has_params else DEFAULT_PRICES  # validate works anywhere
-    report = validate_file(args.file, model=args.model, check_urls=args.check_urls)
-    d = report_dict(report, cost_estimate(report.summary, args.model, prices, n_epochs=args.epochs))
+    params = ctx.params if ctx.has_params else None  # validate works anywhere, with the defaults outside a project
+    prices = params.jsonl.prices_per_million if params else DEFAULT_PRICES
+    model, epochs = args.model, args.epochs
+    if args.target == "together":  # Together's own table and epochs (it has no "auto")
+        from touchvl.params import TogetherFinetuneParams
+
+        together = params.finetune.together if params else TogetherFinetuneParams()
+        prices = {m: rates["lora"] for m, rates in together.prices_per_million.items() if "lora" in rates}
+        model = model or together.model
+        epochs = str(together.n_epochs) if epochs == "auto" else epochs
+    model = model or "gpt-4o-2024-08-06"
+    report = validate_file(args.file, model=model, check_urls=args.check_urls, target=args.target)
+    d = report_dict(report, cost_estimate(report.summary, model, prices, n_epochs=epochs))
     d["samples"] = samples(args.file)
     report_dir = args.report_dir or args.file.with_suffix(".report")
     write_reports(d, report_dir)
@@ -168,8 +180,8 @@ def cmd_generate(ctx: Context) -> int:
 
 
 def cmd_finetune(ctx: Context) -> int:
-    from touchvl.finetune.contract import approve, dataset_files, plan, provider_notice
-    from touchvl.finetune.providers import submission
+    from touchvl.finetune.contract import dataset_files, provider_notice
+    from touchvl.finetune.providers import approve, plan, submission
 
     args, params = ctx.args, ctx.params
     if args.action == "serve":
@@ -221,6 +233,15 @@ def _list_jobs(params) -> int:
     return 0
 
 
+def cmd_export(ctx: Context) -> int:
+    from touchvl.finetune.contract import dataset_files
+    from touchvl.finetune.providers import export
+
+    args, params = ctx.args, ctx.params
+    print(json.dumps(export(params, dataset_files(params), args.format, args.out, args.fetch_images), indent=2))
+    return 0
+
+
 def cmd_download_weights(ctx: Context) -> int:
     from touchvl.imagebind.encoder import download_checkpoint
 
@@ -268,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file", type=_path)
     validate.add_argument("--report-dir", type=_path, default=None, help="default: <file without .jsonl>.report/")
     validate.add_argument("--check-urls", action="store_true", help="fetch https image URLs (reachability, size, token cost)")
-    validate.add_argument("--model", default="gpt-4o-2024-08-06")
+    validate.add_argument("--model", default=None, help="default gpt-4o-2024-08-06; with --target together finetune.together.model")
     validate.add_argument("--epochs", default="auto", help="n_epochs as sent to the service (default auto)")
+    validate.add_argument("--target", choices=TARGETS, default="openai",
+                          help="the service's own rules on top of OpenAI's (together: base64 images, MIME types, turn order)")
     validate.set_defaults(func=cmd_validate)
 
     generate = sub.add_parser("generate", help="write a fine-tuning JSONL from captions and image URLs",
@@ -307,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="default finetune.local.serve_host (127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="default finetune.local.serve_port")
     finetune.set_defaults(func=cmd_finetune)
+
+    export = sub.add_parser("export", help="the approved dataset for LLaMA-Factory (ShareGPT), TRL or axolotl",
+                            description="Convert the approved, re-validated fine-tuning files of finetune.dataset for "
+                                        "users who train with LLaMA-Factory, TRL or axolotl themselves.")
+    export.add_argument("--format", required=True, choices=("sharegpt", "trl", "axolotl"))
+    export.add_argument("--out", type=_path, required=True, help="an empty folder (or an earlier export)")
+    export.add_argument("--fetch-images", action="store_true", help="download http(s) image URLs (10 MB cap each)")
+    export.set_defaults(func=cmd_export)
 
     download = sub.add_parser("download-weights", help="download Meta's imagebind_huge.pth (4.5 GB, CC-BY-NC 4.0)",
                               description="Only when you ask: the real ImageBind weights, atomically, with progress.")

@@ -251,8 +251,53 @@ class LocalFinetuneParams(_Section):
     """Completion length when a request sets no max_tokens."""
 
 
+class TogetherFinetuneParams(_Section):
+    """finetune.provider: together -- Together AI's hosted fine-tuning through the official ``together`` SDK
+    (tasks/finetune_together.py).  The key comes only from $TOGETHER_API_KEY."""
+
+    model: str = "Qwen/Qwen3-VL-8B-Instruct"
+    """A vision model Together fine-tunes (docs.together.ai/docs/fine-tuning/vision), e.g. Qwen/Qwen3-VL-30B-A3B-Instruct,
+    google/gemma-3-12b-it-VLM, meta-llama/Llama-4-Scout-17B-16E-Instruct-VLM (LoRA only)."""
+    lora: bool = True
+    """false: full fine-tuning (where the model supports it)."""
+    lora_r: int | None = Field(None, ge=1)
+    """None: the model's default rank (Together's model limits)."""
+    lora_alpha: float | None = Field(None, gt=0)
+    """None: twice the rank."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_trainable_modules: str = "all-linear"
+    train_vision: bool = False
+    """Also train the vision encoder."""
+    n_epochs: int = Field(3, ge=1)
+    n_evals: int = Field(1, ge=0)
+    """Evaluations on the validation file during training (each one is billed as the validation file's tokens)."""
+    n_checkpoints: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    batch_size: int | Literal["max"] = "max"
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_seq_length: int | None = Field(None, ge=1)
+    """None: the longest the model allows."""
+    train_on_inputs: bool | Literal["auto"] = "auto"
+    """auto: for chat data the loss is on assistant messages only."""
+    base_url: str = "https://api.together.ai"
+    """The API the SDK talks to (tests: the local test server); chat completions go to <base_url>/v1."""
+    retry_backoff_s: float = Field(1.0, gt=0)
+    """Unit of the wait between attempts at an upload or a job creation that failed (2**attempt units, at most 30 s);
+    a 429's retry-after wins."""
+    file_check_timeout_s: float = Field(1800.0, gt=0)
+    """How long to wait for Together's server-side check of the uploaded files before giving up."""
+    prices_per_million: dict[str, dict[Literal["lora", "full"], float]] = {
+        "Qwen/Qwen3-VL-8B-Instruct": {"lora": 0.48, "full": 0.54},
+        "google/gemma-3-4b-it-VLM": {"lora": 0.48, "full": 0.54},
+        "google/gemma-3-12b-it-VLM": {"lora": 0.48, "full": 0.54},
+        "google/gemma-3-27b-it-VLM": {"lora": 1.50, "full": 1.65}}
+    """$ per 1M tokens processed (training tokens x epochs + validation tokens x evaluations), by model and method:
+    Together's supervised fine-tuning rates by model size (together.ai/pricing: up to 16B, 17-69B). A model not in
+    the table gets no cost estimate (the plan says so) rather than a guessed one."""
+
+
 class FinetuneParams(_Section):
-    provider: Literal["openai", "azure", "compatible", "local"] = "openai"
+    provider: Literal["openai", "azure", "compatible", "local", "together"] = "openai"
     dataset: Literal["tactile", "rgb_tac"] = "tactile"
     model: str = "gpt-4o-2024-08-06"
     suffix: str = "touch"
@@ -271,6 +316,8 @@ class FinetuneParams(_Section):
     out_dir: Path = Path("artifacts/finetune")
     local: LocalFinetuneParams = LocalFinetuneParams()
     """provider local: the training and serving settings."""
+    together: TogetherFinetuneParams = TogetherFinetuneParams()
+    """provider together: the model, LoRA/full, hyperparameters, prices."""
 
 
 class QaParams(_Section):

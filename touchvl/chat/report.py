@@ -138,7 +138,7 @@ def example_tables(name: str, examples: list[Example], quotas: dict[str, float] 
 
 def report_dict(report: Report, cost: dict) -> dict:
     s = report.summary
-    return {"file": report.path, "model": report.model, "ok": report.ok,
+    return {"file": report.path, "model": report.model, "target": report.target, "ok": report.ok,
             "errors": [asdict(f) for f in report.errors], "warnings": [asdict(f) for f in report.warnings],
             "summary": {"examples": s.examples, "valid_examples": s.valid_examples,
                         "error_count": len(report.errors), "warning_count": len(report.warnings),

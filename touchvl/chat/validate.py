@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 
 from PIL import Image, UnidentifiedImageError
 
+from touchvl.chat.targets import CHECKS as TARGET_CHECKS
+
 ALLOWED_ROLES = {"system", "user", "assistant", "tool"}
 ALLOWED_MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "refusal", "function_call"}
 PART_TYPES = {"text", "image_url"}
@@ -125,6 +127,7 @@ class Summary:
 class Report:
     path: str
     model: str
+    target: str = "openai"
     errors: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
     summary: Summary = field(default_factory=Summary)
@@ -326,9 +329,11 @@ def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[
 
 
 def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool = False,
-                  fetch: Fetch = fetch_url, counter: TokenCounter | None = None) -> Report:
+                  fetch: Fetch = fetch_url, counter: TokenCounter | None = None, target: str = "openai") -> Report:
+    """``target``: the service's own rules on top of OpenAI's (touchvl/chat/targets.py)."""
     counter = counter or TokenCounter()
-    report = Report(str(path), model)
+    extra_checks = TARGET_CHECKS[target]
+    report = Report(str(path), model, target)
     report.summary.text_tokens_exact = counter.exact
     report.summary.text_tokens_source = counter.source
     context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
@@ -351,6 +356,8 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
             continue
         try:
             errors, stats = check_example(obj, number, counter, check_urls, fetch, context)
+            if isinstance(obj, dict):
+                errors += [Finding(number, code, message) for code, message in extra_checks(obj)]
         except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
             report.errors.append(Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})"))
             continue

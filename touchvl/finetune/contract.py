@@ -6,14 +6,14 @@
   (``jsonl.prices_per_million``), approval state, the provider's notice;
 * :func:`approve`: re-validates the exact bytes, shows the cost, records who approved what.
 
-Submitting is the providers' part (:mod:`touchvl.finetune.providers` chooses one): each writes ``job.json``
+What differs per provider (rules and prices of the re-validation, hyperparameters, the plan, the approval
+prompt, the submission) is :mod:`touchvl.finetune.providers`; each submission writes ``job.json``
 (queued -> running -> succeeded | failed | cancelled) and, on success, ``model.json``.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,57 +78,6 @@ def validation_summary(files: DatasetFiles, model: str, n_epochs, prices: dict[s
 
 def local_hyperparameters(p: FinetuneParams) -> dict:
     return {"n_epochs": p.local.epochs, **p.local.model_dump(mode="json", include=set(TRAINING_KEYS) - {"base_model", "epochs"})}
-
-
-def hyperparameters(p: FinetuneParams) -> dict:
-    return local_hyperparameters(p) if p.provider == "local" else {"n_epochs": p.n_epochs}
-
-
-def trained_model(p: FinetuneParams) -> str:
-    return p.local.base_model if p.provider == "local" else p.model
-
-
-def epochs_setting(p: FinetuneParams):
-    return p.local.epochs if p.provider == "local" else p.n_epochs
-
-
-def plan(params: Params, files: DatasetFiles, today: dt.date) -> dict:
-    p = params.finetune
-    shas = files.sha256
-    approvals = disk.read_json(p.out_dir / "approvals.json", {})
-    checked = validation_summary(files, p.model, epochs_setting(p), params.jsonl.prices_per_million)
-    if p.provider == "local":  # trained here: tokens as the validator counts them, no price
-        checked["cost"].update(model=p.local.base_model, price_per_million=None, cost_usd=0.0)
-    return {"provider": p.provider, "model": trained_model(p), "suffix": p.suffix, "seed": p.seed,
-            "hyperparameters": hyperparameters(p), "dataset_sha256": files.dataset_sha256(),
-            "files": {role: {"path": str(getattr(files, role)), "sha256": shas[role], "examples": checked[role]["examples"],
-                             "errors": checked[role]["errors"]} for role in ("train", "val")},
-            "estimated_cost": checked["cost"], "approved": files.dataset_sha256() in approvals,
-            "notice": provider_notice(p.provider, today), "submit": p.submit}
-
-
-def approve(params: Params, files: DatasetFiles, confirm, reviewer: str | None = None, note: str = "") -> dict:
-    p = params.finetune
-    checked = validation_summary(files, p.model, epochs_setting(p), params.jsonl.prices_per_million)
-    cost = checked["cost"]
-    print(f"dataset {p.dataset}: train {checked['train']['examples']} examples ({checked['train']['errors']} errors, "
-          f"{checked['train']['warnings']} warnings), val {checked['val']['examples']} examples ({checked['val']['errors']} errors)")
-    if p.provider == "local":
-        print(f"local training on {p.local.base_model}: ~{cost['trained_tokens']:,} tokens ({cost['epochs']} epochs), no API cost")
-    else:
-        print(f"estimated cost: {cost['trained_tokens']:,} trained tokens ({cost['epochs']} epochs) ~ ${cost['cost_usd']} on {p.model}")
-    if checked["train"]["errors"] or checked["val"]["errors"]:
-        raise StageError("the files have validation errors; fix them before approving "
-                         f"(first: {checked['train']['first_error'] or checked['val']['first_error']})")
-    if not confirm():
-        raise StageError("not approved")
-    record = {"dataset": p.dataset, "files": files.sha256, "model": trained_model(p), "estimated_cost_usd": cost["cost_usd"],
-              "approved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "approved_by": reviewer or os.environ.get("USER", "unknown"), "note": note}
-    approvals = disk.read_json(p.out_dir / "approvals.json", {})
-    approvals[files.dataset_sha256()] = record
-    disk.write_json(p.out_dir / "approvals.json", approvals)
-    return record
 
 
 def validation_tables(plan_dict: dict, files: DatasetFiles, job: dict | None, model: dict | None) -> list:

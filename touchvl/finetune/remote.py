@@ -18,12 +18,13 @@ import openai
 
 from touchvl import disk
 from touchvl.errors import StageError
-from touchvl.finetune.contract import TERMINAL, DatasetFiles, hyperparameters, validation_summary
+from touchvl.finetune.contract import TERMINAL, DatasetFiles, validation_summary
 from touchvl.params import FinetuneParams, Params
 
 log = logging.getLogger(__name__)
 KEY_VARS = {"openai": "OPENAI_API_KEY", "compatible": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY",
-            "local": "LOCAL_MODEL_API_KEY"}  # local: optional, only if the local server was started with one
+            "local": "LOCAL_MODEL_API_KEY",  # local: optional, only if the local server was started with one
+            "together": "TOGETHER_API_KEY"}
 
 
 def serve_url(p: FinetuneParams) -> str:
@@ -36,6 +37,9 @@ def make_client(p: FinetuneParams) -> openai.OpenAI:
                              max_retries=p.max_retries, timeout=p.timeout_s)
     key_var = KEY_VARS[p.provider]
     key = os.environ.get(key_var)
+    if p.provider == "together" and key:  # Together's chat API is OpenAI-compatible: TouchQA and evaluate use it as is
+        return openai.OpenAI(base_url=p.together.base_url.rstrip("/") + "/v1", api_key=key, max_retries=p.max_retries,
+                             timeout=p.timeout_s)
     if not key:
         raise StageError(f"finetune.provider={p.provider} needs {key_var} in the environment")
     common = dict(api_key=key, max_retries=p.max_retries, timeout=p.timeout_s)
@@ -68,11 +72,15 @@ class Submission:
         approvals = disk.read_json(self.p.out_dir / "approvals.json", {})
         if self.sha not in approvals:
             raise StageError(f"dataset {self.p.dataset} (sha256 {self.sha[:12]}) is not approved: "
-                             f"run `python -m touchvl.finetune.remote approve` after reading its report")
-        checked = validation_summary(self.files, self.p.model, self.p.n_epochs, self.params.jsonl.prices_per_million)
+                             f"run `touchvl finetune approve` after reading its report")
+        self.checked = checked = self.checked_files()
         bad = [role for role in ("train", "val") if checked[role]["errors"]]
         if bad:
             raise StageError(f"{', '.join(bad)} file has validation errors; refusing to submit")
+
+    def checked_files(self) -> dict:
+        """The exact files re-validated with this provider's rules and prices (overridden per provider)."""
+        return validation_summary(self.files, self.p.model, self.p.n_epochs, self.params.jsonl.prices_per_million)
 
     def upload(self, role: str, path: Path) -> str:
         if role in self.state["files"]:
@@ -118,7 +126,7 @@ class Submission:
             try:
                 job = self.client.with_options(max_retries=0).fine_tuning.jobs.create(
                     model=self.p.model, training_file=train_id, validation_file=val_id, suffix=self.p.suffix,
-                    seed=self.p.seed, hyperparameters=hyperparameters(self.p),
+                    seed=self.p.seed, hyperparameters={"n_epochs": self.p.n_epochs},
                     metadata={"dataset_sha256": self.sha, "dataset": self.p.dataset})
                 job_id = job.id
                 break

@@ -1,6 +1,6 @@
 """An OpenAI-compatible chat endpoint for the locally fine-tuned model (``finetune.provider: local``).
 
-    python -m touchvl.finetune.remote serve [--port N]      # or: make serve-model
+    touchvl finetune serve [--port N]      # or: make serve-model
 
 Serves the merged model named in ``artifacts/finetune/model.json`` on 127.0.0.1, so TouchQA and the
 evaluate stage reach it through the same ``openai`` client, only with another base URL:
@@ -279,7 +279,7 @@ def serve_finetuned(p: FinetuneParams, host: str | None = None, port: int | None
     info = disk.read_json(p.out_dir / "model.json", {})
     if info.get("provider") != "local" or not info.get("model_dir"):
         raise StageError(f"{p.out_dir / 'model.json'}: no locally fine-tuned model "
-                         f"(set finetune.provider: local, approve, then `python -m touchvl.finetune.remote submit`)")
+                         f"(set finetune.provider: local, approve, then `touchvl finetune submit`)")
     model = ChatModel(info["model_dir"], info["fine_tuned_model"], p.local.device, p.local.serve_max_tokens)
     try:
         server = ModelServer(model, host or p.local.serve_host, port or p.local.serve_port,

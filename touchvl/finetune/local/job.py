@@ -12,7 +12,7 @@ dataset's sha256, ``job.json`` (queued -> running -> succeeded | failed | cancel
   ``failed`` -- resumes from the newest complete checkpoint and says so in the events, never
   silently from zero; a cancel request is honoured between steps;
 * outputs under ``<out_dir>/local/``: ``adapter/`` (peft), ``merged/`` (base + adapter merged, with
-  the processor: what ``python -m touchvl.finetune.remote serve`` serves) and ``loss.csv`` (a DVC plot).
+  the processor: what ``touchvl finetune serve`` serves) and ``loss.csv`` (a DVC plot).
 
 ``base_model: tiny`` builds a random-weight LLaVA (tiny CLIP tower + tiny Llama + a BPE tokenizer
 trained on the dataset's texts) so the whole path runs offline on CPU in minutes.  It exists to
@@ -82,7 +82,7 @@ def trainer_lock(lay: Layout) -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             raise StageError(f"a local training job is already running (pid {fh.read().strip() or '?'}); "
-                             f"`python -m touchvl.finetune.remote status` shows it") from None
+                             f"`touchvl finetune status` shows it") from None
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
@@ -151,7 +151,7 @@ class LocalSubmission(Submission):
         with open(self.lay.log, "ab") as out:
             subprocess.Popen([sys.executable, "-m", "touchvl", "finetune", "submit"], stdout=out, stderr=out,
                              stdin=subprocess.DEVNULL, start_new_session=True)
-        log.info("training in the background (log: %s); `python -m touchvl.finetune.remote status | events | cancel`", self.lay.log)
+        log.info("training in the background (log: %s); `touchvl finetune status | events | cancel`", self.lay.log)
         return job
 
     def remove_other_jobs_state(self) -> None:
@@ -236,13 +236,13 @@ class LocalSubmission(Submission):
 def status(sub: LocalSubmission) -> dict:
     job = disk.read_json(sub.job_path, {})
     if not job.get("job_id", "").startswith("local-"):
-        raise StageError("no local job submitted yet (`python -m touchvl.finetune.remote submit`)")
+        raise StageError("no local job submitted yet (`touchvl finetune submit`)")
     events = [e for e in read_events(sub.lay.events) if e.get("job_id") == job["job_id"]]
     last = next((e["data"] for e in reversed(events) if "train_loss" in (e.get("data") or {})), None)
     alive = trainer_alive(sub.lay)
     job.update(trainer_alive=alive, step=last["step"] if last else 0, train_loss=last["train_loss"] if last else None)
     if job["status"] in ("queued", "running") and not alive:
-        job["note"] = "no trainer process: it was stopped (kill, crash); `python -m touchvl.finetune.remote submit` resumes"
+        job["note"] = "no trainer process: it was stopped (kill, crash); `touchvl finetune submit` resumes"
     return job
 
 
