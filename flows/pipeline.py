@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import networkx as nx
@@ -59,12 +60,30 @@ def _no_retry_on_stage_failure(task, task_run, state) -> bool:
     return not isinstance(exc, StageFailed)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_no_retry_on_stage_failure, task_run_name="{stage}")
-def reproduce_stage(repo: Path, stage: str) -> dict:
-    logger = get_run_logger()
+DVC_LOCKED = "Unable to acquire lock"
+
+
+def run_dvc_stage(repo: Path, stage: str, lock_wait_s: float, poll_s: float = 10.0, log=None) -> subprocess.CompletedProcess:
+    """``dvc repro --single-item <stage>``; while another DVC process (a build, a user) holds the repo's lock,
+    wait and try again, for at most ``lock_wait_s``.  (DVC's own ``--wait-for-lock`` waits forever: a nightly
+    run must give up, say why, and leave the night's next run to try again.)"""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage],
-                          cwd=repo, env=env, capture_output=True, text=True)
+    deadline = time.monotonic() + lock_wait_s
+    while True:
+        proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage],
+                              cwd=repo, env=env, capture_output=True, text=True)
+        if proc.returncode == 0 or DVC_LOCKED not in proc.stderr + proc.stdout or time.monotonic() >= deadline:
+            return proc
+        if log:
+            log.warning("stage %s: the DVC repo is locked by another process; waiting (up to %.0f s more)", stage,
+                        deadline - time.monotonic())
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_no_retry_on_stage_failure, task_run_name="{stage}")
+def reproduce_stage(repo: Path, stage: str, lock_wait_s: float = 3600.0) -> dict:
+    logger = get_run_logger()
+    proc = run_dvc_stage(repo, stage, lock_wait_s, log=logger)
     ran = f"Running stage '{stage}'" in proc.stdout
     report = publish_validation(repo, stage) if ran or proc.returncode else None
     if proc.returncode:
@@ -75,14 +94,18 @@ def reproduce_stage(repo: Path, stage: str) -> dict:
 
 
 @flow(name="build", log_prints=True)
-def build(repo: str = ".", stages: list[str] | None = None) -> list[dict]:
-    """Reproduce the pipeline stage by stage (all of dvc.yaml unless ``stages`` names some)."""
+def build(repo: str = ".", stages: list[str] | None = None, lock_wait_s: float | None = None) -> list[dict]:
+    """Reproduce the pipeline stage by stage (all of dvc.yaml unless ``stages`` names some); a stage waits up to
+    ``lock_wait_s`` (default ``flows.lock_wait_s``) while another DVC process holds the repo."""
+    from touchvl.params import load_params
+
     root = Path(repo).resolve()
+    wait = lock_wait_s if lock_wait_s is not None else load_params(root / "params.yaml").flows.lock_wait_s
     results = []
     for stage in stage_order(root):
         if stages and stage not in stages:
             continue
-        results.append(reproduce_stage(root, stage))
+        results.append(reproduce_stage(root, stage, wait))
     return results
 
 

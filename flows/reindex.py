@@ -54,7 +54,7 @@ def reindex(repo: str = ".") -> dict:
     after_metrics = _read(index_metrics)
     report = {"added": len(changes["added"]), "removed": len(changes["removed"]), "changed": len(changes["changed"]),
               "embedded_now": _read(root / params.embed.summary).get("embedded_now"),
-              "index": after_metrics.get("build"), "duration_s": round(time.perf_counter() - start, 1),
+              "index": _read(root / params.index.build_report), "duration_s": round(time.perf_counter() - start, 1),
               "retrieval_before": before, "retrieval_after": after_metrics.get("tac_to_rgb", {}).get("index")}
     disk.write_json(snapshot_path, snapshot(data_root))
     create_markdown_artifact(key="reindex-report", description="nightly re-index", markdown="\n".join([

@@ -45,8 +45,10 @@ def run(params: Params) -> dict:
     for db in (rgb, tac):
         save_database(*indexes[db.name], db, p.out_dir)
     test = disk.evaluation_rows(manifest)
-    metrics = {"build": report, "tac_to_rgb": retrieval_metrics(indexes["rgb"][0], rgb, tac, test["uid"].to_numpy(np.int64), p)}
+    metrics = {"counts": {name: r["count"] for name, r in report.items()},
+               "tac_to_rgb": retrieval_metrics(indexes["rgb"][0], rgb, tac, test["uid"].to_numpy(np.int64), p)}
     disk.write_json(p.metrics, metrics)
+    disk.write_json(p.build_report, report)
     retriever = Retriever(*indexes["rgb"], manifest)
     query_rows = test.sort_values("uid").head(p.gallery_queries)
     rows = {uid: i for i, uid in enumerate(tac.ids.tolist())}
@@ -54,7 +56,7 @@ def run(params: Params) -> dict:
     hits = retriever.search(tac.vectors[[rows[u] for u in query_rows["uid"]]], space, search_params(p))
     disk.write_text(p.gallery, gallery_html(list(zip((r for _, r in query_rows.iterrows()), hits)),
                                             "Tactile → RGB retrieval (test split)"))
-    return metrics
+    return {**metrics, "build": report}
 
 
 def main(argv: list[str] | None = None) -> None:

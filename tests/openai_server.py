@@ -29,6 +29,8 @@ class ApiFaults:
     error_rate: float = 0.0  # 500 before acting
     rate_limit_rate: float = 0.0  # 429 with retry-after before acting
     drop_rate: float = 0.0  # act, then close the connection without answering (POSTs only)
+    get_drop_rate: float = 0.0  # close a GET's connection without answering (reads are idempotent: nothing acted)
+    rate_limit_every: int = 0  # every Nth request is a 429 with retry-after (0: never)
     latency_s: float = 0.0
     seed: int = 0
 
@@ -44,6 +46,7 @@ class ApiState:
     fail_jobs: bool = False  # jobs end in 'failed' with an error
     models: tuple[str, ...] = ("gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18")
     created_jobs: int = 0
+    handled: int = 0  # requests seen (the rate_limit_every counter)
     statuses: list[int] = field(default_factory=list)  # every status code answered
     chat_requests: list[dict] = field(default_factory=list)
     chat_reply: object = None  # optional callable(request) -> str; default echoes the last user text
@@ -95,6 +98,16 @@ class ApiHandler(BaseHTTPRequestHandler):
             time.sleep(state.faults.latency_s)
         with state.lock:
             roll = state.rng.random()
+            state.handled += 1
+            nth_limited = bool(state.faults.rate_limit_every) and state.handled % state.faults.rate_limit_every == 0
+            drop_get = self.command == "GET" and state.rng.random() < state.faults.get_drop_rate
+        if drop_get:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        if nth_limited:
+            return self._error(429, "Rate limit reached for requests.", "requests", "rate_limit_exceeded",
+                               {"retry-after": "2", "retry-after-ms": "1234"})
         if roll < state.faults.error_rate:
             return self._error(500, "The server had an error while processing your request.", "server_error")
         if roll < state.faults.error_rate + state.faults.rate_limit_rate:

@@ -113,6 +113,43 @@ def test_exactly_one_job_with_dropped_responses_500s_and_429s(files):
     assert any(status == 429 for status in state.statuses) and any(status == 500 for status in state.statuses)
 
 
+def test_polling_rides_out_500s_429s_and_dropped_connections_until_the_job_ends(files):
+    """30% 500s, dropped GETs and a 429 every 5th request, with the client's own retries off: the poller waits
+    each fault out (honouring retry-after) instead of giving up, and exactly one job exists."""
+    state = ApiState(KEY, ApiFaults(seed=7))
+    with ApiServer(state) as server:
+        params = parse_params(_raw(files, server.base_url, submit=True, max_retries=0))
+        _approve(params)
+        sub = remote.Submission(params, remote.make_client(params.finetune), contract.dataset_files(params))
+        sub.check_gate()
+        sub.create_job()  # faults start once the job exists: polling is what is tested
+        state.faults.error_rate, state.faults.get_drop_rate, state.faults.rate_limit_every = 0.3, 0.3, 5
+        slept = []
+        sub.sleep = slept.append
+        job = sub.poll(wait=True)
+    assert job["status"] == "succeeded" and state.created_jobs == 1
+    assert 500 in state.statuses and 429 in state.statuses and len(slept) > 4
+    assert 1.234 in slept  # the 429's retry-after-ms (1234) was the wait, above the 0.02 s backoff cap
+
+
+def test_polling_ends_on_a_4xx_and_on_the_deadline_with_a_clear_error(files):
+    with ApiServer(ApiState(KEY)) as server:
+        params = parse_params(_raw(files, server.base_url, submit=True, max_retries=0, poll_timeout_s=0.5))
+        _approve(params)
+        sub = remote.Submission(params, remote.make_client(params.finetune), contract.dataset_files(params))
+        sub.check_gate()
+        sub.create_job()
+        sub.sleep = lambda s: None
+        server.state.faults.error_rate = 1.0  # the provider is down for good: the deadline ends it, not a traceback
+        with pytest.raises(StageError, match=r"gave up polling job .*finetune.poll_timeout_s=0.*a rerun resumes"):
+            sub.poll(wait=True)
+        server.state.faults.error_rate = 0.0
+        sub.state["job_id"] = "ftjob-does-not-exist"
+        with pytest.raises(StageError, match="API error 404"):
+            with remote.api_errors("compatible"):
+                sub.poll(wait=True)
+
+
 def test_unapproved_or_invalid_files_are_refused(files):
     with ApiServer(ApiState(KEY)) as server:
         params = parse_params(_raw(files, server.base_url, submit=True))

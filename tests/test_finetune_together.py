@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import openai
 import pytest
 import yaml
 from PIL import Image

@@ -76,6 +76,28 @@ def test_reindex_adds_only_new_images(repo):  # noqa: F811
     assert second["retrieval_before"] is not None and _artifact("reindex-report")
 
 
+def test_a_stage_waits_while_another_dvc_process_holds_the_repo(repo):  # noqa: F811
+    """The nightly run must not lose the night when a build holds DVC's lock: it waits (bounded), then runs."""
+    import threading
+
+    from dvc.lock import make_lock
+
+    from flows.pipeline import run_dvc_stage
+
+    lock = make_lock(str(repo / ".dvc/tmp/lock"), tmp_dir=str(repo / ".dvc/tmp"))
+    lock.lock()
+    try:
+        held = run_dvc_stage(repo, "sample", lock_wait_s=0)
+        assert held.returncode != 0 and "Unable to acquire lock" in held.stderr + held.stdout
+        threading.Timer(3.0, lock.unlock).start()
+        waited = run_dvc_stage(repo, "sample", lock_wait_s=120, poll_s=1)
+    finally:
+        if lock.is_locked:
+            lock.unlock()
+    assert waited.returncode == 0, waited.stderr
+    assert "Running stage 'sample'" in waited.stdout
+
+
 # --- review flow: pause with the approval form, resume with approve / reject, or time out ---------
 
 KEY = "sk-test-review-0123456789abcdef"

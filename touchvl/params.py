@@ -153,6 +153,9 @@ class IndexParams(_Section):
     train_size: int = Field(50_000, ge=100)
     out_dir: Path = Path("artifacts/index")
     metrics: Path = Path("artifacts/metrics/index.json")
+    build_report: Path = Path("artifacts/reports/index/build.json")
+    """How this run built each index (rebuild or incremental, added, removed): about the run, not the data, so
+    not a DVC metric (a rerun of the same data would read as a change)."""
     gallery: Path = Path("artifacts/reports/retrieval_gallery.html")
     gallery_queries: int = Field(8, ge=1)
     search: SearchSection = SearchSection()
@@ -313,6 +316,9 @@ class FinetuneParams(_Section):
     timeout_s: float = Field(120.0, gt=0)
     poll_interval_s: float = Field(10.0, gt=0)
     poll_max_interval_s: float = Field(120.0, gt=0)
+    poll_timeout_s: float = Field(3 * 86400.0, gt=0)
+    """Total waiting while polling a job (between polls and after faults) before giving up; the job keeps running
+    at the provider and a rerun resumes polling it."""
     out_dir: Path = Path("artifacts/finetune")
     local: LocalFinetuneParams = LocalFinetuneParams()
     """provider local: the training and serving settings."""
@@ -352,6 +358,8 @@ class FlowsParams(_Section):
     review_poll_s: int = Field(10, ge=1)
     server_host: str = "127.0.0.1"
     server_port: int = Field(4200, ge=1, le=65535)
+    lock_wait_s: float = Field(3600.0, ge=0)
+    """How long a flow's stage waits while another DVC process holds the repo (a build, a user's dvc repro)."""
 
     @model_validator(mode="after")
     def _cron_parses(self) -> "FlowsParams":

@@ -147,18 +147,61 @@ class Submission:
         self.state["seen_events"] += [e.id for e in fresh]
         return fresh
 
+    # -- polling: idempotent reads, so faults are waited out (not the end of the run) until finetune.poll_timeout_s
+    def retrieve(self, job_id: str):
+        return self.client.fine_tuning.jobs.retrieve(job_id)
+
+    def job_status(self, job) -> str:
+        return job.status
+
+    def list_checkpoints(self, job_id: str) -> list[dict]:
+        return [c.model_dump(mode="json") for c in self.client.fine_tuning.jobs.checkpoints.list(job_id)]
+
+    def transient(self, exc: Exception) -> bool:
+        """No answer, a timeout, a 5xx or a 429: worth another poll (a 4xx other than 429 is not)."""
+        return isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError)) or (
+            isinstance(exc, openai.APIStatusError) and (exc.status_code >= 500 or exc.status_code == 429))
+
     def poll(self, wait: bool = True) -> dict:
+        """Poll to a terminal state (``wait``) or once.  Only a terminal job state, a 4xx other than 429, or
+        ``finetune.poll_timeout_s`` of waiting ends it; 5xx, 429 (honouring ``Retry-After``) and dropped
+        connections are waited out with capped exponential backoff, after the client's own retries."""
         job_id = self.state["job_id"]
         interval = self.p.poll_interval_s
+        waited, faults = 0.0, 0
         while True:
-            job = self.client.fine_tuning.jobs.retrieve(job_id)
-            self.new_events(job_id)
-            self.state["status"] = job.status
+            try:
+                job = self.retrieve(job_id)
+                self.new_events(job_id)
+                status = self.job_status(job)
+                checkpoints = self.list_checkpoints(job_id) if status == "succeeded" else None
+            except Exception as exc:
+                if not self.transient(exc):
+                    raise
+                faults += 1
+                if not wait:
+                    raise StageError(f"could not read job {job_id} ({type(exc).__name__}); try again") from None
+                asked = retry_after(exc)  # the server's own wait wins; our backoff is capped
+                delay = asked if asked is not None else min(self.p.poll_interval_s * 2 ** min(faults, 10), self.p.poll_max_interval_s)
+                if waited + delay > self.p.poll_timeout_s:
+                    raise StageError(f"gave up polling job {job_id} after {waited:.0f} s of waiting (finetune.poll_timeout_s="
+                                     f"{self.p.poll_timeout_s:.0f}); the last error: {type(exc).__name__}. The job keeps "
+                                     f"running at the provider: a rerun resumes polling it") from None
+                log.warning("polling job %s: %s (%d in a row); trying again in %.1f s", job_id, type(exc).__name__, faults, delay)
+                self.sleep(delay)
+                waited += delay
+                continue
+            faults = 0
+            self.state["status"] = status
             self.save()
             self.write_job(job)
-            if job.status in TERMINAL or not wait:
-                return self.finish(job)
+            if status in TERMINAL or not wait:
+                return self.finish(job, checkpoints)
+            if waited + interval > self.p.poll_timeout_s:
+                raise StageError(f"job {job_id} is still {status} after {waited:.0f} s of polling (finetune.poll_timeout_s="
+                                 f"{self.p.poll_timeout_s:.0f}); it keeps running at the provider: a rerun resumes polling it")
             self.sleep(interval)
+            waited += interval
             interval = min(interval * 1.5, self.p.poll_max_interval_s)
 
     def write_job(self, job) -> None:
@@ -168,10 +211,9 @@ class Submission:
             "error": job.error.model_dump() if job.error else None, "dataset_sha256": self.sha,
             "provider": self.p.provider})
 
-    def finish(self, job) -> dict:
+    def finish(self, job, checkpoints: list[dict] | None) -> dict:
         if job.status == "succeeded":
-            checkpoints = [c.model_dump(mode="json") for c in self.client.fine_tuning.jobs.checkpoints.list(job.id)]
-            disk.write_json(self.p.out_dir / "checkpoints.json", checkpoints)
+            disk.write_json(self.p.out_dir / "checkpoints.json", checkpoints or [])
             disk.write_json(self.p.out_dir / "model.json", {"fine_tuned_model": job.fine_tuned_model, "job_id": job.id,
                                                               "base_model": job.model, "provider": self.p.provider})
         elif job.status == "failed":
@@ -211,6 +253,16 @@ class Submission:
         self.save()
         self.write_job(job)
         return disk.read_json(self.p.out_dir / "job.json", {})
+
+
+def retry_after(exc: Exception) -> float | None:
+    """Seconds a 429 asks us to wait (``retry-after-ms`` or ``retry-after``), when it says."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, float(headers.get(name)) / scale)
+    return None
 
 
 @contextlib.contextmanager

@@ -367,19 +367,17 @@ class TogetherSubmission(Submission):
         errors = [e.message for e in self.events(job_id) if e.type == "job_error" or e.level == "error"]
         return errors[-1] if errors else "no error event"
 
-    def poll(self, wait: bool = True) -> dict:
-        job_id = self.state["job_id"]
-        interval = self.p.poll_interval_s
-        while True:
-            job = self.client.fine_tuning.retrieve(job_id)
-            self.new_events(job_id)
-            self.state["status"] = job.status
-            self.save()
-            self.write_job(job)
-            if STATUS.get(job.status, job.status) in TERMINAL or not wait:
-                return self.finish(job)
-            self.sleep(interval)
-            interval = min(interval * 1.5, self.p.poll_max_interval_s)
+    def retrieve(self, job_id: str):
+        return self.client.fine_tuning.retrieve(job_id)
+
+    def job_status(self, job) -> str:
+        return STATUS.get(job.status, job.status)
+
+    def transient(self, exc: Exception) -> bool:
+        return retryable(exc)
+
+    def list_checkpoints(self, job_id: str) -> list[dict]:
+        return [c.model_dump(mode="json") for c in self.client.fine_tuning.list_checkpoints(job_id).data]
 
     def write_job(self, job) -> None:
         status = STATUS.get(job.status, job.status)
@@ -393,11 +391,10 @@ class TogetherSubmission(Submission):
             "suffix": job.suffix if getattr(job, "suffix", None) else self.suffix, "dataset_sha256": self.sha,
             "provider": "together", "provider_estimate": self.state.get("provider_estimate")})
 
-    def finish(self, job) -> dict:
+    def finish(self, job, checkpoints: list[dict] | None) -> dict:
         record = disk.read_json(self.p.out_dir / "job.json", {})
         if record["status"] == "succeeded":
-            checkpoints = [c.model_dump(mode="json") for c in self.client.fine_tuning.list_checkpoints(job.id).data]
-            disk.write_json(self.p.out_dir / "checkpoints.json", checkpoints)
+            disk.write_json(self.p.out_dir / "checkpoints.json", checkpoints or [])
             disk.write_json(self.p.out_dir / "model.json", {
                 "fine_tuned_model": record["fine_tuned_model"], "adapter": record["adapter_output_name"],
                 "job_id": job.id, "base_model": job.model, "provider": "together", "base_url": inference_url(self.p)})
