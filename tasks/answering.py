@@ -108,7 +108,7 @@ def resolve_backend(params: Params, provider: str | None = None, model: str | No
     choice = provider or params.chat.provider
     ft = params.finetune
     if choice == OFFLINE:
-        return Backend(OFFLINE, None, ft, "chosen explicitly")
+        return Backend(OFFLINE, None, ft, "offline asked for" if provider else "chat.provider: offline")
     if choice == "auto":
         reason = unusable_reason(ft)
         if reason:

@@ -304,8 +304,9 @@ def api_errors(provider: str):
     reached or does not answer in time (after the client's own retries) stops with one line naming its URL."""
     try:
         yield
-    except openai.APIStatusError as exc:
-        raise StageError(f"{provider} API error {exc.status_code}: {exc.message}") from None
+    except openai.APIStatusError as exc:  # the server's own message, without the client's "Error code: N - " prefix
+        body = exc.body if isinstance(exc.body, dict) else {}
+        raise StageError(f"{provider} API error {exc.status_code}: {body.get('message') or exc.message}") from None
     except openai.APIConnectionError as exc:  # APITimeoutError is one
         url = exc.request.url.copy_with(query=None) if getattr(exc, "request", None) is not None else "its URL"
         what = "did not answer in time (finetune.timeout_s)" if isinstance(exc, openai.APITimeoutError) else \

@@ -106,7 +106,7 @@ def check_image(path: str | Path, chat: ChatParams, role: str = "tactile image")
     except OSError as exc:
         raise ChatInputError(f"{role} {name}: cannot be read ({exc.strerror})") from None
     if size > chat.max_image_mb * 2**20:
-        raise ChatInputError(f"{role} {name} is {size / 2**20:.1f} MB, over the {chat.max_image_mb:g} MB cap "
+        raise ChatInputError(f"{role} {name} is {size / 2**20:.3g} MB, over the {chat.max_image_mb:g} MB cap "
                              f"(chat.max_image_mb); upload a smaller image")
     try:
         with Image.open(path) as img:
