@@ -497,3 +497,40 @@ def test_qa_ask_prints_the_answer_with_its_evidence(pipeline, api, monkeypatch, 
     assert (reply["text"], reply["provider"], reply["model"]) == (REPLY, "compatible", "gpt-4o-mini-2024-07-18")
     assert reply["answerer"] == "gpt-4o-mini-2024-07-18 via compatible" and len(reply["evidence"]) == 3
     assert KEY not in out
+
+
+# ----------------------------------------------------------------------------- provider local: the page starts the server
+
+
+def test_the_page_starts_the_local_fine_tuned_models_server_and_it_answers(pipeline, tmp_path, monkeypatch, no_keys):
+    from tasks import finetune, finetune_local
+    from tests.finetune_local_fixtures import local_raw, write_image_dataset
+
+    corpus = write_image_dataset(tmp_path / "jsonl/tactile_train.jsonl", 4)
+    write_image_dataset(tmp_path / "jsonl/tactile_val.jsonl", 2, start=100)
+    tiny = finetune_local.build_tiny_vlm(tmp_path / "base", finetune_local.dataset_texts(corpus))
+    raw = local_raw(tmp_path, str(tiny), max_steps=2, checkpoint_every=10, serve_port=free_port())
+    local = parse_params(raw)
+    finetune.approve(local, finetune.dataset_files(local), confirm=lambda: True)
+    job = finetune.run(local)  # a real (tiny) local fine-tune: model.json names the merged model
+    assert job["status"] == "succeeded"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))  # what `python -m tasks.finetune serve` reads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    params = pipeline.model_copy(update={"finetune": local.finetune})
+    service = TouchQAService(params, root=tmp_path)  # chat.provider auto: finetune.provider local, model.json local
+    assert (service.backend.provider, service.backend.model) == ("local", job["fine_tuned_model"])
+    service.start()
+    try:
+        assert service.server is not None and service.server.poll() is None  # nothing listened: started here
+        again = TouchQAService(params, root=tmp_path)
+        again.start()
+        assert again.server is None  # running now: a second page starts nothing
+        image, sensor = _query(pipeline)
+        reply = service.answer("What does this feel like?", image, sensor=sensor)
+    finally:
+        service.stop()
+    assert service.server is None
+    assert (reply.provider, reply.model, reply.streamed) == ("local", job["fine_tuned_model"], False)
+    assert isinstance(reply.answer, str) and len(reply.evidence) == params.qa.k_by_intent[reply.intent]
+    served = (local.finetune.out_dir / "local/serve.log").read_text()
+    assert f"chat.completion: {1 + len(reply.evidence)} image(s)" in served  # the answer came from the served model
