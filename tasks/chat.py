@@ -19,6 +19,7 @@ import argparse
 import html
 import logging
 import os
+import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -227,7 +228,9 @@ def main() -> None:
     ap.add_argument("--host", default=None, help="default: chat.host (127.0.0.1)")
     ap.add_argument("--port", type=int, default=None, help="default: chat.port (7860)")
     args = ap.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
     params = load_params()
+    signal.signal(signal.SIGTERM, _interrupt)  # kill ends it like Ctrl-C: a model server started here is stopped
     service = TouchQAService(params, root=Path.cwd())
     service.start()  # provider local: the model server, started here if it is not running
     log.info("answerer: %s", service.status())
@@ -237,6 +240,11 @@ def main() -> None:
         raise StageError(f"cannot listen on {args.host or params.chat.host}:{args.port or params.chat.port}: {exc}") from None
     finally:
         service.stop()
+
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
