@@ -295,7 +295,7 @@ def test_each_provider_answers_through_its_api(pipeline, api, monkeypatch, provi
     elif provider == "compatible":
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
         finetune["base_url"] = server.base_url
-    else:  # the local model's server refuses stream=true, as tasks/model_server.py does
+    else:  # this time a server that refuses stream=true, as some OpenAI-compatible servers do
         monkeypatch.setenv("LOCAL_MODEL_API_KEY", KEY)
         state.streaming = False
         finetune["local"] = pipeline.finetune.local.model_copy(update={"serve_url": server.base_url})
@@ -530,7 +530,8 @@ def test_the_page_starts_the_local_fine_tuned_models_server_and_it_answers(pipel
     finally:
         service.stop()
     assert service.server is None
-    assert (reply.provider, reply.model, reply.streamed) == ("local", job["fine_tuned_model"], False)
+    assert (reply.provider, reply.model, reply.streamed) == ("local", job["fine_tuned_model"], True)
     assert isinstance(reply.answer, str) and len(reply.evidence) == params.qa.k_by_intent[reply.intent]
     served = (local.finetune.out_dir / "local/serve.log").read_text()
-    assert f"chat.completion: {1 + len(reply.evidence)} image(s)" in served  # the answer came from the served model
+    # the answer came from the served model, streamed
+    assert f"chat.completion (streamed): {1 + len(reply.evidence)} image(s)" in served
