@@ -30,7 +30,7 @@ import gradio as gr  # noqa: E402
 from tasks.answering import OFFLINE_LABEL  # noqa: E402
 from tasks.index import thumbnail  # noqa: E402
 from tasks.params import ChatParams, load_params  # noqa: E402
-from tasks.qa_service import MODES, Conversation, Reply, TouchQAService  # noqa: E402
+from tasks.qa_service import MODES, ChatInputError, Conversation, Reply, TouchQAService  # noqa: E402
 from tasks.stage import StageError, run_main  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,10 @@ class ChatState:
 def sensor_value(choice) -> int | None:
     if choice in (None, "", UNKNOWN_SENSOR):
         return None
-    return int(choice)
+    try:
+        return int(choice)
+    except (TypeError, ValueError):
+        raise ChatInputError(f"sensor {choice!r}: a sensor id (0, 1, ...) or '{UNKNOWN_SENSOR}'") from None
 
 
 def evidence_html(reply: Reply | None, error: str | None = None) -> str:
@@ -116,17 +119,17 @@ def respond(service: TouchQAService, question: str, tactile: str | None, rgb: st
     state = replace(state, messages=list(state.messages))
     conv = state.conversation
     shown_question = (question or "").strip()
-    new_surface = bool(tactile) and tactile != conv.tactile
-    if new_surface:
-        state.messages.append({"role": "user", "content": {"path": tactile, "alt_text": "tactile image"}})
+    asked = {"role": "user", "content": shown_question or f"({mode})"}
+    uploads = []  # shown once the service has accepted them (a file that does not decode is not displayed)
+    if tactile and tactile != conv.tactile:
+        uploads.append({"role": "user", "content": {"path": tactile, "alt_text": "tactile image"}})
     if rgb and rgb != conv.rgb:
-        state.messages.append({"role": "user", "content": {"path": rgb, "alt_text": "RGB photo"}})
-    state.messages.append({"role": "user", "content": shown_question or f"({mode})"})
+        uploads.append({"role": "user", "content": {"path": rgb, "alt_text": "RGB photo"}})
     last: Reply | None = None
     try:
         for reply in service.ask(shown_question, conv, tactile, rgb, sensor_value(sensor), mode):
             if last is None:
-                state.messages.append({"role": "assistant", "content": answer_message(reply)})
+                state.messages += uploads + [asked, {"role": "assistant", "content": answer_message(reply)}]
                 ev = evidence_html(reply)
             state.messages[-1] = {"role": "assistant", "content": answer_message(reply)}
             last = reply
@@ -140,7 +143,7 @@ def respond(service: TouchQAService, question: str, tactile: str | None, rgb: st
         return
     message = {"role": "assistant", "content": f"⚠️ {error}"}
     if last is None:
-        state.messages.append(message)
+        state.messages += [asked, message]
     else:
         state.messages[-1] = message
     yield state.messages, evidence_html(last, error), {"error": error}, state, question
@@ -181,7 +184,8 @@ def build_app(chat: ChatParams, service: TouchQAService) -> gr.Blocks:
                 mode = gr.Radio(list(MODES), value="auto", label="Mode", elem_id="mode")
                 if examples:
                     gr.Examples([[path, str(s) if service.uses_sensor_tokens else UNKNOWN_SENSOR] for path, s in examples],
-                                inputs=[tactile, sensor], label="Examples (test split): click one", examples_per_page=8)
+                                inputs=[tactile, sensor], label="Examples (test split): click one", examples_per_page=8,
+                                elem_id="examples")
             with gr.Column(scale=2, min_width=360):
                 chatbot = gr.Chatbot(label="TouchQA", elem_id="chatbot", height=460, feedback_options=None)
                 question = gr.Textbox(placeholder="What does this feel like?", show_label=False, elem_id="question",

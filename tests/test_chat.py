@@ -359,6 +359,12 @@ def test_actionable_errors_in_the_page_never_a_traceback(pipeline, api, monkeypa
     check(updated(pipeline, finetune=compatible, chat={"max_image_mb": 0.0001}), image,
           r"over the 0.0001 MB cap \(chat.max_image_mb\)")
     state.faults.latency_s = 0.0
+    # the same lines when the (streamed) answer request fails after the question was classified
+    for params, expected in ((updated(pipeline, finetune={**compatible, "base_url": closed}), "is unreachable"),
+                             (updated(pipeline, finetune=compatible, chat={"model": "gpt-9"}), "error 404: .*gpt-9")):
+        service = TouchQAService(params)
+        monkeypatch.setattr(service.qa, "classify", lambda question: "describe")
+        assert re.search(f"^⚠️ compatible API .*{expected}", _last_message(_turn(service, "feel?", image)))
     # a bug is one line too (its traceback goes to the server log only)
     service = TouchQAService(updated(pipeline, finetune=compatible))
     monkeypatch.setattr(service.qa, "retrieve", lambda *a, **k: 1 / 0)
@@ -435,13 +441,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def test_real_browser_upload_ask_and_see_the_answer_and_evidence(app_url, pipeline):
+def test_real_browser_upload_ask_and_see_the_answer_and_evidence(app_url, pipeline, offline):
     browser_path = _chromium()
     if browser_path is None:
         pytest.skip("no headless Chromium: `apt-get install chromium` and `pip install playwright` (.ci/run does both)")
     from playwright.sync_api import expect, sync_playwright
 
     image = _manifest(pipeline).query("copy == 0 and split == 'test'")["tac_path"].iloc[0]
+    examples = offline.examples()
     with sync_playwright() as pw:
         # Playwright gives every launch a fresh temporary profile (its own --user-data-dir)
         browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
@@ -449,6 +456,7 @@ def test_real_browser_upload_ask_and_see_the_answer_and_evidence(app_url, pipeli
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(app_url)
             expect(page.get_by_text("offline retrieval answerer").first).to_be_visible(timeout=30_000)
+            expect(page.locator("#sensor")).to_be_visible()  # the projector has sensor tokens
             page.locator("#tactile input[type=file]").set_input_files(image)
             expect(page.locator("#tactile img").first).to_be_visible(timeout=15_000)
             page.locator("#question textarea").fill("What does this feel like?")
@@ -463,6 +471,16 @@ def test_real_browser_upload_ask_and_see_the_answer_and_evidence(app_url, pipeli
                 assert thumbs.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+            # a new conversation from a one-click example (it sets the image and its sensor), image-only mode
+            page.locator("#clear").click()
+            expect(page.locator("#evidence img.ev-thumb")).to_have_count(0)
+            page.locator("#examples tbody tr").first.click()
+            expect(page.locator("#sensor input")).to_have_value(str(examples[0][1]))
+            page.get_by_label("image only").check()
+            page.locator("#question textarea").press("Enter")
+            expect(page.locator("#chatbot").get_by_text("It most likely feels")).to_be_visible(timeout=30_000)
+            expect(thumbs).to_have_count(2 * 3, timeout=10_000)
+            assert page.locator("#evidence .ev-meta").first.inner_text().endswith("mode image only")
         finally:
             browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
