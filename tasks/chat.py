@@ -119,7 +119,7 @@ def respond(service: TouchQAService, question: str, tactile: str | None, rgb: st
     state = replace(state, messages=list(state.messages))
     conv = state.conversation
     shown_question = (question or "").strip()
-    asked = {"role": "user", "content": shown_question or f"({mode})"}
+    asked = {"role": "user", "content": shown_question or "(describe this surface)"}
     uploads = []  # shown once the service has accepted them (a file that does not decode is not displayed)
     if tactile and tactile != conv.tactile:
         uploads.append({"role": "user", "content": {"path": tactile, "alt_text": "tactile image"}})
