@@ -47,21 +47,24 @@ CSS = """
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-class ImageUpload(gr.Image):
-    """A gr.Image that hands the uploaded file over untouched.
+def image_upload(**kwargs) -> gr.Image:
+    """A gr.Image (type filepath) that hands the uploaded file over untouched.
 
-    gr.Image opens every upload with PIL before our code runs, so an undecodable or oversized file fails inside
-    gradio with a generic error; here the file goes to :func:`tasks.qa_service.check_image`, whose message
-    (naming the file and the cap) is shown in the chat. The browser side is gradio's own image component.
+    gr.Image opens every upload with PIL before our code runs, so an undecodable or oversized file would fail inside
+    gradio with its own generic error; here the file goes to :func:`tasks.qa_service.check_image`, whose message
+    (naming the file and the cap) is shown in the chat. The preprocess step is replaced on the instance: a subclass
+    would make gradio write a ``.pyi`` stub next to this file at import.
     """
+    image = gr.Image(type="filepath", **kwargs)
+    gradio_preprocess = image.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is None or payload.path is None:
-            return super().preprocess(payload)  # base64 data from the webcam/clipboard: gradio decodes it
+            return gradio_preprocess(payload)  # base64 data (webcam, clipboard): gradio decodes it to a file
         return str(payload.path)
 
-    def get_block_name(self) -> str:
-        return "image"
+    image.preprocess = preprocess
+    return image
 
 
 @dataclass
@@ -173,10 +176,10 @@ def build_app(chat: ChatParams, service: TouchQAService) -> gr.Blocks:
         state = gr.State(ChatState())
         with gr.Row():
             with gr.Column(scale=1, min_width=240):
-                tactile = ImageUpload(type="filepath", label="Tactile image", sources=["upload", "clipboard"],
+                tactile = image_upload(label="Tactile image", sources=["upload", "clipboard"],
                                       elem_id="tactile", height=220)
                 with gr.Accordion("RGB photo (optional)", open=False):
-                    rgb = ImageUpload(type="filepath", label="RGB photo", sources=["upload", "clipboard"],
+                    rgb = image_upload(label="RGB photo", sources=["upload", "clipboard"],
                                       elem_id="rgb", height=180)
                 sensor = gr.Dropdown(sensors, value=UNKNOWN_SENSOR, label="Sensor", elem_id="sensor",
                                      visible=service.uses_sensor_tokens,
@@ -207,11 +210,11 @@ def build_app(chat: ChatParams, service: TouchQAService) -> gr.Blocks:
 
         # the HTTP API for scripts: hidden inputs, JSON out
         with gr.Row(visible=False):
-            api_tactile = ImageUpload(type="filepath", label="tactile image")
+            api_tactile = image_upload(label="tactile image")
             api_question = gr.Textbox(label="question")
             api_mode = gr.Textbox(value="auto", label=f"mode: {' | '.join(MODES)}")
             api_sensor = gr.Textbox(value=UNKNOWN_SENSOR, label="sensor id or 'unknown'")
-            api_rgb = ImageUpload(type="filepath", label="RGB photo (optional)")
+            api_rgb = image_upload(label="RGB photo (optional)")
             api_out = gr.JSON(label="answer and evidence")
             api_button = gr.Button()
         api_button.click(lambda t, q, m, s, r: api_answer(service, t, q, m, s, r),
