@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test ui serve-model clean-venv
+.PHONY: setup repro test ui serve-model chat clean-venv
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 # The locally fine-tuned model (finetune.provider: local) on an OpenAI-compatible endpoint, 127.0.0.1:8765 by default.
 serve-model: setup
 	$(BIN)/touchvl finetune serve
+
+# The TouchQA chat page on http://127.0.0.1:7860 (chat.host / chat.port); with no API key it answers offline.
+chat: setup
+	$(BIN)/touchvl chat
 
 # Prefect UI on http://127.0.0.1:4200 with the build, review and nightly reindex deployments (Ctrl-C stops both).
 ui: setup

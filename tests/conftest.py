@@ -28,14 +28,18 @@ def write_captions(root: Path, rows: list[tuple]) -> Path:
     return path
 
 
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
+def write_dataset(root: Path) -> Path:
     """20 good pairs with captions and sensors, no split file."""
-    root = tmp_path / "ds"
     for i in range(20):
         write_pair(root, i)
     write_captions(root, [(i, "smooth, glossy, hard", i % 2) for i in range(20)])
     return root
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """20 good pairs with captions and sensors, no split file."""
+    return write_dataset(tmp_path / "ds")
 
 
 def make_params(tmp_path: Path, root: Path, **prepare) -> Params:
@@ -54,6 +58,11 @@ def make_params(tmp_path: Path, root: Path, **prepare) -> Params:
 @pytest.fixture
 def built(tmp_path, dataset):
     """A whole small pipeline run (prepare, embed, projector, no index yet) with outputs under tmp_path."""
+    return build_pipeline(tmp_path, dataset)
+
+
+def build_pipeline(tmp_path: Path, dataset: Path) -> Params:
+    """prepare, embed, both projector stages on ``dataset``, every output under ``tmp_path`` (no index yet)."""
     from tasks import embed, prepare, train_projector
 
     params = parse_params({

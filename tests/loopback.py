@@ -23,3 +23,12 @@ class LoopbackServer(ThreadingHTTPServer):
     def __exit__(self, *exc):
         self.shutdown()
         self.server_close()
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for servers that take a port number rather than 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,9 +2,12 @@
 
 Files (multipart upload, list, retrieve), fine-tuning jobs (validating_files -> queued -> running ->
 succeeded | failed | cancelled, advanced one state per retrieve), events, checkpoints, list with
-``after``/``limit``/``metadata[k]=v`` filters, cancel; models; chat completions (echo).  Bearer-key
-auth (401 with OpenAI's error body), and fault injection: 500s, 429 with ``retry-after``, latency,
-and responses dropped after the state change.
+``after``/``limit``/``metadata[k]=v`` filters, cancel; models; chat completions (echo), also on Azure's
+``/openai/deployments/{name}/chat/completions`` path and streamed as server-sent events
+(``chat.completion.chunk`` deltas, then ``data: [DONE]``) for ``stream: true`` -- or refused with a 400 on
+``param: stream``, as our local model server does, with ``streaming=False``.  Bearer-key auth (401 with
+OpenAI's error body), and fault injection: 500s, 429 with ``retry-after``, latency, and responses dropped
+after the state change.
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ class ApiState:
     statuses: list[int] = field(default_factory=list)  # every status code answered
     chat_requests: list[dict] = field(default_factory=list)
     chat_reply: object = None  # optional callable(request) -> str; default echoes the last user text
+    streaming: bool = True  # False: 400 on stream=true, param "stream"
+    stream_delay_s: float = 0.0  # between streamed chunks
+    deployments: list[str] = field(default_factory=list)  # Azure deployment names seen in chat paths
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
@@ -250,14 +256,44 @@ class ApiHandler(BaseHTTPRequestHandler):
         if req.get("model") not in models:
             return self._error(404, f"The model `{req.get('model')}` does not exist or you do not have access to it.",
                                "invalid_request_error", "model_not_found")
+        if req.get("stream") and not state.streaming:
+            return self._json(400, {"error": {"message": "stream=true is not supported by this server.",
+                                              "type": "invalid_request_error", "param": "stream",
+                                              "code": "unsupported_parameter"}})
         state.chat_requests.append(req)
         last = req["messages"][-1]["content"]
         text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last if p.get("type") == "text")
         text = state.chat_reply(req) if state.chat_reply else f"echo: {text}"
+        if req.get("stream"):
+            return self._stream(state, req["model"], text)
         self._json(200, {"id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion", "created": int(time.time()),
                          "model": req["model"], "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": text}}],
                          "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+
+    def deployment_chat(self, state, body, query, deployment):
+        state.deployments.append(deployment)
+        self.chat(state, body, query)
+
+    def _stream(self, state, model: str, text: str):
+        """Server-sent events as the API sends them: role first, a delta per word, the finish reason, [DONE]."""
+        state.statuses.append(200)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # no Content-Length: the body ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        cid, created = "chatcmpl-" + uuid.uuid4().hex[:12], int(time.time())
+        deltas = [{"role": "assistant", "content": ""}] + [{"content": w} for w in re.findall(r"\S+\s*", text)]
+        for delta, finish in [(d, None) for d in deltas] + [({}, "stop")]:
+            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+            time.sleep(state.stream_delay_s)
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
 
 ROUTES = [
@@ -268,6 +304,7 @@ ROUTES = [
     (r"/fine_tuning/jobs/([^/]+)/events", "GET", ApiHandler.list_events),
     (r"/fine_tuning/jobs/([^/]+)/checkpoints", "GET", ApiHandler.list_checkpoints),
     (r"/models", "GET", ApiHandler.list_models), (r"/chat/completions", "POST", ApiHandler.chat),
+    (r"/deployments/([^/]+)/chat/completions", "POST", ApiHandler.deployment_chat),
 ]
 
 

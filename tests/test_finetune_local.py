@@ -303,6 +303,29 @@ def test_served_model_answers_a_chat_completion_with_an_image(server, trained):
     assert missing.value.code == 404 and json.loads(missing.value.read())["error"]["code"] == "unknown_url"
 
 
+def test_served_model_streams_the_same_text_as_it_completes(server, trained):
+    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    name = trained[2]["fine_tuned_model"]
+    request = dict(model=name, max_tokens=12, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Tactile sample 3: how does this surface feel?"},
+                                     {"type": "image_url", "image_url": {"url": data_url((200, 40, 40))}}]}])
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content  # token by token, same text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    stop = whole.choices[0].message.content.split()[1]
+    stopped = client.chat.completions.create(**request, stop=[stop])
+    streamed = list(client.chat.completions.create(**request, stop=[stop], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == stopped.choices[0].message.content
+    assert streamed[-1].choices[0].finish_reason == "stop" and stop not in stopped.choices[0].message.content
+    with client.chat.completions.create(**{**request, "max_tokens": 200}, stream=True) as early:
+        next(iter(early))  # the client goes away mid-stream: generation ends and the model is free again
+    assert client.chat.completions.create(**request).choices[0].message.content == whole.choices[0].message.content
+
+
 def test_touchqa_runs_end_to_end_against_the_served_local_model(built, server, trained, caplog):
     caplog.set_level(logging.INFO, logger="touchvl.finetune.server")
     index.run(built)

@@ -2,7 +2,8 @@
 
     touchvl search --image data/sample/images_tac/image_3_tac.jpg [--sensor 1] [-k 5]
     touchvl search --text "glossy, smooth" [-k 5]
-    touchvl ask IMAGE "What does this feel like?" [--sensor N] [--json]
+    touchvl ask IMAGE "What does this feel like?" [--sensor N] [--json] [--provider P] [--model M] [--offline]
+    touchvl chat [--host H] [--port N]
     touchvl validate FILE.jsonl [--report-dir DIR] [--check-urls] [--model M] [--epochs N|auto]
     touchvl generate rgb_tac|tactile --csv C --image-url-csv M --out F [...]
     touchvl finetune plan|approve|submit|status|events|cancel|list|serve
@@ -98,16 +99,25 @@ def cmd_search(ctx: Context) -> int:
 
 
 def cmd_ask(ctx: Context) -> int:
-    from touchvl.qa import TouchQAModel
+    from touchvl.answering import resolve_backend
+    from touchvl.qa import TouchQAModel, format_answer
 
-    args = ctx.args
-    result = TouchQAModel(ctx.params).answer(args.image, args.question, args.sensor, args.k)
+    args, params = ctx.args, ctx.params
+    if args.offline and (args.provider or args.model):
+        raise UsageError("--offline takes no --provider or --model")
+    backend = resolve_backend(params, "offline" if args.offline else args.provider, args.model)
+    result = TouchQAModel(params, backend=backend).answer(args.image, args.question, args.sensor, args.k)
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
+        print(json.dumps({**asdict(result), "answerer": backend.label}, indent=2))
     else:
-        print(result.text)
-        print(f"\n[{result.model}, intent {result.intent}; evidence: "
-              + ", ".join(f"uid {h.uid} ({h.score:.2f}: {h.caption})" for h in result.evidence) + "]", file=sys.stderr)
+        print(format_answer(result, backend))
+    return 0
+
+
+def cmd_chat(ctx: Context) -> int:
+    from touchvl.ui.app import serve
+
+    serve(ctx.params, ctx.args.host, ctx.args.port, root=ctx.root or Path.cwd())
     return 0
 
 
@@ -281,7 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--sensor", type=int, default=None)
     ask.add_argument("-k", type=int, default=None, help="neighbours to show (default: by intent)")
     ask.add_argument("--json", action="store_true", help="the answer and its evidence as JSON")
+    ask.add_argument("--provider", choices=("openai", "azure", "compatible", "local", "together"), default=None,
+                     help="chat API to ask (default: chat.provider; auto = finetune.provider if it can answer, else offline)")
+    ask.add_argument("--model", default=None, help="chat model (default: chat.model, model.json's, qa.base_model)")
+    ask.add_argument("--offline", action="store_true", help="the offline retrieval answerer: no chat model, no network")
     ask.set_defaults(func=cmd_ask)
+
+    chat = sub.add_parser("chat", help="the TouchQA chat page (gradio) on 127.0.0.1:7860",
+                          description="Serve the TouchQA chat page: upload a tactile image, ask, see the answer and its "
+                                      "evidence. With no API key it answers offline from the neighbours' captions.")
+    chat.add_argument("--host", default=None, help="default: chat.host (127.0.0.1)")
+    chat.add_argument("--port", type=int, default=None, help="default: chat.port (7860)")
+    chat.set_defaults(func=cmd_chat)
 
     validate = sub.add_parser("validate", help="validate a chat fine-tuning JSONL file (report.json/md/html)",
                               description="Validate any OpenAI chat fine-tuning JSONL file, images included. Exit "

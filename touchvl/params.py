@@ -334,6 +334,32 @@ class QaParams(_Section):
     temperature: float = Field(0.2, ge=0, le=2)
 
 
+class ChatParams(_Section):
+    """The TouchQA chat page (``make chat``, tasks/chat.py) and the answerer ``qa ask`` uses."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+    provider: Literal["auto", "offline", "openai", "azure", "compatible", "local", "together"] = "auto"
+    """auto: finetune.provider when it can answer here (its key is set; for local, a locally fine-tuned model
+    exists), else the offline retrieval answerer, labelled as such. A named provider never falls back."""
+    model: str | None = None
+    """None: the fine-tuned model in <finetune.out_dir>/model.json when it was trained with that provider, else
+    qa.base_model (local: the served model)."""
+    stream: bool = True
+    """Show tokens as they arrive when the provider streams (a server that refuses stream=true is asked again without)."""
+    max_image_mb: float = Field(10.0, gt=0)
+    """Uploads (tactile image, RGB photo) larger than this are refused with the size and this key."""
+    max_image_pixels: int = Field(25_000_000, ge=1)
+    """Decompression-bomb guard: images with more pixels are refused from the header, before decoding."""
+    examples: int = Field(6, ge=0, le=50)
+    """Test-split tactile images offered as one-click examples."""
+    history_turns: int = Field(6, ge=0)
+    """Earlier question/answer pairs of the conversation sent to the chat model with each question."""
+    start_local_server: bool = True
+    """provider local: start `touchvl finetune serve` when finetune.local's server is not running."""
+    local_start_timeout_s: float = Field(180.0, gt=0)
+
+
 class EvaluateParams(_Section):
     answerer: Literal["retrieval", "chat", "finetuned"] = "retrieval"
     prompt: str = "This image gives tactile feelings of?"
@@ -393,6 +419,7 @@ class Params(_Section):
     jsonl: JsonlParams = JsonlParams()
     finetune: FinetuneParams = FinetuneParams()
     qa: QaParams = QaParams()
+    chat: ChatParams = ChatParams()
     evaluate: EvaluateParams = EvaluateParams()
     validation: ValidationParams = ValidationParams()
     flows: FlowsParams = FlowsParams()

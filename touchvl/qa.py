@@ -6,7 +6,9 @@ The query image is embedded and projected exactly as the database was (:class:`Q
 RGB neighbours are retrieved through the guarded retriever (overfetch, ``min_cos``, de-dup), the
 question's intent (classified by the chat model) sets how many neighbours to show and how to ask,
 and the chat model -- the fine-tuned one from ``artifacts/finetune/model.json`` when present --
-answers from the query image, the neighbours' photos and their reference captions.
+answers from the query image, the neighbours' photos and their reference captions.  With a
+:class:`~touchvl.answering.Backend` (``touchvl ask`` and the chat page) the provider and model are chosen by
+``chat.provider`` / the flags, and the offline retrieval answerer replies when no chat model can.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import openai
 
 from touchvl import disk
+from touchvl.answering import Backend, keyword_intent, offline_answer
 from touchvl.chat.messages import file_data_url
 from touchvl.finetune.remote import api_errors, make_client
 from touchvl.params import Params
@@ -38,8 +41,9 @@ CLASSIFY_PROMPT = ("Classify the user's question about a touched surface into ex
 class Answer:
     text: str
     intent: str
-    model: str
+    model: str | None  # None: the offline retrieval answerer
     evidence: list[Hit]
+    provider: str = ""
 
 
 def chat_model(params: Params) -> str:
@@ -61,27 +65,39 @@ def build_messages(question: str, intent: str, query_image: str, hits: list[Hit]
 
 
 class TouchQAModel:
-    def __init__(self, params: Params, client: openai.OpenAI | None = None):
+    def __init__(self, params: Params, client: openai.OpenAI | None = None, backend: Backend | None = None):
+        """Without ``backend``: finetune.provider's client and :func:`chat_model` (errors if it cannot answer)."""
         self.params = params
         self.encoder = QueryEncoder(params)
         manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
         self.retriever = Retriever(*load_index(params.index.out_dir, "rgb"), manifest)
         self._client = client
-        self.model = chat_model(params)
+        self.backend = backend
+        self.model = backend.model if backend else chat_model(params)
+
+    @property
+    def offline(self) -> bool:
+        return self.backend is not None and self.backend.offline
+
+    @property
+    def provider(self) -> str:
+        return self.backend.provider if self.backend else self.params.finetune.provider
 
     @property
     def client(self) -> openai.OpenAI:
-        if self._client is None:
-            self._client = make_client(self.params.finetune)  # fails naming the missing key variable
+        if self._client is None:  # fails naming the missing key variable
+            self._client = self.backend.client() if self.backend else make_client(self.params.finetune)
         return self._client
 
     def _chat(self, messages: list[dict], max_tokens: int) -> str:
-        with api_errors(self.params.finetune.provider):
+        with api_errors(self.provider):
             response = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
                                                            temperature=self.params.qa.temperature)
         return (response.choices[0].message.content or "").strip()
 
     def classify(self, question: str) -> str:
+        if self.offline:
+            return keyword_intent(question)
         reply = self._chat([{"role": "system", "content": CLASSIFY_PROMPT}, {"role": "user", "content": question}], 5)
         label = reply.lower().strip(" .'\"")
         return label if label in INTENTS else "other"
@@ -96,5 +112,18 @@ class TouchQAModel:
                exclude_source: int | None = None) -> Answer:
         intent = self.classify(question)
         hits = self.retrieve(tactile_image, sensor_id, k or self.params.qa.k_by_intent.get(intent, 3), exclude_source)
+        if self.offline:
+            return Answer(offline_answer(question, intent, hits), intent, None, hits, "offline")
         text = self._chat(build_messages(question, intent, str(tactile_image), hits), self.params.qa.max_tokens)
-        return Answer(text, intent, self.model, hits)
+        return Answer(text, intent, self.model, hits, self.provider)
+
+
+def format_answer(result: Answer, backend: Backend) -> str:
+    """The answer, who gave it, and the evidence it rests on."""
+    lines = [result.text, "", f"answerer: {backend.label}",
+             f"intent: {result.intent}; top-{len(result.evidence)} evidence (cosine, source id, caption, images):"]
+    lines += [f"  {rank}. {h.score:.3f}  source {h.source_id} (uid {h.uid})  {h.caption}\n     {h.tac_path}  {h.rgb_path}"
+              for rank, h in enumerate(result.evidence, start=1)]
+    if not result.evidence:
+        lines.append("  (no neighbour above index.search.min_cos)")
+    return "\n".join(lines)

@@ -267,8 +267,23 @@ def retry_after(exc: Exception) -> float | None:
 
 @contextlib.contextmanager
 def api_errors(provider: str):
-    """4xx (bad key, unknown model, invalid file) stop with the server's own message."""
+    """4xx (bad key, unknown model, invalid file) stop with the server's own message; a server that cannot be
+    reached or does not answer in time (after the client's own retries) stops with one line naming its URL."""
     try:
         yield
-    except openai.APIStatusError as exc:
-        raise StageError(f"{provider} API error {exc.status_code}: {exc.message}") from None
+    except openai.APIStatusError as exc:  # the server's own message, without the client's "Error code: N - " prefix
+        body = exc.body if isinstance(exc.body, dict) else {}
+        raise StageError(f"{provider} API error {exc.status_code}: {body.get('message') or exc.message}") from None
+    except openai.APIConnectionError as exc:  # APITimeoutError is one
+        url = exc.request.url.copy_with(query=None) if getattr(exc, "request", None) is not None else "its URL"
+        what = "did not answer in time (finetune.timeout_s)" if isinstance(exc, openai.APITimeoutError) else \
+            f"is unreachable ({_root_cause(exc)})"
+        raise StageError(f"{provider} API at {url} {what}; check the server, the network or the base URL") from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return str(exc) or type(exc).__name__
+
+

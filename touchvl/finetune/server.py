@@ -9,7 +9,8 @@ evaluate stage reach it through the same ``openai`` client, only with another ba
 * ``POST /v1/chat/completions``: system/user/assistant messages, content as a string or text and
   ``image_url`` parts (base64 data URLs, ``file://`` or http(s) URLs), ``max_tokens`` /
   ``max_completion_tokens``, ``temperature`` (0: greedy), ``top_p``, ``seed``, ``stop``; the reply is a
-  ``chat.completion`` with ``usage``;
+  ``chat.completion`` with ``usage``, or with ``stream: true`` server-sent ``chat.completion.chunk`` events
+  as the tokens are generated, then ``data: [DONE]`` (``stream_options.include_usage`` adds the usage chunk);
 * errors in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): 400 for a bad
   request, 401 for a wrong key (only when started with ``LOCAL_MODEL_API_KEY`` set), 404 for an
   unknown model or path.
@@ -32,6 +33,7 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 from touchvl import disk
 from touchvl.chat.messages import open_image, read_image_url
@@ -66,6 +68,8 @@ class ChatRequest:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    stream: bool = False
+    include_usage: bool = False
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -81,8 +85,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             raise ApiError(400, f"Missing required parameter: '{key}'.", key, "missing_required_parameter")
     if not isinstance(req["model"], str):
         raise ApiError(400, "Invalid type for 'model': expected a string.", "model", "invalid_type")
-    if req.get("stream"):
-        raise ApiError(400, "stream=true is not supported by this server.", "stream", "unsupported_parameter")
+    if not isinstance(req.get("stream", False), bool):
+        raise ApiError(400, f"Invalid 'stream': {req['stream']!r}; expected a boolean.", "stream", "invalid_type")
     if req.get("n", 1) != 1:
         raise ApiError(400, "Only n=1 is supported by this server.", "n", "unsupported_value")
 
@@ -110,7 +114,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             raise ApiError(400, f"Invalid '{name}': {value!r}; expected a number in [0, {hi}].", name, "invalid_value")
     stop = req.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    return ChatRequest(req["model"], messages, images, max_tokens, float(temperature), float(top_p), req.get("seed"), stop)
+    include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+    return ChatRequest(req["model"], messages, images, max_tokens, float(temperature), float(top_p), req.get("seed"), stop,
+                       bool(req.get("stream")), include_usage)
 
 
 class ChatModel:
@@ -133,9 +139,8 @@ class ChatModel:
         self.lock = threading.Lock()
         self.created = int(time.time())
 
-    def complete(self, req: ChatRequest) -> dict:
-        import torch
-
+    def _prepare(self, req: ChatRequest) -> tuple[dict, int, dict]:
+        """Model inputs, prompt length and generate() arguments; a 400 when the prompt does not fit."""
         images = [open_image(data) for data in req.images]
         prompt = self.processor.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         inputs = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt").to(self.device)
@@ -149,16 +154,24 @@ class ChatModel:
         tok = self.processor.tokenizer
         sampling = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p} if req.temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return inputs, n_prompt, dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id or tok.eos_token_id, **sampling)
+
+    def _finish_reason(self, new: list[int]) -> str:
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        return "stop" if new and new[-1] in eos else "length"
+
+    def complete(self, req: ChatRequest) -> dict:
+        import torch
+
+        inputs, n_prompt, generate_args = self._prepare(req)
         with self.lock, torch.inference_mode():
             if req.seed is not None:
                 torch.manual_seed(req.seed)
-            out = self.model.generate(**inputs, max_new_tokens=max_new, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                                      **sampling)
+            out = self.model.generate(**inputs, **generate_args)
         new = out[0, n_prompt:].tolist()
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        finish = "stop" if new and new[-1] in eos else "length"
-        text = tok.decode(new, skip_special_tokens=True)
+        finish = self._finish_reason(new)
+        text = self.processor.tokenizer.decode(new, skip_special_tokens=True)
         for s in req.stop:
             if s and s in text:
                 text, finish = text[:text.index(s)], "stop"
@@ -167,6 +180,80 @@ class ChatModel:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                              "logprobs": None, "finish_reason": finish}],
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(new), "total_tokens": n_prompt + len(new)}}
+
+    def stream(self, req: ChatRequest) -> Iterator[dict]:
+        """``chat.completion.chunk`` objects as tokens are generated (the same text as :meth:`complete`).
+
+        Errors a request can cause (context length) are raised here, before the first chunk, while the caller can
+        still answer with a status code. Text that could begin a ``stop`` string is held back until it cannot; a
+        stop string, or the generator being closed (the client went away), ends the generation.
+        """
+        inputs, n_prompt, generate_args = self._prepare(req)
+        return self._chunks(req, inputs, n_prompt, generate_args)
+
+    def _chunks(self, req: ChatRequest, inputs: dict, n_prompt: int, generate_args: dict) -> Iterator[dict]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        halt = threading.Event()
+
+        class Halt(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def generate():
+            try:
+                with torch.inference_mode():
+                    result["out"] = self.model.generate(**inputs, **generate_args, streamer=streamer,
+                                                        stopping_criteria=StoppingCriteriaList([Halt()]))
+            except BaseException as exc:  # re-raised in the handler thread; the streamer must end all the same
+                result["error"] = exc
+                streamer.end()
+
+        cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+
+        def chunk(delta: dict, finish: str | None = None) -> dict:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        hold = max((len(s) for s in req.stop if s), default=1) - 1
+        with self.lock:
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            worker = threading.Thread(target=generate, daemon=True)
+            worker.start()
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                text, sent, stopped = "", 0, False
+                for piece in streamer:
+                    text += piece
+                    cut = min((text.index(s) for s in req.stop if s and s in text), default=None)
+                    if cut is not None:
+                        text, stopped = text[:cut], True
+                        halt.set()
+                    safe = len(text) if stopped else max(sent, len(text) - hold)
+                    if safe > sent:
+                        yield chunk({"content": text[sent:safe]})
+                        sent = safe
+                    if stopped:
+                        break
+                worker.join()
+                if "error" in result:
+                    raise result["error"]
+                if sent < len(text):
+                    yield chunk({"content": text[sent:]})
+                new = result["out"][0, n_prompt:].tolist()
+                yield chunk({}, "stop" if stopped else self._finish_reason(new))
+                if req.include_usage:
+                    yield {**chunk({}), "choices": [], "usage": {
+                        "prompt_tokens": n_prompt, "completion_tokens": len(new), "total_tokens": n_prompt + len(new)}}
+            finally:  # a stop string or a closed connection: end the generation before releasing the model
+                halt.set()  # (the streamer's queue is unbounded: generate() never blocks on it)
+                worker.join()
 
     def model_object(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "local"}
@@ -198,11 +285,40 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_events(self, chunks: Iterator[dict]) -> None:
+        """Server-sent events, one ``data:`` line per chunk, then ``[DONE]``; the connection then closes."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # no Content-Length: the stream ends with the connection
+        self.send_header("x-request-id", "req_" + uuid.uuid4().hex[:16])
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for chunk in chunks:
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except OSError:  # the client closed the connection: closing the generator stops the generation
+            log.info("stream closed by the client")
+        except Exception as exc:  # the status line is sent: the error goes into the stream, as the API does
+            log.exception("streamed request failed")
+            body = ApiError(500, f"The server had an error processing your request: {exc}", type_="server_error").body()
+            with contextlib.suppress(OSError):
+                self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
+        finally:
+            chunks.close()
+
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         try:
-            self._send(200, self._route(body))
+            reply = self._route(body)
+            if isinstance(reply, dict):
+                self._send(200, reply)
+            else:
+                self._send_events(reply)
         except ApiError as exc:
             self._send(exc.status, exc.body())
         except Exception as exc:  # a bug must not kill the server; the client gets a 500 with the reason
@@ -212,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_DELETE = _handle
 
-    def _route(self, body: bytes) -> dict:
+    def _route(self, body: bytes) -> dict | Iterator[dict]:
         model = self.server.model
         key = self.server.api_key
         if key and self.headers.get("Authorization") != f"Bearer {key}":
@@ -228,6 +344,9 @@ class Handler(BaseHTTPRequestHandler):
             req = parse_chat_request(body)
             if req.model != model.name:
                 raise self._unknown_model(req.model)
+            if req.stream:
+                log.info("chat.completion (streamed): %d image(s)", len(req.images))
+                return model.stream(req)
             reply = model.complete(req)
             log.info("chat.completion: %d image(s), %d prompt + %d completion tokens", len(req.images),
                      reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"])
