@@ -68,8 +68,19 @@ class PrepareParams(_Section):
     """Used only when the dataset has no split file: split assigned by a stable hash of the id."""
     default_sensor: int = Field(0, ge=-1)
     """Sensor id for rows without a sensor column; -1 means unknown."""
+    max_sensor_id: int = Field(63, ge=0, le=4095)
+    """Highest sensor id accepted from captions.csv; a higher one is quarantined (bad_sensor), so the projector's
+    sensor table (max id + 1 rows) stays small whatever the file says."""
+    max_caption_chars: int = Field(10_000, ge=1)
+    """Longer captions (after whitespace normalisation) are quarantined (caption_too_long)."""
     jpeg_quality: int = Field(95, ge=50, le=100)
     augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _default_sensor_in_range(self) -> "PrepareParams":
+        if self.default_sensor > self.max_sensor_id:
+            raise ValueError(f"default_sensor={self.default_sensor} is above max_sensor_id={self.max_sensor_id}")
+        return self
 
 
 class EmbedParams(_Section):
