@@ -165,3 +165,15 @@ def test_cli_on_a_non_utf8_split_file_prints_one_line_no_traceback(tmp_path, dat
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{dataset / 'split.csv'}:3: not UTF-8" in proc.stderr
+
+
+def test_an_id_of_thousands_of_digits_and_a_non_utf8_file_name_are_bad_ids(tmp_path, dataset):
+    with open(dataset / "captions.csv", "ab") as fh:
+        fh.write(b"9" * 5000 + b",rough,0\n")  # int() of 5,000 digits raises; the row is line 22
+    name = bytes(dataset / "images_tac") + b"/image_\xff7_tac.jpg"  # a file name that is not UTF-8
+    with open(name, "wb") as fh:
+        fh.write((dataset / "images_tac/image_0_tac.jpg").read_bytes())
+    manifest, q, _ = _prepare(tmp_path, dataset)
+    assert dict(q["reason"]) == {"9" * 5000: "bad_id", "\ufffd7": "bad_id"}
+    assert q.loc["9" * 5000, "file"] == "captions.csv:22" and len(q.loc["9" * 5000, "detail"]) < 100
+    assert len(manifest) == 20
