@@ -12,7 +12,7 @@ import pytest
 
 from tasks.prepare import run
 from touchvl.data.prepare import REASONS, PrepareError
-from tests.conftest import make_params, write_pair
+from tests.conftest import make_params
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = b"index,caption,sensor\n"
@@ -177,3 +177,26 @@ def test_an_id_of_thousands_of_digits_and_a_non_utf8_file_name_are_bad_ids(tmp_p
     assert dict(q["reason"]) == {"9" * 5000: "bad_id", "\ufffd7": "bad_id"}
     assert q.loc["9" * 5000, "file"] == "captions.csv:22" and len(q.loc["9" * 5000, "detail"]) < 100
     assert len(manifest) == 20
+
+
+@pytest.mark.parametrize("name", ["captions.csv", "split.csv"])
+def test_an_unreadable_csv_file_is_a_clear_error(tmp_path, dataset, monkeypatch, name):
+    # as root, chmod cannot make a file unreadable: the OS's answer is simulated at the read
+    (dataset / "split.csv").write_text("index,split\n0,train\n")
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(PrepareError, match=rf"{name}: cannot be read \(Permission denied\)"):
+        run(make_params(tmp_path, dataset))
+
+
+def test_a_header_with_a_non_utf8_extra_column_is_still_read(tmp_path, dataset):
+    (dataset / "captions.csv").write_bytes(b"index,caption,sensor,l\xe9gende\n"
+                                           + b"".join(f"{i},smooth,0,x\n".encode() for i in range(20)))
+    manifest, q, _ = _prepare(tmp_path, dataset)
+    assert q.empty and len(manifest) == 20

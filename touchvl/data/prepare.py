@@ -15,7 +15,6 @@ when the quarantined fraction exceeds ``prepare.max_bad_fraction``.  CSV files a
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import math
@@ -140,10 +139,13 @@ SENSOR = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only: '²'.isdigit() is Tr
 
 def _header(path: Path, records, required: tuple[str, ...], expected: str) -> dict[str, int]:
     """Column positions from the header record, or a clear error naming the file and line."""
-    first = next(records, None)
+    try:
+        first = next(records, None)  # the file is read here
+    except OSError as exc:
+        raise PrepareError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if first is None:
         raise PrepareError(f"{path}: empty file (expected a header '{expected}')")
-    if first.error:
+    if first.kind == "bad_row":  # a header that is not UTF-8 is still read: its required columns are ASCII
         raise PrepareError(f"{path}:{first.line}: header: {first.error}")
     header = [csvfile.printable(h).strip().lower() for h in first.fields]
     missing = [name for name in required if name not in header]
