@@ -57,9 +57,17 @@ def _undecodable(text: str) -> str | None:
     return None
 
 
-def read_records(path: Path) -> Iterator[Record]:
-    """Every non-blank record of ``path``, the header first; malformed ones come with ``error`` set."""
-    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+def read_records(path: Path) -> list[Record]:
+    """Every non-blank record of ``path``, the header first; malformed ones come with ``error`` set.
+
+    A list, parsed while the raised field limit holds (a generator would keep the module global raised
+    for as long as its caller takes).  ``OSError`` from reading the file propagates.
+    """
+    return list(_records(Path(path).read_bytes()))
+
+
+def _records(data: bytes) -> Iterator[Record]:
+    text = data.decode("utf-8", errors="surrogateescape")
     if text.startswith(BOM):
         text = text[1:]
     # physical lines, terminators kept, split on \n, \r\n and \r exactly as csv.reader counts them

@@ -23,6 +23,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -137,12 +138,16 @@ class CaptionRow:
 SENSOR = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only: '²'.isdigit() is True, and int() of 5,000 digits raises
 
 
-def _header(path: Path, records, required: tuple[str, ...], expected: str) -> dict[str, int]:
-    """Column positions from the header record, or a clear error naming the file and line."""
+def _read_records(path: Path) -> Iterator[csvfile.Record]:
     try:
-        first = next(records, None)  # the file is read here
+        return iter(csvfile.read_records(path))
     except OSError as exc:
         raise PrepareError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _header(path: Path, records: Iterator[csvfile.Record], required: tuple[str, ...], expected: str) -> dict[str, int]:
+    """Column positions from the header record, or a clear error naming the file and line."""
+    first = next(records, None)
     if first is None:
         raise PrepareError(f"{path}: empty file (expected a header '{expected}')")
     if first.kind == "bad_row":  # a header that is not UTF-8 is still read: its required columns are ASCII
@@ -161,7 +166,7 @@ def read_captions(path: Path, p: PrepareParams) -> tuple[dict[int, list[CaptionR
     """Read ``index,caption[,sensor]`` record by record so one bad record costs only its own id."""
     rows: dict[int, list[CaptionRow]] = defaultdict(list)
     bad: list[Quarantined] = []
-    records = csvfile.read_records(path)
+    records = _read_records(path)
     col = _header(path, records, ("index", "caption"), "index,caption[,sensor]")
     for record in records:
         fields = record.fields
@@ -270,7 +275,7 @@ def read_splits(path: Path) -> dict[int, str]:
     file decides which ids are test ids, and a guessed split would leak test ids into training."""
     splits: dict[int, str] = {}
     seen: dict[int, int] = {}
-    records = csvfile.read_records(path)
+    records = _read_records(path)
     col = _header(path, records, ("index", "split"), "index,split")
     for record in records:
         if record.error:
