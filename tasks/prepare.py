@@ -48,8 +48,9 @@ def run(params: Params) -> tuple[pd.DataFrame, ScanResult]:
         disk.write_csv(staging / "manifest.csv", manifest)
         checked = manifest.assign(tac_path=manifest["tac_path"].map(lambda s: _staged(s, p.out_dir, staging)),
                                   rgb_path=manifest["rgb_path"].map(lambda s: _staged(s, p.out_dir, staging)))
-        report = checks.run_validation("prepare", validation_tables(checked, scan.summary(), p.max_bad_fraction),
-                                       params.validation)
+        tables = validation_tables(checked, scan.summary(), p.max_bad_fraction,
+                                   max_sensor_id=p.max_sensor_id, max_image_pixels=p.max_image_pixels)
+        report = checks.run_validation("prepare", tables, params.validation)
         if error:
             raise PrepareError(error)
         report.raise_if_failed()

@@ -114,9 +114,13 @@ def test_every_quarantine_reason_with_real_files(tmp_path):
 
 
 def test_png_grayscale_and_rgba_disguised_as_jpg_are_accepted_as_rgb(tmp_path, dataset):
-    Image.new("RGB", (64, 64), (200, 10, 10)).save(dataset / "images_tac/image_0_tac.jpg", format="PNG")
-    Image.new("L", (64, 64), 90).save(dataset / "images_rgb/image_1_rgb.jpg")
-    Image.new("RGBA", (64, 64), (0, 0, 255, 0)).save(dataset / "images_rgb/image_2_rgb.jpg", format="PNG")
+    # not constant (a constant image is quarantined): a horizontal ramp in each
+    ramp = Image.linear_gradient("L").rotate(90).resize((64, 64))
+    Image.merge("RGB", (ramp, ramp, Image.new("L", (64, 64), 10))).save(dataset / "images_tac/image_0_tac.jpg", format="PNG")
+    ramp.save(dataset / "images_rgb/image_1_rgb.jpg")
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 255, 0))
+    rgba.paste((0, 0, 255, 255), (32, 0, 64, 64))  # left half transparent, right half opaque blue
+    rgba.save(dataset / "images_rgb/image_2_rgb.jpg", format="PNG")
     params = make_params(tmp_path, dataset, augment={"copies": 0})
     manifest, scan = run(params)
     assert not scan.quarantine

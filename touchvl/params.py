@@ -6,14 +6,43 @@ in params.yaml never silently falls back to a default.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from touchvl.errors import StageError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+def _device_name(value: str) -> str:
+    # the shape only; whether the device exists here is touchvl.devices.resolve_device's question, at run time
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", value):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _epochs(value):
+    # before the union is tried: one clear error on the key, not one per member ('int', "literal['auto']")
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError("must be 'auto' or a whole number of epochs >= 1")
+    return value
+
+
+def _not_empty(value):
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError("must name at least one module (or be 'all-linear')")
+    return value
+
+
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+"""auto | cpu | cuda | cuda:N | mps (auto = cuda, then mps, then cpu)."""
+Epochs = Annotated[int | Literal["auto"], BeforeValidator(_epochs)]
+Intent = Literal["describe", "compare", "material", "property"]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Section(BaseModel):
@@ -68,8 +97,19 @@ class PrepareParams(_Section):
     """Used only when the dataset has no split file: split assigned by a stable hash of the id."""
     default_sensor: int = Field(0, ge=-1)
     """Sensor id for rows without a sensor column; -1 means unknown."""
+    max_sensor_id: int = Field(63, ge=0, le=4095)
+    """Highest sensor id accepted from captions.csv; a higher one is quarantined (bad_sensor), so the projector's
+    sensor table (max id + 1 rows) stays small whatever the file says."""
+    max_caption_chars: int = Field(10_000, ge=1)
+    """Longer captions (after whitespace normalisation) are quarantined (caption_too_long)."""
     jpeg_quality: int = Field(95, ge=50, le=100)
     augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _default_sensor_in_range(self) -> "PrepareParams":
+        if self.default_sensor > self.max_sensor_id:
+            raise ValueError(f"default_sensor={self.default_sensor} is above max_sensor_id={self.max_sensor_id}")
+        return self
 
 
 class EmbedParams(_Section):
@@ -79,7 +119,7 @@ class EmbedParams(_Section):
     """imagebind_huge weights; else $IMAGEBIND_CHECKPOINT; else <checkpoint_dir>/imagebind_huge.pth."""
     checkpoint_dir: Path = Path(".checkpoints")
     seed: int = 0
-    device: str = "auto"
+    device: DeviceName = "auto"
     batch_size: int | None = Field(None, ge=1)
     """Pairs per forward (2x images); None picks per device (4 on CPU, 64 on a GPU)."""
     num_workers: int | None = Field(None, ge=0)
@@ -106,16 +146,24 @@ class ProjectorParams(_Section):
     num_tokens: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    num_sensors: int | None = Field(None, ge=0)
+    num_sensors: int | None = Field(None, ge=0, le=4096)
     """Sensors with their own tokens; None = max sensor id in the data + 1; 0 disables sensor tokens."""
     sensor_tokens: int = Field(2, ge=1)
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     """Train source ids held out for early stopping (the test split is never used for model selection)."""
-    device: str = "auto"
+    device: DeviceName = "auto"
     out_dir: Path = Path("artifacts/projector")
     projected_dir: Path = Path("embeddings/embeddings_tac_projected")
     metrics: Path = Path("artifacts/metrics/projector.json")
     history_dir: Path = Path("artifacts/metrics")
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_divide_dim(cls, heads: int, info: ValidationInfo) -> int:
+        dim = info.data.get("dim")  # absent when dim itself failed
+        if dim is not None and dim % heads:
+            raise ValueError(f"projector.dim={dim} is not divisible by heads={heads} (each head gets dim/heads channels)")
+        return heads
 
 
 class TrainStageParams(_Section):
@@ -181,6 +229,17 @@ class UploadParams(_Section):
     manifest: Path = Path("artifacts/upload/manifest.csv")
     mapping: Path = Path("artifacts/upload/image_url_mapping.csv")
 
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_stays_inside(cls, prefix: str) -> str:
+        # the prefix names folders under local_dir (and keys in the bucket): '..', an absolute path or a
+        # backslash would write outside local_dir, or to keys no listing of the prefix finds again
+        if ("\\" in prefix or prefix.startswith("/") or any(ord(c) < 32 for c in prefix)
+                or any(part in (".", "..") for part in prefix.split("/"))):
+            raise ValueError("must be a relative prefix like 'tvl/' (no '.' or '..' parts, leading '/', "
+                             "backslashes or control characters)")
+        return prefix
+
     @model_validator(mode="after")
     def _oss_needs_location(self) -> "UploadParams":
         if self.backend == "oss" and not (self.endpoint and self.bucket):
@@ -194,16 +253,24 @@ class JsonlParams(_Section):
     """base64 data URLs (offline default: file:// URLs are not fetchable by a fine-tuning service) or mapping URLs."""
     detail: Literal["low", "high", "auto"] = "low"
     model: str = "gpt-4o-2024-08-06"
-    n_epochs: int | Literal["auto"] = "auto"
-    prices_per_million: dict[str, float] = {"gpt-4o-2024-08-06": 25.0}
+    n_epochs: Epochs = "auto"
+    prices_per_million: dict[str, Annotated[float, Field(ge=0.0)]] = {"gpt-4o-2024-08-06": 25.0}
     system_prompt: str = "You are a tactile perception assistant. Describe how surfaces feel to the touch."
-    intents: tuple[str, ...] = ("describe", "compare", "material", "property")
+    intents: tuple[Intent, ...] = Field(("describe", "compare", "material", "property"), min_length=1)
     seed: int = 0
     multimodal_limit: int = Field(3000, ge=1)
     text_only_every: int = Field(5, ge=0)
     """Multimodal set: every Nth example is text-only (0: none)."""
     tactile_limit: int = Field(1500, ge=1)
-    tactile_quotas: dict[str, float] = {"tactile_only": 0.6, "dual_image": 0.25, "text_only": 0.15}
+    tactile_quotas: dict[str, Fraction] = {"tactile_only": 0.6, "dual_image": 0.25, "text_only": 0.15}
+
+    @field_validator("intents")
+    @classmethod
+    def _intents_once(cls, intents: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({i for i in intents if intents.count(i) > 1})
+        if repeated:
+            raise ValueError(f"{repeated} listed more than once")
+        return intents
 
     @model_validator(mode="after")
     def _quotas(self) -> "JsonlParams":
@@ -223,7 +290,8 @@ class LocalFinetuneParams(_Section):
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] | Literal["all-linear"] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: Annotated[tuple[str, ...] | Literal["all-linear"], BeforeValidator(_not_empty)] = (
+        "q_proj", "k_proj", "v_proj", "o_proj")
     exclude_modules: str | None = r".*(vision|visual|multi_modal_projector|connector).*"
     """Regex of module names left without LoRA (default: the vision tower and projector, i.e. the LM only)."""
     epochs: int = Field(1, ge=1)
@@ -242,6 +310,8 @@ class LocalFinetuneParams(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: fp32 on CPU and MPS, bf16 on CUDA (fp16 where bf16 is unsupported)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """No cuda:N here (unlike embed/projector): the trainer compares the device with "cuda" and autocasts on it;
+    pick a GPU with CUDA_VISIBLE_DEVICES."""
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(50, ge=1)
     """Optimizer steps between checkpoints (a rerun after kill -9 resumes from the newest)."""
@@ -305,7 +375,7 @@ class FinetuneParams(_Section):
     model: str = "gpt-4o-2024-08-06"
     suffix: str = "touch"
     seed: int = 0
-    n_epochs: int | Literal["auto"] = "auto"
+    n_epochs: Epochs = "auto"
     submit: bool = False
     """false: write plan.json only, no network call (what `make repro` does)."""
     base_url: str | None = None
@@ -329,7 +399,7 @@ class FinetuneParams(_Section):
 class QaParams(_Section):
     base_model: str = "gpt-4o-2024-08-06"
     """Chat model when artifacts/finetune/model.json does not exist (the client settings are finetune's)."""
-    k_by_intent: dict[str, int] = {"describe": 3, "compare": 4, "identify_material": 5, "property": 3, "other": 3}
+    k_by_intent: dict[str, Annotated[int, Field(ge=1)]] = {"describe": 3, "compare": 4, "identify_material": 5, "property": 3, "other": 3}
     max_tokens: int = Field(300, ge=16)
     temperature: float = Field(0.2, ge=0, le=2)
 

@@ -10,26 +10,28 @@ augmented/normalised images under ``data/prepared/images_{tac,rgb}/`` and
 ``artifacts/reports/prepare/quarantine.csv`` (``id,file,reason,detail``, one row per bad id).
 
 Bad inputs are quarantined, never fatal and never able to drop a good row; the stage fails only
-when the quarantined fraction exceeds ``prepare.max_bad_fraction``.
+when the quarantined fraction exceeds ``prepare.max_bad_fraction``.  CSV files are read record by record
+(touchvl.data.csvfile) and images decoded through one path (touchvl.data.imagefile).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import math
 import re
-import warnings
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageEnhance, UnidentifiedImageError
+from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
 from touchvl import disk
+from touchvl.data import csvfile, imagefile
 from touchvl.disk import MANIFEST_COLUMNS
 from touchvl.errors import StageError
 from touchvl.params import AugmentParams, PrepareParams
@@ -37,9 +39,9 @@ from touchvl.params import AugmentParams, PrepareParams
 log = logging.getLogger(__name__)
 
 REASONS = (
-    "bad_encoding", "bad_id", "duplicate_id", "missing_caption", "empty_caption",
-    "missing_images", "missing_tac", "missing_rgb", "corrupt_image", "image_too_small",
-    "image_too_large",
+    "bad_encoding", "bad_row", "bad_id", "duplicate_id", "bad_sensor", "missing_caption", "empty_caption",
+    "caption_too_long", "missing_images", "missing_tac", "missing_rgb", "corrupt_image", "unsupported_image",
+    "image_too_small", "image_too_large", "constant_image",
 )
 SPLITS = ("train", "test")
 UID_STRIDE = 1000  # uid = source_id * UID_STRIDE + copy: stable across reruns and new ids
@@ -99,8 +101,28 @@ def parse_id(raw: str) -> int | None:
     raw = raw.strip()
     if not raw.isascii() or not raw.isdigit():
         return None
-    value = int(raw)
+    digits = raw.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_SOURCE_ID)):  # before int(): thousands of digits raise (and are slow)
+        return None
+    value = int(digits)
     return value if value <= MAX_SOURCE_ID else None
+
+
+def intended_id(raw: str) -> int | None:
+    """The id a malformed one spells ('7.0', '+7', '\uff11\uff12', '13x' -> 7, 7, 12, 13), else ``None``.
+
+    Only to report a mistyped id once -- one quarantine row, not a bad row plus an id whose caption or image
+    is missing -- never to accept data under a guessed id.  A single run of digits counts ('7.5' is no id).
+    """
+    text = "".join(c for c in unicodedata.normalize("NFKC", raw[:64]) if unicodedata.category(c) != "Cf").strip()
+    number = re.fullmatch(r"\+?([0-9]+)(?:\.0*)?", text)
+    runs = [number[1]] if number else re.findall(r"[0-9]+", text)
+    return parse_id(runs[0]) if len(runs) == 1 else None
+
+
+def _short(text: str, limit: int = 40) -> str:
+    text = csvfile.printable(text)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 # ----------------------------------------------------------------------------- captions
@@ -113,44 +135,70 @@ class CaptionRow:
     sensor_id: int
 
 
-def read_captions(path: Path, default_sensor: int) -> tuple[dict[int, list[CaptionRow]], list[Quarantined]]:
-    """Read ``index,caption[,sensor]`` line by line so one undecodable line costs only its own id."""
+SENSOR = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only: '²'.isdigit() is True, and int() of 5,000 digits raises
+
+
+def _read_records(path: Path) -> Iterator[csvfile.Record]:
+    try:
+        return iter(csvfile.read_records(path))
+    except OSError as exc:
+        raise PrepareError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _header(path: Path, records: Iterator[csvfile.Record], required: tuple[str, ...], expected: str) -> dict[str, int]:
+    """Column positions from the header record, or a clear error naming the file and line."""
+    first = next(records, None)
+    if first is None:
+        raise PrepareError(f"{path}: empty file (expected a header '{expected}')")
+    if first.kind == "bad_row":  # a header that is not UTF-8 is still read: its required columns are ASCII
+        raise PrepareError(f"{path}:{first.line}: header: {first.error}")
+    header = [csvfile.printable(h).strip().lower() for h in first.fields]
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise PrepareError(f"{path}:{first.line}: missing column(s) {missing} (expected '{expected}', got {header})")
+    repeated = sorted({h for h in header if h and header.count(h) > 1})
+    if repeated:
+        raise PrepareError(f"{path}:{first.line}: column(s) {repeated} appear twice in the header")
+    return {name: header.index(name) for name in header}
+
+
+def read_captions(path: Path, p: PrepareParams) -> tuple[dict[int, list[CaptionRow]], list[Quarantined]]:
+    """Read ``index,caption[,sensor]`` record by record so one bad record costs only its own id."""
     rows: dict[int, list[CaptionRow]] = defaultdict(list)
     bad: list[Quarantined] = []
-    raw_lines = path.read_bytes().splitlines()
-    if not raw_lines:
-        raise PrepareError(f"{path}: empty file (expected a header 'index,caption[,sensor]')")
-    header = next(csv.reader([raw_lines[0].decode("utf-8-sig", errors="replace")]))
-    header = [h.strip().lower() for h in header]
-    if "index" not in header or "caption" not in header:
-        raise PrepareError(f"{path}:1: header must have 'index' and 'caption' columns, got {header}")
-    col = {name: header.index(name) for name in header}
-    for line_no, raw in enumerate(raw_lines[1:], start=2):
-        where = f"{path.name}:{line_no}"
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raw_id = raw.split(b",", 1)[0].decode("ascii", errors="replace").strip()
-            bad.append(Quarantined(raw_id, where, "bad_encoding", f"not UTF-8: {exc.reason} at byte {exc.start}"))
-            continue
-        fields = next(csv.reader([text]))
+    records = _read_records(path)
+    col = _header(path, records, ("index", "caption"), "index,caption[,sensor]")
+    for record in records:
+        fields = record.fields
+        where = f"{path.name}:{record.line}"
         raw_id = fields[col["index"]] if len(fields) > col["index"] else ""
+        shown_id = csvfile.printable(raw_id).strip()
+        if record.error:
+            bad.append(Quarantined(shown_id, where, record.kind, record.error))
+            continue
+        if len(fields) > len(col):
+            bad.append(Quarantined(shown_id, where, "bad_row", f"{len(fields)} fields, the header has {len(col)} "
+                                   "(a caption with a comma must be quoted)"))
+            continue
         item_id = parse_id(raw_id)
         if item_id is None:
-            bad.append(Quarantined(raw_id.strip(), where, "bad_id", f"id {raw_id!r} is not a non-negative integer"))
+            bad.append(Quarantined(shown_id, where, "bad_id", f"id {_short(raw_id)} is not a non-negative integer"))
             continue
-        caption = fields[col["caption"]] if len(fields) > col["caption"] else ""
-        sensor_id = default_sensor
-        if "sensor" in col and len(fields) > col["sensor"] and fields[col["sensor"]].strip():
-            sensor_raw = fields[col["sensor"]].strip()
-            if sensor_raw.lstrip("-").isdigit() and int(sensor_raw) >= -1:
-                sensor_id = int(sensor_raw)
-            else:
-                log.warning("%s: sensor %r is not an integer; using unknown (-1)", where, sensor_raw)
-                sensor_id = -1
-        rows[item_id].append(CaptionRow(line_no, " ".join(caption.split()), sensor_id))
+        caption = " ".join((fields[col["caption"]] if len(fields) > col["caption"] else "").split())
+        if len(caption) > p.max_caption_chars:
+            bad.append(Quarantined(shown_id, where, "caption_too_long",
+                                   f"{len(caption)} characters > prepare.max_caption_chars={p.max_caption_chars}"))
+            continue
+        sensor_raw = fields[col["sensor"]].strip() if "sensor" in col and len(fields) > col["sensor"] else ""
+        sensor_id = int(sensor_raw) if SENSOR.fullmatch(sensor_raw) else None
+        if not sensor_raw:
+            sensor_id = p.default_sensor
+        elif sensor_id is None or not -1 <= sensor_id <= p.max_sensor_id:
+            bad.append(Quarantined(shown_id, where, "bad_sensor",
+                                   f"sensor {_short(sensor_raw)} is not an integer in -1..{p.max_sensor_id} "
+                                   f"(-1 = unknown; prepare.max_sensor_id={p.max_sensor_id})"))
+            continue
+        rows[item_id].append(CaptionRow(record.line, caption, sensor_id))
     return rows, bad
 
 
@@ -168,7 +216,9 @@ def scan_images(folder: Path, kind: str) -> tuple[dict[int, list[Path]], list[Qu
             continue
         item_id = parse_id(match["id"])
         if item_id is None:
-            bad.append(Quarantined(match["id"], str(path), "bad_id", f"id {match['id']!r} in file name is not a non-negative integer"))
+            # printable: a file name that is not UTF-8 must not crash the quarantine report
+            bad.append(Quarantined(csvfile.printable(match["id"]), csvfile.printable(str(path)), "bad_id",
+                                   f"id {_short(match['id'])} in file name is not a non-negative integer"))
         else:
             found[item_id].append(path)
     return found, bad
@@ -178,37 +228,37 @@ def scan_images(folder: Path, kind: str) -> tuple[dict[int, list[Path]], list[Qu
 class ImageCheck:
     reason: str | None  # None when the image is good
     detail: str = ""
-    needs_normalising: bool = False  # not an RGB JPEG on disk (PNG-as-.jpg, grayscale, RGBA...)
+    needs_normalising: bool = False  # not a plain RGB JPEG on disk (PNG-as-.jpg, grayscale, 16-bit, EXIF-rotated...)
 
 
 def check_image(path: Path, p: PrepareParams) -> ImageCheck:
+    """Decode the image the way :func:`load_rgb` will (touchvl.data.imagefile) and say whether it may be published."""
     try:
         if path.stat().st_size == 0:
             return ImageCheck("corrupt_image", "zero-byte file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size  # header only: checked before any pixel is decoded
-                if width * height > p.max_image_pixels:
-                    return ImageCheck("image_too_large", f"{width}x{height} > prepare.max_image_pixels={p.max_image_pixels}")
-                if min(width, height) < p.min_image_side:
-                    return ImageCheck("image_too_small", f"{width}x{height} < prepare.min_image_side={p.min_image_side}")
-                img.load()  # a truncated file fails here
-                return ImageCheck(None, needs_normalising=(img.format != "JPEG" or img.mode != "RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+        with imagefile.open_image(path, p.max_image_pixels) as img:  # header only: size checked before decoding
+            width, height = img.size
+            if min(width, height) < p.min_image_side:
+                return ImageCheck("image_too_small", f"{width}x{height} < prepare.min_image_side={p.min_image_side}")
+            img.load()  # a truncated file fails here
+            rgb = imagefile.to_rgb(img)
+            needs_normalising = img.format != "JPEG" or img.mode != "RGB" or imagefile.has_orientation(img)
+    except imagefile.ImageRejected as exc:
+        return ImageCheck(exc.reason, exc.detail)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on a hostile file, the file is bad
         return ImageCheck("corrupt_image", f"{type(exc).__name__}: {exc}")
+    if imagefile.pixel_std(rgb) == 0.0:
+        # nothing to learn from, and the signature of a failed conversion: never published
+        return ImageCheck("constant_image", f"every pixel is {rgb.getpixel((0, 0))} (mode {img.mode})")
+    return ImageCheck(None, needs_normalising=needs_normalising)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        if img.mode in ("RGBA", "LA", "P"):
-            # composite transparency on white instead of letting convert() drop alpha to black
-            rgba = img.convert("RGBA")
-            background = Image.new("RGB", rgba.size, (255, 255, 255))
-            background.paste(rgba, mask=rgba.getchannel("A"))
-            return background
-        return img.convert("RGB")
+def load_rgb(path: Path, max_pixels: int) -> Image.Image:
+    """The RGB pixels of an image :func:`check_image` accepted (EXIF orientation applied, deep samples scaled)."""
+    with imagefile.open_image(path, max_pixels) as img:
+        return imagefile.to_rgb(img)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -221,16 +271,29 @@ def stable_split(item_id: int, test_fraction: float) -> str:
 
 
 def read_splits(path: Path) -> dict[int, str]:
+    """``index,split``.  Unlike captions, any bad record is an error naming its line, not a quarantine: the
+    file decides which ids are test ids, and a guessed split would leak test ids into training."""
     splits: dict[int, str] = {}
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"index", "split"} - set(frame.columns)
-    if missing:
-        raise PrepareError(f"{path}:1: missing column(s) {sorted(missing)}")
-    for offset, (raw_id, value) in enumerate(zip(frame["index"], frame["split"])):
-        item_id, value = parse_id(raw_id), value.strip().lower()
+    seen: dict[int, int] = {}
+    records = _read_records(path)
+    col = _header(path, records, ("index", "split"), "index,split")
+    for record in records:
+        if record.error:
+            raise PrepareError(f"{path}:{record.line}: {record.error}")
+        fields = record.fields
+        if len(fields) > len(col):
+            raise PrepareError(f"{path}:{record.line}: {len(fields)} fields, the header has {len(col)}")
+        raw_id = fields[col["index"]] if len(fields) > col["index"] else ""
+        value = (fields[col["split"]] if len(fields) > col["split"] else "").strip().lower()
+        item_id = parse_id(raw_id)
         if item_id is None or value not in SPLITS:
-            raise PrepareError(f"{path}:{offset + 2}: expected '<integer id>,train|test', got {raw_id!r},{value!r}")
+            raise PrepareError(f"{path}:{record.line}: expected '<integer id>,train|test', "
+                               f"got {_short(raw_id)},{_short(value)}")
+        if splits.get(item_id, value) != value:
+            raise PrepareError(f"{path}:{record.line}: id {item_id} is already {splits[item_id]!r} "
+                               f"at line {seen[item_id]}")
         splits[item_id] = value
+        seen.setdefault(item_id, record.line)
     return splits
 
 
@@ -242,7 +305,7 @@ def scan_dataset(root: Path, captions_name: str, splits_name: str, p: PreparePar
     captions_path = root / captions_name
     if not captions_path.is_file():
         raise PrepareError(f"{captions_path}: captions file not found (data.root={root})")
-    captions, caption_bad = read_captions(captions_path, p.default_sensor)
+    captions, caption_bad = read_captions(captions_path, p)
     tac, tac_bad = scan_images(root / "images_tac", "tac")
     rgb, rgb_bad = scan_images(root / "images_rgb", "rgb")
     splits_path = root / splits_name
@@ -255,6 +318,25 @@ def scan_dataset(root: Path, captions_name: str, splits_name: str, p: PreparePar
 
     for q in caption_bad + tac_bad + rgb_bad:
         flag(q)
+    # a mistyped id ('7.0' for 7) is one bad item: its bad_id row also explains the caption or image that id 7
+    # lacks, instead of a second row (missing_caption) that would count the item twice against max_bad_fraction
+    misspelt: dict[tuple[str, int], Quarantined] = {}
+    for source, bad in (("caption", caption_bad), ("tac", tac_bad), ("rgb", rgb_bad)):
+        for q in bad:
+            meant = intended_id(q.id) if q.reason == "bad_id" else None
+            if meant is not None:
+                misspelt.setdefault((source, meant), q)
+
+    def flag_missing(item_id: int, missing: Quarantined, sources: tuple[str, ...]) -> None:
+        for source in sources:
+            q = misspelt.pop((source, item_id), None)
+            if q is not None and quarantine.get(q.id) is q:
+                del quarantine[q.id]
+                flag(Quarantined(missing.id, q.file, "bad_id",
+                                 f"{q.detail} (read as {item_id}, which is otherwise {missing.reason})"))
+                return
+        flag(missing)
+
     pairs: list[SourcePair] = []
     all_ids = sorted(set(captions) | set(tac) | set(rgb))
     for item_id in tqdm(all_ids, desc="check pairs", unit="id"):
@@ -276,20 +358,22 @@ def scan_dataset(root: Path, captions_name: str, splits_name: str, p: PreparePar
         tac_paths, rgb_paths = tac.get(item_id), rgb.get(item_id)
         if not rows:
             some = (tac_paths or rgb_paths)[0]
-            flag(Quarantined(key, str(some), "missing_caption", f"no row in {captions_name}"))
+            flag_missing(item_id, Quarantined(key, str(some), "missing_caption", f"no row in {captions_name}"), ("caption",))
             continue
         where = f"{captions_name}:{rows[0].line}"
         if not rows[0].caption.strip(" ,"):
             flag(Quarantined(key, where, "empty_caption", "caption is empty or whitespace"))
             continue
         if not tac_paths and not rgb_paths:
-            flag(Quarantined(key, where, "missing_images", "no tactile and no RGB image"))
+            flag_missing(item_id, Quarantined(key, where, "missing_images", "no tactile and no RGB image"), ("tac", "rgb"))
             continue
         if not tac_paths:
-            flag(Quarantined(key, str(rgb_paths[0]), "missing_tac", f"no images_tac/image_{item_id}_tac.jpg"))
+            flag_missing(item_id, Quarantined(key, str(rgb_paths[0]), "missing_tac", f"no images_tac/image_{item_id}_tac.jpg"),
+                         ("tac",))
             continue
         if not rgb_paths:
-            flag(Quarantined(key, str(tac_paths[0]), "missing_rgb", f"no images_rgb/image_{item_id}_rgb.jpg"))
+            flag_missing(item_id, Quarantined(key, str(tac_paths[0]), "missing_rgb", f"no images_rgb/image_{item_id}_rgb.jpg"),
+                         ("rgb",))
             continue
         checks = [check_image(path, p) for path in (tac_paths[0], rgb_paths[0])]
         failed = [(path, c) for path, c in zip((tac_paths[0], rgb_paths[0]), checks) if c.reason]
@@ -394,7 +478,7 @@ def build_manifest(pairs: list[SourcePair], p: PrepareParams, out_dir: Path, fin
         for kind, src, normalise in (("tac", pair.tac_path, pair.normalise[0]),
                                      ("rgb", pair.rgb_path, pair.normalise[1])):
             if copies or normalise:
-                images[kind] = load_rgb(src)
+                images[kind] = load_rgb(src, p.max_image_pixels)
             if normalise:
                 name = f"images_{kind}/image_{pair.id}_{kind}.jpg"
                 disk.save_image(out_dir / name, images[kind], quality=p.jpeg_quality)
@@ -432,12 +516,19 @@ def threshold_error(scan: ScanResult, max_bad_fraction: float, quarantine_csv: P
             f"See {quarantine_csv}")
 
 
-def validation_tables(manifest: pd.DataFrame, summary: dict, max_bad_fraction: float) -> list:
-    """The ``prepare`` boundary: manifest integrity, files on disk, quarantine under threshold."""
+def validation_tables(manifest: pd.DataFrame, summary: dict, max_bad_fraction: float, *,
+                      max_sensor_id: int | None = None, max_image_pixels: int | None = None) -> list:
+    """The ``prepare`` boundary: manifest integrity, files on disk, no constant image, quarantine under threshold."""
+    # measured on the files as published (not taken from the code that wrote them): a constant image is what a
+    # wrong bit-depth conversion or an augmentation cropping into a flat region looks like
+    paths = [*manifest["tac_path"], *manifest["rgb_path"]]
+    std = {path: imagefile.file_std(path, max_image_pixels)
+           for path in tqdm(dict.fromkeys(paths), desc="check prepared images", unit="image", leave=False)}
     checked = manifest.assign(
         tac_exists=manifest["tac_path"].map(lambda p: Path(p).is_file()),
         rgb_exists=manifest["rgb_path"].map(lambda p: Path(p).is_file()),
         caption_stripped=manifest["caption"].fillna("").astype(str).str.strip(),
+        tac_std=manifest["tac_path"].map(std), rgb_std=manifest["rgb_path"].map(std),
     )
     from touchvl import checks
 
@@ -453,7 +544,10 @@ def validation_tables(manifest: pd.DataFrame, summary: dict, max_bad_fraction: f
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"], **critical),
         gxe.ExpectColumnValuesToBeInSet(column="tac_exists", value_set=[True], **critical),
         gxe.ExpectColumnValuesToBeInSet(column="rgb_exists", value_set=[True], **critical),
-        gxe.ExpectColumnValuesToBeBetween(column="sensor_id", min_value=-1, **critical),
+        gxe.ExpectColumnValuesToBeBetween(column="sensor_id", min_value=-1, max_value=max_sensor_id, **critical),
+        # zero variance: a constant image (NaN, a missing file, is the *_exists expectations' to report)
+        gxe.ExpectColumnValuesToBeBetween(column="tac_std", min_value=0.0, strict_min=True, **critical),
+        gxe.ExpectColumnValuesToBeBetween(column="rgb_std", min_value=0.0, strict_min=True, **critical),
         # warnings: a usable but suspicious dataset
         gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=["train", "test"], severity="warning"),
         gxe.ExpectColumnValueLengthsToBeBetween(column="caption_stripped", max_value=500, severity="warning"),
