@@ -337,3 +337,79 @@ def test_touchqa_runs_end_to_end_against_the_served_local_model(built, server, t
     assert len(answer.evidence) == params.qa.k_by_intent[answer.intent]
     served = [r.getMessage() for r in caplog.records if r.getMessage().startswith("chat.completion")]
     assert len(served) == 2 and f"{1 + len(answer.evidence)} image(s)" in served[1]  # classify, then answer
+
+
+# --- the model server is safe to run: no local files, capped, same-origin, timed out --------------------
+
+
+def _raw_request(server, method="POST", path="/v1/chat/completions", body=b"", headers=None, host=None):
+    import http.client
+
+    port = server.server_address[1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    conn.putheader("Host", host or f"127.0.0.1:{port}")
+    for k, v in (headers or {}).items():
+        conn.putheader(k, v)
+    conn.endheaders(body or None)
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, (json.loads(payload) if payload.startswith(b"{") else payload)
+
+
+def test_served_model_refuses_every_image_scheme_but_data_and_reads_no_file(server, trained, tmp_path):
+    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    name = trained[2]["fine_tuned_model"]
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG not really")
+    messages = []
+    for url in (f"file://{secret}", f"FILE://{secret}", f"  file://{secret}", f"File:{secret}", str(secret),
+                f"file://{tmp_path / 'missing.png'}", "http://127.0.0.1:9/x.png", "https://example.com/x.png",
+                "ftp://example.com/x.png", "jar:file:///etc/passwd!/x"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}]}])
+        assert refused.value.body["code"] == "invalid_image_url"
+        messages.append(refused.value.body["message"])
+    assert len(set(messages)) == 1  # an existing and a missing file get the same answer: no existence oracle
+
+
+def test_served_model_caps_bodies_and_images_and_checks_the_request_shape(server, trained):
+    from touchvl.finetune.server import ModelServer, ServerLimits
+
+    name = trained[2]["fine_tuned_model"]
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    json_type = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    assert _raw_request(server, body=body, headers={**json_type, "Content-Type": "text/plain"})[0] == 415
+    assert _raw_request(server, body=body, headers={"Content-Type": "application/x-www-form-urlencoded",
+                                                    "Content-Length": str(len(body))})[0] == 415
+    assert _raw_request(server, body=b"", headers={"Content-Type": "application/json"})[0] == 411
+    assert _raw_request(server, body=body, headers={**json_type, "Content-Length": "-5"})[0] == 400
+    assert _raw_request(server, body=body, headers={**json_type, "Content-Length": "12abc"})[0] == 400
+    assert _raw_request(server, body=body, headers=json_type, host="evil.example:80")[0] == 403  # DNS rebinding
+    assert _raw_request(server, body=body, headers={**json_type, "Origin": "https://evil.example"})[0] == 403
+    assert _raw_request(server, "GET", "/v1/models", headers={"Sec-Fetch-Site": "cross-site"})[0] == 403
+    ok, reply = _raw_request(server, "GET", "/v1/models", headers={"Origin": f"http://localhost:{server.server_address[1]}"})
+    assert ok == 200 and reply["data"][0]["id"] == name
+    small = ServerLimits(max_body_bytes=2000, max_image_bytes=500, timeout_s=1.0)
+    with ModelServer(server.model, limits=small, api_key="k-local-secret") as tight:
+        big = b'{"model": "' + b"x" * 5000 + b'"}'
+        status, err = _raw_request(tight, body=big, headers={"Content-Type": "application/json", "Content-Length": str(len(big)),
+                                                            "Authorization": "Bearer k-local-secret"})
+        assert status == 413 and err["error"]["code"] == "request_too_large"
+        assert _raw_request(tight, "GET", "/v1/models")[0] == 401  # the key is checked on every request
+        client = openai.OpenAI(base_url=tight.base_url, api_key="k-local-secret", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as large:
+            client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 1200}}]}])
+        assert large.value.body["code"] == "image_too_large"
+        import socket
+        import time
+
+        slow = socket.create_connection(tight.server_address, timeout=10)  # a client that never finishes its headers
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        start = time.monotonic()
+        assert slow.recv(1024) == b""  # the server hangs up after its timeout
+        assert time.monotonic() - start < 8
+        slow.close()

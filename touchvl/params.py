@@ -320,6 +320,17 @@ class LocalFinetuneParams(_Section):
     serve_port: int = Field(8765, ge=1, le=65535)
     serve_url: str | None = None
     """Base URL the openai client uses (TouchQA, evaluate); None: http://<serve_host>:<serve_port>/v1."""
+    serve_max_body_mb: float = Field(32.0, gt=0)
+    """Largest request body the model server reads (413 above it, before reading)."""
+    serve_max_image_mb: float = Field(10.0, gt=0)
+    """Largest image in a request, decoded (400 above it)."""
+    serve_timeout_s: float = Field(30.0, gt=0)
+    """Idle and slow connections: a request whose headers or body take longer is dropped."""
+    serve_https_images: bool = False
+    """Let requests name https:// image URLs (fetched from public addresses only); default: data URLs only."""
+    serve_allowed_hosts: tuple[str, ...] = ()
+    """Host names (besides 127.0.0.1, localhost and serve_host) the server answers to: a Host or Origin of any
+    other name is refused (403), so a web page can neither reach it through DNS rebinding nor post to it."""
     serve_max_tokens: int = Field(256, ge=1)
     """Completion length when a request sets no max_tokens."""
 

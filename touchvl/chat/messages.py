@@ -82,3 +82,50 @@ def image_part(url: str, mode: str, detail: str) -> dict:
     if mode == "base64" and url.startswith("file://"):
         url = file_data_url(file_url_path(url))
     return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+
+
+def is_public_address(host: str) -> bool:
+    """True when every address ``host`` resolves to is a public one (no loopback, private, link-local,
+    multicast, reserved or unspecified address): what a server may fetch on a client's behalf."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos}
+    return bool(addresses) and all(a.is_global and not a.is_multicast for a in addresses)
+
+
+def read_public_https(url: str, max_bytes: int, timeout_s: float) -> bytes:
+    """An https URL on a public address, at most ``max_bytes``, within ``timeout_s`` in all; no redirects
+    (a redirect could point at a private address after the check)."""
+    import http.client
+    import time
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        raise StageError(f"only https:// URLs are fetched, not {parts.scheme or url[:20]!r}")
+    if not is_public_address(parts.hostname):
+        raise StageError(f"{parts.hostname} is not a public address: not fetched")
+    deadline = time.monotonic() + timeout_s
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout_s)
+    try:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+        response = conn.getresponse()
+        if response.status != 200:
+            raise StageError(f"https fetch answered {response.status} (redirects are not followed)")
+        chunks, size = [], 0
+        while chunk := response.read(1 << 16):
+            size += len(chunk)
+            if size > max_bytes:
+                raise StageError(f"more than {max_bytes // 2**20} MB")
+            if time.monotonic() > deadline:
+                raise StageError(f"took longer than {timeout_s:.0f} s")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise StageError(f"https fetch failed: {exc}") from None
+    finally:
+        conn.close()

@@ -15,6 +15,14 @@ evaluate stage reach it through the same ``openai`` client, only with another ba
   request, 401 for a wrong key (only when started with ``LOCAL_MODEL_API_KEY`` set), 404 for an
   unknown model or path.
 
+Safe by default (:class:`ServerLimits`): it binds 127.0.0.1; images come only as ``data:`` URLs (``https:``
+only when allowed, from public addresses; never ``file:`` or any other scheme, whatever its case or padding, so
+the server reads no local file and is no oracle of which exist); request bodies and images are capped (413 /
+400); POSTs must be ``application/json`` (415: a web page's form or ``text/plain`` post cannot reach the model);
+a Host or Origin naming another host is refused (403: no DNS rebinding, no cross-site requests); a missing or
+malformed ``Content-Length`` is 411 / 400; idle and slow connections are dropped after ``serve_timeout_s``;
+with ``LOCAL_MODEL_API_KEY`` set every request needs ``Authorization: Bearer <key>``.
+
 Why not ``transformers serve``: it needs the ``serving`` extras and a model id per request; this
 stdlib server is ~200 lines, answers with the error semantics the client expects, and is tested.
 One request generates at a time (a lock): the model is one, the machine is the user's.
@@ -72,7 +80,63 @@ class ChatRequest:
     include_usage: bool = False
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
+@dataclass(frozen=True)
+class ServerLimits:
+    max_body_bytes: int = 32 * 2**20
+    max_image_bytes: int = 10 * 2**20
+    timeout_s: float = 30.0
+    https_images: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+
+    @classmethod
+    def from_params(cls, p: FinetuneParams) -> "ServerLimits":
+        c = p.local
+        return cls(int(c.serve_max_body_mb * 2**20), int(c.serve_max_image_mb * 2**20), c.serve_timeout_s,
+                   c.serve_https_images, tuple(c.serve_allowed_hosts))
+
+
+def image_fetcher(limits: ServerLimits):
+    """The only way a request's image URL is read: ``data:`` (size-capped before decoding), ``https:`` when
+    allowed (public addresses, capped, timed out); every other scheme is refused without touching anything."""
+    from touchvl.chat.messages import read_public_https
+
+    def fetch(url: str, where: str) -> bytes:
+        param = where.replace("request: ", "")
+        text = url.strip() if isinstance(url, str) else ""
+        scheme = text.split(":", 1)[0].lower() if ":" in text else ""
+        if scheme == "data":
+            payload = text.partition(",")[2]
+            if len(payload) * 3 // 4 > limits.max_image_bytes:
+                raise ApiError(400, f"The image is larger than this server accepts ({limits.max_image_bytes // 2**20} MB).",
+                               param, "image_too_large")
+        elif scheme == "https" and limits.https_images:
+            try:
+                data = read_public_https(text, limits.max_image_bytes, limits.timeout_s)
+            except StageError as exc:
+                raise ApiError(400, f"{where}: {exc}", param, "invalid_image_url") from None
+            return _decodable(data, where, param)
+        else:  # file:, FILE:, " file:", http:, ftp:, a bare path...: refused before anything is read
+            accepted = "data: or https:" if limits.https_images else "data:"
+            raise ApiError(400, f"image URLs must be {accepted} URLs (send the image as a base64 data URL).", param,
+                           "invalid_image_url")
+        try:
+            data = read_image_url(text, where, allow_file=False, allow_http=False)
+        except StageError as exc:
+            raise ApiError(400, str(exc), param, "invalid_image_url") from None
+        return _decodable(data, where, param)
+
+    return fetch
+
+
+def _decodable(data: bytes, where: str, param: str) -> bytes:
+    try:
+        open_image(data, where)
+    except StageError as exc:
+        raise ApiError(400, str(exc), param, "invalid_image_url") from None
+    return data
+
+
+def parse_chat_request(body: bytes, limits: ServerLimits | None = None) -> ChatRequest:
     """Validate a chat completion request the way the API does: 400 naming the offending parameter."""
     try:
         req = json.loads(body or b"null")
@@ -90,19 +154,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if req.get("n", 1) != 1:
         raise ApiError(400, "Only n=1 is supported by this server.", "n", "unsupported_value")
 
-    def fetch(url: str, where: str) -> bytes:
-        if url.startswith("file:"):  # a client must not make the server read its files
-            raise ApiError(400, "file:// image URLs are not accepted; send a data URL.", where.replace("request: ", ""),
-                           "invalid_image_url")
-        try:
-            data = read_image_url(url, where)
-            open_image(data, where)
-            return data
-        except StageError as exc:
-            raise ApiError(400, str(exc), where.replace("request: ", ""), "invalid_image_url") from None
-
     try:
-        messages, images, _ = convert_messages(req["messages"], "request", fetch=fetch)
+        messages, images, _ = convert_messages(req["messages"], "request", fetch=image_fetcher(limits or ServerLimits()))
     except StageError as exc:
         raise ApiError(400, str(exc).replace("request: ", ""), "messages", "invalid_value") from None
     max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
@@ -267,6 +320,7 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s " + fmt, self.address_string(), *args)
 
     def setup(self) -> None:
+        self.timeout = self.server.limits.timeout_s  # socket timeout: idle keep-alive and trickling clients end
         super().setup()
         with self.server.lock:
             self.server.connections.add(self.connection)
@@ -310,9 +364,61 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             chunks.close()
 
+    def _read_body(self) -> bytes:
+        """The body, read only when its declared length is sane; the whole read has one deadline."""
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            if self.command == "POST":
+                raise ApiError(411, "A Content-Length header is required.", code="length_required")
+            return b""
+        if not raw.strip().isdigit():
+            raise ApiError(400, f"Invalid Content-Length header: {raw[:40]!r}.", code="invalid_content_length")
+        length = int(raw)
+        if length > self.server.limits.max_body_bytes:
+            raise ApiError(413, f"The request body is larger than this server accepts "
+                                f"({self.server.limits.max_body_bytes // 2**20} MB).", code="request_too_large")
+        deadline = time.monotonic() + self.server.limits.timeout_s
+        chunks, left = [], length
+        while left:
+            if time.monotonic() > deadline:
+                raise TimeoutError("request body too slow")
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                raise ApiError(400, "The request body ended before its Content-Length.", code="invalid_content_length")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def _check_origin(self) -> None:
+        """Only requests addressed to this server by a name it answers to, and never from another site."""
+        allowed = self.server.allowed_hosts
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in allowed:
+            raise ApiError(403, f"Host {host or '(none)'!r} is not served here.", code="forbidden_host")
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            netloc = origin.strip().lower().split("://", 1)[-1].rstrip("/")
+            if netloc not in allowed:
+                raise ApiError(403, "Cross-origin requests are not accepted.", code="forbidden_origin")
+        if (self.headers.get("Sec-Fetch-Site") or "").lower() == "cross-site":
+            raise ApiError(403, "Cross-site requests are not accepted.", code="forbidden_origin")
+        if self.command == "POST":
+            ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+            if ctype != "application/json":
+                raise ApiError(415, f"Content-Type must be application/json, not {ctype or '(none)'!r}.",
+                               code="unsupported_media_type")
+
     def _handle(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        try:
+            self._check_origin()
+            body = self._read_body()
+        except ApiError as exc:
+            self.close_connection = True  # an unread or refused body must not be taken for the next request
+            self._send(exc.status, exc.body())
+            return
+        except (TimeoutError, OSError):
+            self.close_connection = True
+            return
         try:
             reply = self._route(body)
             if isinstance(reply, dict):
@@ -341,7 +447,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise self._unknown_model(path.removeprefix("/v1/models/"))
             return model.model_object()
         if path == "/v1/chat/completions" and self.command == "POST":
-            req = parse_chat_request(body)
+            req = parse_chat_request(body, self.server.limits)
             if req.model != model.name:
                 raise self._unknown_model(req.model)
             if req.stream:
@@ -365,9 +471,14 @@ class ModelServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, model: ChatModel, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None):
+    def __init__(self, model: ChatModel, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                 limits: ServerLimits | None = None):
         super().__init__((host, port), Handler)
         self.model, self.api_key = model, api_key
+        self.limits = limits or ServerLimits()
+        bound = self.server_address[1]
+        names = {"127.0.0.1", "localhost", "[::1]", host.lower(), *(h.lower() for h in self.limits.allowed_hosts)}
+        self.allowed_hosts = {f"{n}:{bound}" for n in names} | ({*names} if bound == 80 else set())
         self.lock = threading.Lock()
         self.connections: set[socket.socket] = set()
 
@@ -402,7 +513,7 @@ def serve_finetuned(p: FinetuneParams, host: str | None = None, port: int | None
     model = ChatModel(info["model_dir"], info["fine_tuned_model"], p.local.device, p.local.serve_max_tokens)
     try:
         server = ModelServer(model, host or p.local.serve_host, port or p.local.serve_port,
-                             api_key=os.environ.get(KEY_VARS["local"]))
+                             api_key=os.environ.get(KEY_VARS["local"]), limits=ServerLimits.from_params(p))
     except OSError as exc:
         raise StageError(f"cannot listen on {host or p.local.serve_host}:{port or p.local.serve_port}: {exc.strerror}") from None
     log.info("serving %s at %s (the client's base URL: finetune.local.serve_url, now %s); Ctrl-C stops",
