@@ -20,6 +20,7 @@ from pathlib import Path
 
 import networkx as nx
 from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 
@@ -27,31 +28,52 @@ class StageFailed(RuntimeError):
     """A stage's own failure (bad data, failed validation, 4xx): deterministic, never retried."""
 
 
-def stage_order(repo: Path) -> list[str]:
-    """Stages in dependency order, read from dvc.yaml through DVC's own graph."""
+def stage_graph(repo: Path) -> dict[str, list[str]]:
+    """Each stage with the stages it depends on, in dependency order, read from dvc.yaml through DVC's own graph."""
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
         graph = dvc_repo.index.graph  # edges point from a stage to what it depends on
-        return [stage.name for stage in reversed(list(nx.topological_sort(graph)))]
+        order = list(reversed(list(nx.topological_sort(graph))))
+        return {stage.name: sorted(dep.name for dep in graph.successors(stage)) for stage in order}
 
 
-def publish_validation(repo: Path, stage: str) -> dict | None:
-    path = repo / "artifacts/reports/validation" / f"{stage}.json"
+def stage_order(repo: Path) -> list[str]:
+    return list(stage_graph(repo))
+
+
+CHECKED_KEYS = ("column", "column_A", "column_B", "column_list", "column_set")
+
+
+def _checked(kwargs: dict) -> str:
+    """What an expectation applied to: its column(s), or the table."""
+    for key in CHECKED_KEYS:
+        if key in kwargs:
+            value = kwargs[key]
+            return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return "(table)"
+
+
+def publish_validation(repo: Path, stage: str, how: str) -> dict | None:
+    """The stage's validation report as artifacts, whether the stage ran, was restored from DVC's run-cache or
+    was up to date (its report is a cached DVC output, so it always describes the outputs in place)."""
+    from touchvl.params import load_params
+
+    path = repo / load_params(repo / "params.yaml").validation.reports_dir / f"{stage}.json"
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    rows = [{"table": r["table"], "expectation": r["expectation"], "severity": r["severity"],
-             "success": r["success"], "unexpected": r.get("unexpected_count"),
+    rows = [{"table": r["table"], "column": _checked(r.get("kwargs") or {}), "expectation": r["expectation"],
+             "severity": r["severity"], "success": r["success"], "unexpected": r.get("unexpected_count"),
              "examples": json.dumps(r.get("unexpected_examples"))[:200]} for r in report["results"]]
     verdict = "passed" if report["success"] else f"FAILED ({report['blocking_failures']} blocking)"
-    failed = "\n".join(f"- `{r['table']}`: {r['expectation']} — unexpected {r['unexpected']}, e.g. {r['examples']}"
+    failed = "\n".join(f"- `{r['table']}.{r['column']}`: {r['expectation']} — unexpected {r['unexpected']}, e.g. {r['examples']}"
                        for r in rows if not r["success"]) or "- none"
     key = f"validation-{stage.replace('_', '-')}"
-    create_markdown_artifact(key=key, description=f"validation of stage {stage}", markdown=(
-        f"# Validation: `{stage}` {verdict}\n\n{len(rows)} expectations, {report['warnings']} warnings.\n\n"
-        f"## Not met\n{failed}\n"))
-    create_table_artifact(key=f"{key}-table", table=rows, description=f"expectations of stage {stage}")
+    create_markdown_artifact(key=key, description=f"validation of stage {stage} ({how})", markdown=(
+        f"# Validation: `{stage}` {verdict}\n\nThis build: the stage {how}. {len(rows)} expectations, "
+        f"{report['warnings']} warnings.\n\n## Not met\n{failed}\n"))
+    create_table_artifact(key=f"{key}-table", table=rows, description=f"expectations of stage {stage} ({how})")
     return report
 
 
@@ -84,16 +106,41 @@ def run_dvc_stage(repo: Path, stage: str, lock_wait_s: float, poll_s: float = 10
 def reproduce_stage(repo: Path, stage: str, lock_wait_s: float = 3600.0) -> dict:
     logger = get_run_logger()
     proc = run_dvc_stage(repo, stage, lock_wait_s, log=logger)
+    restored = f"Stage '{stage}' is cached - skipping run, checking out outputs" in proc.stdout
     ran = f"Running stage '{stage}'" in proc.stdout
-    report = publish_validation(repo, stage) if ran or proc.returncode else None
+    how = "failed" if proc.returncode else "ran" if ran else "was restored from DVC's run-cache" if restored else "was up to date"
+    report = publish_validation(repo, stage, how)
     if proc.returncode:
         tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-15:]
         raise StageFailed(f"stage {stage} failed:\n" + "\n".join(tail))
-    logger.info("stage %s: %s", stage, "ran" if ran else "up to date, skipped")
-    return {"stage": stage, "ran": ran, "validation_success": report["success"] if report else None}
+    logger.info("stage %s: %s", stage, how)
+    return {"stage": stage, "ran": ran, "restored": restored,
+            "validation_success": report["success"] if report else None}
 
 
-@flow(name="build", log_prints=True)
+def publish_metrics(repo: Path) -> list[dict]:
+    """One table of the build's headline metrics (``dvc metrics show``'s numbers, flattened)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        shown = dvc_repo.metrics.show()
+    rows = []
+    for path, entry in sorted((shown.get("", shown.get("workspace", {})).get("data") or {}).items()):
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append({"file": path, "metric": prefix, "value": value})
+
+        walk("", (entry or {}).get("data"))
+    if rows:
+        create_table_artifact(key="build-metrics", table=rows, description="the headline metrics of this build")
+    return rows
+
+
+# one stage at a time: DVC holds one lock per repo, and the stages share the machine's cores
+@flow(name="build", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def build(repo: str = ".", stages: list[str] | None = None, lock_wait_s: float | None = None) -> list[dict]:
     """Reproduce the pipeline stage by stage (all of dvc.yaml unless ``stages`` names some); a stage waits up to
     ``lock_wait_s`` (default ``flows.lock_wait_s``) while another DVC process holds the repo."""
@@ -101,11 +148,14 @@ def build(repo: str = ".", stages: list[str] | None = None, lock_wait_s: float |
 
     root = Path(repo).resolve()
     wait = lock_wait_s if lock_wait_s is not None else load_params(root / "params.yaml").flows.lock_wait_s
-    results = []
-    for stage in stage_order(root):
+    futures = {}
+    for stage, upstream in stage_graph(root).items():
         if stages and stage not in stages:
             continue
-        results.append(reproduce_stage(root, stage, wait))
+        # wait_for: the run graph shows DVC's DAG (a stage starts only after the stages it depends on)
+        futures[stage] = reproduce_stage.submit(root, stage, wait, wait_for=[futures[u] for u in upstream if u in futures])
+    results = [future.result() for future in futures.values()]
+    publish_metrics(root)
     return results
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger, pause_flow_run
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
+from prefect.states import Cancelled
 from pydantic import Field
 
 from flows.pipeline import reproduce_stage
@@ -69,10 +70,10 @@ def publish_review(params: Params) -> list[dict]:
                          "epochs": s["cost"]["epochs"], "trained_tokens": s["cost"]["trained_tokens"],
                          "cost_usd": s["cost"]["cost_usd"], "model": report["model"]})
             key = f"jsonl-report-{name.replace('_', '-')}"
+            # the report's content itself, readable in the UI from any browser (a file:// link opens nowhere but
+            # on the machine that ran the flow); report.html with the sample images stays beside the files
             create_markdown_artifact(key=key, markdown=(folder / "report.md").read_text()[:50_000],
-                                     description=f"validation report of {name}.jsonl")
-            create_link_artifact(key=f"{key}-html", link=(folder / "report.html").resolve().as_uri(),
-                                 link_text=f"{name} report (HTML)", description="open on the machine that ran the flow")
+                                     description=f"validation report of {name}.jsonl ({folder / 'report.html'})")
     if not rows:
         raise StageError(f"no JSONL reports under {params.jsonl.out_dir / 'reports'}: run the build flow (or `dvc repro jsonl`) first")
     create_table_artifact(key="jsonl-cost", table=rows, description="fine-tuning cost estimate per file")
@@ -147,7 +148,9 @@ def review(repo: str = ".", timeout_s: int | None = None, poll_s: int | None = N
             create_markdown_artifact(key="review-decision", markdown=(
                 f"# Rejected by {decision.reviewer}\n\n{decision.note or '(no note)'}\n\nNothing was submitted."))
             logger.warning("rejected by %s: %s", decision.reviewer, decision.note or "(no note)")
-            return summary
+            # not Completed: a rejection must not look like an approval in the run list
+            return Cancelled(message=f"rejected by {decision.reviewer}: {decision.note or '(no note)'}; nothing submitted",
+                             data=summary)
         for dataset in decision.datasets:
             record = approve(_for_dataset(params, dataset), contract.dataset_files(_for_dataset(params, dataset)),
                                       confirm=lambda: True, reviewer=decision.reviewer, note=decision.note)

@@ -76,7 +76,7 @@ def run_stage2(params: Params) -> dict:
     projector_hash = disk.sha256_file(p.out_dir / "projector.pt")[:16]
     projected = project(model, data.tac, data.sensors, device=device)
     _, raw_ids = disk.read_vectors(params.embed.out_dir / "embeddings_tac")
-    checks.run_validation("train_projector", validation_tables(projected, data.uids, raw_ids),
+    checks.run_validation("train_projector_stage2", validation_tables(projected, data.uids, raw_ids),
                           params.validation).raise_if_failed()
     disk.write_vectors(p.projected_dir, projected, data.uids, meta={
         "projector_hash": projector_hash, "projector": str(p.out_dir / "projector.pt"),

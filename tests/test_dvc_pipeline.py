@@ -60,7 +60,8 @@ def test_repro_then_up_to_date_then_param_change(repo):
     assert first.returncode == 0, first.stderr + first.stdout
     manifest = pd.read_csv(repo / "data/prepared/manifest.csv")
     assert manifest["source_id"].nunique() == 40
-    for stage in ("prepare", "embed", "train_projector", "jsonl"):
+    for stage in ("sample", "prepare", "embed", "train_projector_stage1", "train_projector_stage2", "index", "upload",
+                  "jsonl", "finetune", "evaluate"):
         assert json.loads((repo / f"artifacts/reports/validation/{stage}.json").read_text())["success"]
     assert (repo / "artifacts/reports/prepare/quarantine.csv").is_file()
     assert len(np.load(repo / "embeddings/embeddings_tac_projected/all_indices.npy")) == len(manifest)

@@ -30,16 +30,34 @@ def _artifact(key, flow_run_id=None):
 
 
 def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(repo):  # noqa: F811
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
     order = stage_order(repo)
     assert order.index("sample") < order.index("prepare") < order.index("embed") < order.index("index")
     assert order.index("upload") < order.index("jsonl") < order.index("finetune")
 
-    first = build(str(repo))
+    first_state = build(str(repo), return_state=True)
+    first = first_state.result()
     assert [r["stage"] for r in first] == order and all(r["ran"] for r in first)
     assert _artifact("validation-prepare") and _artifact("validation-embed-table")
+    run_id = first_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:  # the run graph: each stage waits for the stages it depends on
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    by_id = {r.id: r.name for r in runs}
+    upstream = {r.name: {by_id[i.id] for i in r.task_inputs.get("wait_for", [])} for r in runs}
+    assert upstream["prepare"] == {"sample"} and upstream["embed"] == {"prepare"}
+    assert upstream["jsonl"] == {"prepare", "upload"} and upstream["sample"] == set()
+    metrics = _artifact("build-metrics", run_id)
+    assert metrics and "tac_to_rgb" in metrics[0].data
 
-    second = build(str(repo))
+    second_state = build(str(repo), return_state=True)
+    second = second_state.result()
     assert not any(r["ran"] for r in second)
+    # every stage publishes its validation even when DVC skipped it: the report describes the outputs in place
+    for stage in ("sample", "embed", "index", "evaluate"):
+        published = _artifact(f"validation-{stage.replace('_', '-')}", second_state.state_details.flow_run_id)
+        assert published and "was up to date" in published[0].data
 
     # a blocking validation failure: one corrupt image with no tolerance for quarantine
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -211,7 +229,10 @@ def test_review_reject_submits_nothing(tmp_path, monkeypatch):
         resume_flow_run(paused.id, run_input={"decision": "reject", "reviewer": "bo",
                                               "note": "too many duplicate examples"})
         thread.join(120)
-    assert out["state"].result()["decision"] == "reject"
+    final = out["state"]
+    assert final.is_cancelled() and not final.is_completed()  # a rejection never looks like an approval
+    assert "rejected by bo: too many duplicate examples" in final.message
+    assert final.result(raise_on_failure=False)["decision"] == "reject"
     assert state.created_jobs == 0 and not state.files
     assert not (project / "artifacts/finetune/approvals.json").exists()
     (decision,) = _artifact("review-decision", paused.id)

@@ -29,7 +29,11 @@ def test_prepare_suite_passes_on_a_good_manifest(manifest, vparams):
     assert report.success and not report.warnings
     saved = json.loads((vparams.reports_dir / "prepare.json").read_text())
     assert saved["success"] and {r["table"] for r in saved["results"]} == {"manifest", "source_splits", "quarantine"}
-    assert (vparams.data_docs_dir / "prepare" / "index.html").is_file()
+    page = (vparams.reports_dir / "prepare.html").read_text()  # self-contained: opens offline
+    assert "passed" in page and "expect_column_values_to_be_unique" in page and "<script" not in page
+    docs = run_validation("prepare", validation_tables(manifest, SUMMARY, 0.1),
+                          vparams.model_copy(update={"build_data_docs": True}))  # GX's Data Docs stay available
+    assert docs.success and (vparams.data_docs_dir / "prepare" / "index.html").is_file()
 
 
 def test_prepare_suite_fails_naming_expectation_and_rows(manifest, vparams):

@@ -166,9 +166,36 @@ def run_validation(stage: str, tables: list[Table], params: ValidationParams) ->
                 ))
     report = ValidationReport(stage, outcomes)
     disk.write_json(params.reports_dir / f"{stage}.json", report.to_dict())
+    disk.write_text(params.reports_dir / f"{stage}.html", report_html(report))
     for w in report.warnings:
         log.warning("validation warning: %s", w.describe())
     log.info("validation %s: %d expectations, %d blocking failures, %d warnings -> %s",
              stage, len(outcomes), len(report.blocking_failures), len(report.warnings),
              params.reports_dir / f"{stage}.json")
     return report
+
+
+def report_html(report: ValidationReport) -> str:
+    """The report as one self-contained page (inline style, no script, no network): what a browser opens
+    offline.  GX's Data Docs load their CSS and JS from CDNs, so they are opt-in (validation.build_data_docs)."""
+    import html
+
+    rows = []
+    for r in report.results:
+        column = next((str(r.kwargs[k]) for k in ("column", "column_A", "column_list", "column_set") if k in r.kwargs), "(table)")
+        args = ", ".join(f"{k}={v!r}" for k, v in r.kwargs.items() if k not in ("column", "batch_id"))
+        verdict = "met" if r.success else ("NOT MET" if r.severity == "critical" else "warning")
+        rows.append(f'<tr class="{"ok" if r.success else r.severity}"><td>{html.escape(r.table)}</td>'
+                    f"<td>{html.escape(column)}</td><td>{html.escape(r.expectation)}</td><td>{html.escape(args[:300])}</td>"
+                    f"<td>{r.severity}</td><td>{verdict}</td><td>{r.unexpected_count if r.unexpected_count is not None else ''}</td>"
+                    f"<td>{html.escape(str(r.unexpected_examples)[:300])}</td></tr>")
+    verdict = "passed" if report.success else f"FAILED: {len(report.blocking_failures)} blocking"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>validation: {html.escape(report.stage)}</title>
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
+tr.critical td{{background:#fdd}} tr.warning td{{background:#ffd}} .passed{{color:#2a2}} .failed{{color:#c22}}</style></head><body>
+<h1>Validation of stage <code>{html.escape(report.stage)}</code>: <span class="{"passed" if report.success else "failed"}">{verdict}</span></h1>
+<p>{len(report.results)} expectations, {len(report.warnings)} warnings (Great Expectations).</p>
+<table><tr><th>table</th><th>column</th><th>expectation</th><th>arguments</th><th>severity</th><th>result</th>
+<th>unexpected</th><th>examples</th></tr>{"".join(rows)}</table></body></html>
+"""

@@ -484,7 +484,9 @@ class FlowsParams(_Section):
 class ValidationParams(_Section):
     reports_dir: Path = Path("artifacts/reports/validation")
     data_docs_dir: Path = Path("artifacts/reports/data_docs")
-    build_data_docs: bool = True
+    build_data_docs: bool = False
+    """Also build GX's Data Docs under data_docs_dir (they load CSS/JS from CDNs: blank offline, and copy ~4 MB of
+    fonts per stage). Every stage always writes its own self-contained <reports_dir>/<stage>.html."""
 
 
 class Params(_Section):
