@@ -45,7 +45,8 @@ def run(params: Params) -> dict:
         else:
             predictions.append(qa.answer(row.tac_path, p.prompt, row.sensor_id, exclude_source=row.source_id).text)
     metrics = {"answerer": p.answerer, "model": None if p.answerer == "retrieval" else qa.model, "prompt": p.prompt,
-               **score_all(predictions, test["caption"].tolist(), vocabulary, p.bertscore_model, p.bertscore_layers)}
+               **score_all(predictions, test["caption"].tolist(), vocabulary, p.bertscore_model, p.bertscore_layers,
+                         p.wordnet_dir)}
     if p.judge == "auto" and os.environ.get(KEY_VARS[params.finetune.provider]):
         with api_errors(params.finetune.provider):
             scores = judge_scores(qa.client, p.judge_model, predictions, test["caption"].tolist())

