@@ -18,8 +18,8 @@ from touchvl import disk
 from touchvl.logs import run_stage
 from touchvl.params import Params
 from touchvl.retrieval.build import load_databases, retrieval_metrics, save_database, update_or_build, validation_tables
-from touchvl.retrieval.gallery import gallery_html
-from touchvl.retrieval.index import QuerySpace, Retriever, search_params
+from touchvl.retrieval.gallery import gallery_html, true_match_rank
+from touchvl.retrieval.index import QuerySpace, Retriever, normalize, search_params
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,13 @@ def run(params: Params) -> dict:
     query_rows = test.sort_values("uid").head(p.gallery_queries)
     rows = {uid: i for i, uid in enumerate(tac.ids.tolist())}
     space = QuerySpace("projected", tac.vectors.shape[1], tac.encoder_fingerprint, tac.projector_hash)
-    hits = retriever.search(tac.vectors[[rows[u] for u in query_rows["uid"]]], space, search_params(p))
+    vectors = tac.vectors[[rows[u] for u in query_rows["uid"]]]
+    hits = retriever.search(vectors, space, search_params(p))
+    sources = manifest.set_index("uid").loc[rgb.ids, "source_id"].to_numpy()
+    gallery = normalize(rgb.vectors)
+    ranks = [true_match_rank(v, gallery, sources, int(s)) for v, s in zip(vectors, query_rows["source_id"])]
     disk.write_text(p.gallery, gallery_html(list(zip((r for _, r in query_rows.iterrows()), hits)),
-                                            "Tactile → RGB retrieval (test split)"))
+                                            "Tactile → RGB retrieval (test split)", ranks))
     return {**metrics, "build": report}
 
 

@@ -43,10 +43,13 @@ def test_build_metrics_gallery_and_incremental_update(built, dataset):
     page.feed(built.index.gallery.read_text())
     queries = manifest[(manifest["split"] == "test") & (manifest["copy"] == 0)].head(3)
     assert page.rows == len(queries)
-    assert len(page.images) == len(queries) * (1 + 3) and all(src.startswith("data:image/jpeg;base64,") for src in page.images)
+    # per query: its tactile image, its own RGB photo, then the top 3
+    assert len(page.images) == len(queries) * (2 + 3) and all(src.startswith("data:image/jpeg;base64,") for src in page.images)
     html_text = built.index.gallery.read_text()
     for uid in queries["uid"]:
-        assert f"query uid {uid}" in html_text
+        assert f"query uid {uid}" in html_text and f"its own photo, uid {uid}" in html_text
+    assert html_text.count("true match: rank ") == len(queries)
+
 
     # nightly: one new id, one deleted id -> incremental add/remove, same space and encoder
     write_pair(dataset, 77)
@@ -114,3 +117,16 @@ def test_index_validation_refuses_stale_projections_and_missing_uids(built, tmp_
     projected_meta.write_text(json.dumps(stale))
     with pytest.raises(ValidationFailed, match="tac_projected_guard"):
         index.run(params)
+
+
+def test_true_match_rank_counts_distinct_sources_above_the_true_one():
+    import numpy as np
+
+    from touchvl.retrieval.gallery import true_match_rank
+
+    gallery = np.array([[1, 0], [0.9, 0.1], [0.8, 0.2], [0, 1]], dtype=np.float32)
+    sources = np.array([7, 7, 3, 5])  # source 7 has two copies: counted once
+    assert true_match_rank(np.array([1.0, 0.0]), gallery, sources, 7) == 1
+    assert true_match_rank(np.array([1.0, 0.0]), gallery, sources, 3) == 2
+    assert true_match_rank(np.array([0.0, 1.0]), gallery, sources, 7) == 3
+    assert true_match_rank(np.array([1.0, 0.0]), gallery, sources, 99) is None
