@@ -15,7 +15,7 @@ import pandas as pd
 
 from touchvl import disk
 from touchvl.errors import StageError
-from touchvl.evaluation import judge_scores, retrieval_answer, score_all, validation_tables, words
+from touchvl.evaluation import judge, paired_comparison, retrieval_answer, score_all, validation_tables, words
 from touchvl.finetune.remote import KEY_VARS, api_errors
 from touchvl.logs import run_stage
 from touchvl.params import Params
@@ -36,23 +36,33 @@ def run(params: Params) -> dict:
     qa = TouchQAModel(params)
     if p.answerer == "chat":
         qa.model = params.qa.base_model
-    predictions = []
+    predictions, retrieved = [], []
     for row in test.itertuples():
         # the query's own pair is in the database: leave it out, or the answer would be read off it
+        hits = qa.retrieve(row.tac_path, row.sensor_id, p.retrieval_k, exclude_source=row.source_id)
+        retrieved.append(retrieval_answer([h.caption for h in hits], p.retrieval_k))
         if p.answerer == "retrieval":
-            hits = qa.retrieve(row.tac_path, row.sensor_id, p.retrieval_k, exclude_source=row.source_id)
-            predictions.append(retrieval_answer([h.caption for h in hits], p.retrieval_k))
+            predictions.append(retrieved[-1])
         else:
             predictions.append(qa.answer(row.tac_path, p.prompt, row.sensor_id, exclude_source=row.source_id).text)
     metrics = {"answerer": p.answerer, "model": None if p.answerer == "retrieval" else qa.model, "prompt": p.prompt,
                **score_all(predictions, test["caption"].tolist(), vocabulary, p.bertscore_model, p.bertscore_layers,
                          p.wordnet_dir)}
     if p.judge == "auto" and os.environ.get(KEY_VARS[params.finetune.provider]):
+        answerers = {p.answerer: predictions}
+        if p.answerer != "retrieval":  # the offline baseline, judged on the same items: a paired comparison
+            answerers["retrieval"] = retrieved
+        items = [(name, int(uid), answer, ref) for name, answers in answerers.items()
+                 for uid, answer, ref in zip(test["uid"], answers, test["caption"])]
+        log_path = p.judge_log
         with api_errors(params.finetune.provider):
-            scores = judge_scores(qa.client, p.judge_model, predictions, test["caption"].tolist())
-        valid = [s for s in scores if s is not None]
+            ratings = judge(qa.client, p.judge_model, items, log_path)
+        per = {name: [ratings[(name, int(uid))] for uid in test["uid"]] for name in answerers}
+        valid = [r for r in per[p.answerer] if r is not None]
         metrics["gpt_judge"] = {"model": p.judge_model, "mean": round(float(np.mean(valid)), 3) if valid else None,
-                                "scored": len(valid)}
+                                "scored": len(valid), "ratings": str(log_path)}
+        if "retrieval" in per and p.answerer != "retrieval":
+            metrics["gpt_judge"]["vs_retrieval"] = paired_comparison(per[p.answerer], per["retrieval"])
     else:
         metrics["gpt_judge"] = "skipped (no API key)" if p.judge == "auto" else "off"
     frame = pd.DataFrame({"uid": test["uid"], "reference": test["caption"], "prediction": predictions})

@@ -99,14 +99,51 @@ def test_metric_functions_on_hand_checked_examples():
     assert retrieval_answer(["smooth, hard", "smooth, soft", "rough, hard"], 3) == "smooth, hard, soft, rough"
 
 
+def _judge_params(params, tmp_path, **evaluate_params):
+    return params.model_copy(update={"evaluate": params.evaluate.model_copy(update={
+        "metrics": tmp_path / "eval.json", "judge_log": tmp_path / "judge.jsonl", **evaluate_params})})
+
+
 def test_gpt_judge_scores_when_a_key_is_present(qa_env, tmp_path):
     params, state = qa_env
     state.chat_reply = lambda req: "7" if req["messages"][0]["content"] == JUDGE_PROMPT else "smooth"
-    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"metrics": tmp_path / "eval.json"})})
-    metrics = evaluate.run(params)
+    metrics = evaluate.run(_judge_params(params, tmp_path))
     assert metrics["gpt_judge"]["mean"] == 7.0 and metrics["gpt_judge"]["scored"] == metrics["n"]
     judged = [r for r in state.chat_requests if r["messages"][0]["content"] == JUDGE_PROMPT]
-    assert len(judged) == metrics["n"] and "Reference: " in judged[0]["messages"][1]["content"]
+    predictions = pd.read_csv(tmp_path / "eval_predictions.csv")
+    # one request per distinct (answer, reference): an identical answer is rated once, not paid for twice
+    assert len(judged) == len(set(zip(predictions["prediction"], predictions["reference"])))
+    assert "Reference: " in judged[0]["messages"][1]["content"]
+
+
+def test_gpt_judge_keeps_raw_ratings_resumes_and_compares_with_the_retrieval_baseline(qa_env, tmp_path):
+    """TVL's protocol: a pinned judge, 1-10 per answer, every raw reply kept; a rerun (after a kill) asks only for
+    what is missing; the chat answerer is compared with the offline baseline on the same items."""
+    params, state = qa_env
+
+    def reply(req):
+        if req["messages"][0]["content"] != JUDGE_PROMPT:  # the chat answerer: a different answer per image
+            return f"It feels smooth, case {len(json.dumps(req)) % 997}."
+        return "9" if "Answer: It feels smooth" in req["messages"][1]["content"] else "4"
+
+    state.chat_reply = reply
+    p = _judge_params(params, tmp_path, answerer="chat")
+    first = evaluate.run(p)["gpt_judge"]
+    n = first["scored"]
+    predictions = pd.read_csv(tmp_path / "eval_predictions.csv")
+    assert predictions["prediction"].nunique() == n >= 2
+    judge_calls = lambda: sum(r["messages"][0]["content"] == JUDGE_PROMPT for r in state.chat_requests)  # noqa: E731
+    # the answerer's n answers, and the baseline's (identical captions here: one distinct answer, rated once)
+    assert first["mean"] == 9.0 and judge_calls() == n + 1
+    vs = first["vs_retrieval"]
+    assert (vs["pairs"], vs["wins"], vs["losses"], vs["mean_difference"]) == (n, n, 0, 5.0) and vs["p_value"] is not None
+    lines = (tmp_path / "judge.jsonl").read_text().splitlines()
+    assert len(lines) == n + 1 and {json.loads(line)["reply"] for line in lines} == {"9", "4"}
+    evaluate.run(p)
+    assert judge_calls() == n + 1  # nothing rated twice
+    (tmp_path / "judge.jsonl").write_text("\n".join(lines[:2]) + '\n{"key": "cut by a ki')  # a kill mid-write
+    again = evaluate.run(p)["gpt_judge"]
+    assert judge_calls() == (n + 1) + (n + 1 - 2) and again["mean"] == first["mean"]
 
 
 def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path, monkeypatch):

@@ -8,13 +8,17 @@ is installed; reported as skipped otherwise), BERTScore (offline default: the Mi
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from touchvl.errors import StageError
 
@@ -142,16 +146,58 @@ JUDGE_PROMPT = ("You grade descriptions of how a surface feels. Given the refere
                 "answer, reply with one integer from 1 (unrelated) to 10 (same tactile properties), nothing else.")
 
 
-def judge_scores(client, model: str, predictions: list[str], references: list[str]) -> list[int | None]:
-    """TVL-LLaMA-style GPT judge: 1-10 per answer (None where the reply is not a number)."""
-    scores = []
-    for prediction, reference in zip(predictions, references):
-        reply = client.chat.completions.create(model=model, max_tokens=3, temperature=0, messages=[
-            {"role": "system", "content": JUDGE_PROMPT},
-            {"role": "user", "content": f"Reference: {reference}\nAnswer: {prediction}"}]).choices[0].message.content or ""
-        match = re.search(r"\b(10|[1-9])\b", reply)
-        scores.append(int(match.group(1)) if match else None)
-    return scores
+def judge_key(model: str, prediction: str, reference: str) -> str:
+    """What a rating is of: the judge model, its prompt, the reference and the answer (any change: a new rating)."""
+    return hashlib.sha256(json.dumps([model, JUDGE_PROMPT, reference, prediction]).encode()).hexdigest()[:24]
+
+
+def read_ratings(path: Path) -> dict[str, dict]:
+    """The judge's log: every rating ever asked for, by key (a line cut by a kill is ignored)."""
+    ratings = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                ratings[row["key"]] = row
+    return ratings
+
+
+def judge(client, model: str, items: list[tuple[str, int, str, str]], log_path: Path) -> dict[tuple[str, int], int | None]:
+    """TVL's GPT judge: a 1-10 rating per (answerer, uid, answer, reference), kept raw, one JSON line each in
+    ``log_path`` as soon as it arrives -- so a rerun after a kill, a quota or a fault asks only for what is missing,
+    and an unchanged answer is never paid for twice.  Returns {(answerer, uid): rating or None}."""
+    done = read_ratings(log_path)
+    out: dict[tuple[str, int], int | None] = {}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        for answerer, uid, prediction, reference in tqdm(items, desc="judge", unit="answer", disable=len(items) < 20):
+            key = judge_key(model, prediction, reference)
+            if key not in done:
+                reply = client.chat.completions.create(model=model, max_tokens=3, temperature=0, messages=[
+                    {"role": "system", "content": JUDGE_PROMPT},
+                    {"role": "user", "content": f"Reference: {reference}\nAnswer: {prediction}"}]).choices[0].message.content or ""
+                match = re.fullmatch(r"\s*(10|[1-9])\s*\.?\s*", reply)
+                done[key] = {"key": key, "judge_model": model, "answerer": answerer, "uid": uid, "reply": reply,
+                             "rating": int(match.group(1)) if match else None}
+                fh.write(json.dumps(done[key]) + "\n")
+                fh.flush()
+            out[(answerer, uid)] = done[key]["rating"]
+    return out
+
+
+def paired_comparison(a: list[float | None], b: list[float | None]) -> dict:
+    """A vs B on the same items (rated by both): mean difference, wins/ties/losses and the two-sided Wilcoxon
+    signed-rank p-value (exact for small samples): is A's advantage more than noise?"""
+    from scipy.stats import wilcoxon
+
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    diff = np.array([x - y for x, y in pairs], dtype=float)
+    result = {"pairs": len(pairs), "mean_difference": round(float(diff.mean()), 4) if len(diff) else None,
+              "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()), "losses": int((diff < 0).sum()),
+              "p_value": None, "test": "wilcoxon signed-rank, two-sided"}
+    if (diff != 0).sum() >= 1:
+        result["p_value"] = round(float(wilcoxon(diff, zero_method="wilcox", alternative="two-sided").pvalue), 6)
+    return result
 
 
 def retrieval_answer(captions: list[str], k: int) -> str:

@@ -454,6 +454,10 @@ class EvaluateParams(_Section):
     judge: Literal["auto", "off"] = "auto"
     """GPT judge (1-10 per answer, as TVL-LLaMA's evaluation): auto = only when the API key is set."""
     judge_model: str = "gpt-4o-2024-08-06"
+    """Pinned to a dated snapshot: ratings of different judge versions are not comparable."""
+    judge_log: Path = Path("artifacts/reports/evaluate/judge_ratings.jsonl")
+    """Every rating the judge gave, raw reply included, keyed by (judge model, prompt, reference, answer): a rerun
+    asks only for what is missing (resumable, and an unchanged answer is never paid for twice)."""
     metrics: Path = Path("artifacts/metrics/eval.json")
 
 
