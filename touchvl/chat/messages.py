@@ -1,6 +1,6 @@
 """Images in chat messages: the one place that turns files into data URLs and image URLs back into bytes.
 
-Used by the JSONL generators (inline ``file://`` images as base64), TouchQA (the query image and the
+Used by the JSONL generators (inline ``file://`` images under the data folders as base64), TouchQA (the query image and the
 neighbours' photos), the local trainer (reading a dataset's images) and the model server (reading a
 request's images, where only data URLs are accepted).
 """
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import io
+import stat
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Sequence
 
 from touchvl.errors import StageError
 
@@ -77,8 +79,41 @@ def open_image(data: bytes, where: str = "image"):
         raise StageError(f"{where}: not a decodable image ({exc})") from None
 
 
-def image_part(url: str, mode: str, detail: str) -> dict:
-    """An OpenAI ``image_url`` content part; ``mode="base64"`` inlines ``file://`` images as data URLs."""
-    if mode == "base64" and url.startswith("file://"):
-        url = file_data_url(file_url_path(url))
+MAX_INLINE_BYTES = 10 * 1024 * 1024  # what a fine-tuning service accepts per image (the validator's cap)
+
+
+def _under(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def local_image_path(url: str, roots: Sequence[str | Path]) -> Path:
+    """The file behind a ``file://`` URL, only if it is a regular file under one of ``roots`` (symlinks and
+    ``..`` resolved first) and not over :data:`MAX_INLINE_BYTES`; else a clear error naming the URL.  The URLs
+    come from a data file (the upload mapping), so they are not trusted to point at images."""
+    shown = url if len(url) <= 200 else url[:200] + "…"
+    try:
+        path = file_url_path(url).resolve()
+        resolved_roots = [Path(r).resolve() for r in roots]
+    except (OSError, ValueError, RuntimeError) as exc:  # embedded NUL, symlink loop
+        raise StageError(f"{shown}: not a usable file URL ({exc})") from None
+    if urllib.parse.urlsplit(url).netloc not in ("", "localhost") or not _under(path, resolved_roots):
+        allowed = ", ".join(str(r) for r in roots) or "none given"
+        raise StageError(f"{shown}: outside the data folders images may be read from ({allowed})")
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise StageError(f"{shown}: cannot read image ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise StageError(f"{shown}: not a regular file")
+    if info.st_size > MAX_INLINE_BYTES:
+        raise StageError(f"{shown}: {info.st_size / 2**20:.1f} MB image, over the {MAX_INLINE_BYTES // 2**20} MB "
+                         f"a fine-tuning service accepts")
+    return path
+
+
+def image_part(url: str, mode: str, detail: str, roots: Sequence[str | Path] = ()) -> dict:
+    """An OpenAI ``image_url`` content part; ``mode="base64"`` inlines ``file://`` images as data URLs, read
+    only from under ``roots`` (the project's data folders; none given: no file is read)."""
+    if mode == "base64" and urllib.parse.urlsplit(url).scheme.lower() == "file":
+        url = file_data_url(local_image_path(url, roots))
     return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
