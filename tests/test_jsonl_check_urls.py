@@ -226,3 +226,32 @@ def test_redact_urls():
     assert redact_urls("x https://h.com/a.jpg?Signature=abc&b=1 y") == "x https://h.com/a.jpg?… y"
     assert redact_urls("'https://u:p@h.com:8/a?b'") == "'https://h.com:8/a?…'"
     assert redact_urls("https://h.com/a.jpg and data:image/png;base64,AAAA") == "https://h.com/a.jpg and data:image/png;base64,AAAA"
+
+
+def test_image_urls_read_for_training_or_serving_are_fetched_safely_too(server):
+    """messages.read_image_url (the local trainer's dataset images, the model server's request images) fetches
+    through the same UrlFetcher: a JSONL or a request cannot make it reach loopback or private addresses."""
+    from touchvl.chat.messages import read_image_url
+    from touchvl.errors import StageError
+
+    port = server.server_address[1]
+    for url in (f"http://127.0.0.1:{port}/img.png", f"https://127.0.0.1:{port}/img.png?Signature=SeCrEt",
+                "https://169.254.169.254/latest/meta-data/x.png"):
+        with pytest.raises(StageError, match="refused") as caught:
+            read_image_url(url, "line 1")
+        assert "SeCrEt" not in str(caught.value)
+    assert server.state["hits"] == []
+
+
+def test_report_html_loads_nothing_a_data_file_points_at(tmp_path):
+    """Opening a report must not make the reviewer's browser request a URL from the file (no <img src=http...>)."""
+    import base64
+
+    png = "data:image/png;base64," + base64.b64encode(_png((8, 8))).decode()
+    path = _file(tmp_path, ["http://192.168.1.1/cgi-bin/reboot.png", png, "https://tracker.example/p.png?u=42"])
+    proc = subprocess.run([sys.executable, "-m", "touchvl", "validate", str(path), "--report-dir", str(tmp_path / "r")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    page = (tmp_path / "r/report.html").read_text()
+    assert '<img src="data:image/png;base64,' in page and "[image: http://192.168.1.1/cgi-bin/reboot.png]" in page
+    assert '<img src="http' not in page and "img-src data:" in page and "u=42" not in page

@@ -14,9 +14,11 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
+from touchvl.chat.fetch import FetchError, UrlFetcher, redact_urls
 from touchvl.errors import StageError
 
 MIME_BY_FORMAT = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+MAX_INLINE_BYTES = 10 * 1024 * 1024  # what a fine-tuning service accepts per image (the validator's cap)
 
 
 def sniff_mime(data: bytes) -> str:
@@ -50,7 +52,9 @@ def file_url_path(url: str) -> Path:
 
 def read_image_url(url: str, where: str, *, allow_file: bool = True, allow_http: bool = True,
                    timeout_s: float = 60.0) -> bytes:
-    """The bytes behind an ``image_url``: a base64 data URL, a ``file://`` path, or an http(s) URL."""
+    """The bytes behind an ``image_url``: a base64 data URL, a ``file://`` path, or an https URL on a public
+    address (``allow_http``; fetched by :class:`touchvl.chat.fetch.UrlFetcher`: no loopback or private
+    addresses, redirects re-checked, ``timeout_s`` in all, at most MAX_INLINE_BYTES)."""
     try:
         if url.startswith("data:"):
             header, _, payload = url.partition(",")
@@ -61,11 +65,13 @@ def read_image_url(url: str, where: str, *, allow_file: bool = True, allow_http:
         if scheme == "file" and allow_file:
             return file_url_path(url).read_bytes()
         if scheme in ("http", "https") and allow_http:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                return response.read()
+            data = UrlFetcher(deadline_s=timeout_s, max_bytes=MAX_INLINE_BYTES + 1)(url)
+            if len(data) > MAX_INLINE_BYTES:
+                raise ValueError(f"over {MAX_INLINE_BYTES // 2**20} MB")
+            return data
         raise ValueError(f"unsupported URL scheme {scheme or url[:20]!r}")
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{where}: cannot read image: {exc}") from None
+    except (OSError, ValueError, FetchError) as exc:
+        raise StageError(f"{where}: cannot read image: {redact_urls(str(exc))}") from None
 
 
 def open_image(data: bytes, where: str = "image"):
@@ -77,9 +83,6 @@ def open_image(data: bytes, where: str = "image"):
         return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise StageError(f"{where}: not a decodable image ({exc})") from None
-
-
-MAX_INLINE_BYTES = 10 * 1024 * 1024  # what a fine-tuning service accepts per image (the validator's cap)
 
 
 def _under(path: Path, roots: Sequence[Path]) -> bool:

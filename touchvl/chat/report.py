@@ -40,6 +40,14 @@ def _expectations_html(d: dict) -> str:
             f"<th>arguments</th><th>met</th><th>examples not met</th></tr>{rows}</table>") if rows else ""
 
 
+def _image_html(url) -> str:
+    """Data-URL images inline; any other URL as text: opening a report must not make the reviewer's browser
+    request addresses a data file chose (an internal router's admin page, a tracking pixel)."""
+    if isinstance(url, str) and url.startswith("data:image/"):
+        return f'<img src="{html.escape(url)}" height="96">'
+    return f"<code>[image: {html.escape(str(url)[:200])}]</code>"
+
+
 def _samples_html(d: dict) -> str:
     blocks = []
     for sample in d.get("samples", []):
@@ -47,7 +55,7 @@ def _samples_html(d: dict) -> str:
             turns = []
             for m in sample["messages"]:
                 parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-                body = "".join(f'<img src="{html.escape(p["image_url"]["url"])}" height="96">' if p.get("type") == "image_url"
+                body = "".join(_image_html(p["image_url"]["url"]) if p.get("type") == "image_url"
                                else f"<span>{html.escape(str(p.get('text', '')))}</span>" for p in parts)
                 turns.append(f'<div class="turn {html.escape(str(m["role"]))}"><b>{html.escape(str(m["role"]))}</b> {body}</div>')
         except (KeyError, TypeError, AttributeError):
@@ -99,7 +107,8 @@ def report_html(d: dict, markdown: str) -> str:
                    for f in d["warnings"][:500])
     s = d["summary"]
     verdict = "PASS" if d["ok"] else "FAIL"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>JSONL report {html.escape(d['file'])}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'"><title>JSONL report {html.escape(d['file'])}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px}}
 .PASS{{color:#2a2}} .FAIL{{color:#c22}} .chat{{border:1px solid #ddd;margin:8px 0;padding:6px;max-width:60em}}
 .turn{{margin:4px 0}} .assistant{{background:#eef}} .turn img{{margin:0 4px;vertical-align:middle}}</style></head><body>
