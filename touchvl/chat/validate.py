@@ -350,6 +350,8 @@ def structure_problem(obj, raw: bytes) -> tuple[str, str] | None:
     a lone UTF-16 surrogate (valid JSON, not valid Unicode: it cannot be encoded, tokenized or written out).
     Iterative: no recursion, whatever the depth."""
     surrogates = b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None  # only \uD800-\uDFFF escapes make them
+    if not surrogates and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:  # cannot nest deeper: no walk needed
+        return None
     stack = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
