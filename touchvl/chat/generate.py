@@ -6,7 +6,11 @@
   dual-image and text-only examples (largest-remainder rounding) — the second-stage set.
 
 Answers are written from the reference caption per intent (describe the feel, compare touch with
-sight, name the material, judge hardness/roughness).  Pure functions: rows in, example dicts out.
+sight, name the material, judge hardness/roughness).  No set repeats an example: each (item, kind,
+intent) combination is used at most once (a text-only one once per distinct caption), so a set is capped
+at the distinct combinations (:func:`distinct_combinations`).  Inputs are joined on one key:
+:func:`join_manifest` by uid (mapping ``index``), :func:`join_captions` by dataset id (mapping
+``source_id``).  Pure functions: rows in, example dicts out.
 """
 from __future__ import annotations
 
