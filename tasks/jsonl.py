@@ -13,7 +13,8 @@ import sys
 from dataclasses import asdict
 
 from touchvl import disk
-from touchvl.chat.generate import load_items, multimodal_set, tactile_set, write_jsonl
+from touchvl.chat.generate import (data_roots, distinct_combinations, join_manifest, multimodal_set, read_url_mapping,
+                                   tactile_set, write_jsonl)
 from touchvl.chat.prices import cost_estimate
 from touchvl.chat.report import composition, example_tables, report_dict, samples, write_reports
 from touchvl.chat.validate import validate_file
@@ -31,30 +32,33 @@ def run(params: Params) -> dict:
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     splits = {"train": manifest.loc[manifest["split"] == "train", "uid"],
               "val": disk.evaluation_rows(manifest)["uid"]}
-    common = dict(intents=p.intents, system=p.system_prompt, mode=p.image_mode, detail=p.detail)
+    all_items = join_manifest(manifest, read_url_mapping(params.upload.mapping), str(params.upload.mapping))
+    common = dict(intents=p.intents, system=p.system_prompt, mode=p.image_mode, detail=p.detail, roots=data_roots(params))
     summary = {}
     tables = []
     reports: dict[str, dict] = {}
     for split, uids in splits.items():
-        items = load_items(params.prepare.out_dir / "manifest.csv", params.upload.mapping, uids)
+        wanted = set(uids)
+        items = [item for item in all_items if item.uid in wanted]
         limit_scale = 1.0 if split == "train" else 0.2  # validation files: a fifth of the training size
+        limits = {"rgb_tac": max(1, int(p.multimodal_limit * limit_scale)), "tactile": max(1, int(p.tactile_limit * limit_scale))}
         datasets = {
-            "rgb_tac": (multimodal_set(items, max(1, int(p.multimodal_limit * limit_scale)), p.text_only_every,
-                                       seed=p.seed, **common), None),
-            "tactile": (tactile_set(items, max(1, int(p.tactile_limit * limit_scale)), p.tactile_quotas,
-                                    seed=p.seed, **common), p.tactile_quotas),
+            "rgb_tac": (multimodal_set(items, limits["rgb_tac"], p.text_only_every, seed=p.seed, **common), None),
+            "tactile": (tactile_set(items, limits["tactile"], p.tactile_quotas, seed=p.seed, **common), p.tactile_quotas),
         }
         for name, (examples, quotas) in datasets.items():
             path = p.out_dir / f"{name}_{split}.jsonl"
             write_jsonl(path, examples)
-            report = validate_file(path, model=p.model)
+            report = validate_file(path, model=p.model, max_duplicate_fraction=p.max_duplicate_fraction)
             d = report_dict(report, cost_estimate(report.summary, p.model, p.prices_per_million, n_epochs=p.n_epochs))
-            d["composition"] = composition(examples, quotas)
+            d["composition"] = composition(examples, quotas, requested=limits[name],
+                                           capacity=distinct_combinations(items, p.intents))
             d["samples"] = samples(path)
             reports[f"{name}_{split}"] = d
             tables += example_tables(f"{name}_{split}", examples, quotas)
             summary[f"{name}_{split}"] = {"examples": len(examples), "errors": len(report.errors),
-                                          "warnings": len(report.warnings), "cost_usd": d["summary"]["cost"]["cost_usd"]}
+                                          "warnings": len(report.warnings), "cost_usd": d["summary"]["cost"]["cost_usd"],
+                                          "duplicate_fraction": d["summary"]["duplicate_fraction"]}
     checked = checks.run_validation("jsonl", tables, params.validation)
     for name, d in reports.items():  # the example-table expectations feed each file's review report
         d["expectations"] = [asdict(r) for r in checked.results if r.table in (name, f"{name}_quotas")]

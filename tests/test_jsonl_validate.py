@@ -42,10 +42,11 @@ def codes(report):
 
 @pytest.mark.parametrize("bom,newline", [(False, "\n"), (True, "\r\n")])
 def test_good_file_passes_with_bom_and_crlf(tmp_path, bom, newline):
-    report = validate_file(write(tmp_path, [example() for _ in range(12)], newline=newline, bom=bom))
+    lines = [example(answer=f"It feels smooth, hard and slightly glossy (sample {i}).") for i in range(12)]
+    report = validate_file(write(tmp_path, lines, newline=newline, bom=bom))
     assert report.ok, codes(report)
     assert report.summary.examples == 12 and report.summary.images == {1: 12}
-    assert not [w for w in report.warnings if w.code != "duplicate_example"]
+    assert not report.warnings and report.summary.duplicates == 0
 
 
 BAD = {
@@ -69,11 +70,10 @@ BAD = {
 
 
 def test_every_error_code_at_the_right_line(tmp_path):
-    good = example()
     lines = []
     expected = []
     for code, bad in BAD.items():
-        lines.append(good)
+        lines.append(example(answer=f"It feels smooth, hard and slightly glossy (sample {len(lines)})."))
         lines.append(bad)
         expected.append((len(lines), code))
     report = validate_file(write(tmp_path, lines))
@@ -148,7 +148,7 @@ def _cli(*args):
 
 
 def test_cli_exit_codes_reports_and_no_traceback(tmp_path):
-    good = write(tmp_path, [example() for _ in range(10)], name="good.jsonl")
+    good = write(tmp_path, [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(10)], name="good.jsonl")
     ok = _cli("validate", str(good), "--report-dir", str(tmp_path / "r"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     report = json.loads((tmp_path / "r/report.json").read_text())
@@ -188,3 +188,96 @@ def test_duplicate_detection_survives_bloom_false_positives(tmp_path, monkeypatc
     lines = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(12)] + [example(answer="It feels smooth and hard, sample 3.")]
     report = validate_file(write(tmp_path, lines))
     assert [(w.line, w.message) for w in report.warnings if w.code == "duplicate_example"] == [(13, "same example as line 4")]
+
+
+# ------------------------------------------------------------------ the duplicate rate
+def test_duplicate_rate_is_in_the_banner_and_over_the_limit_fails(tmp_path):
+    from touchvl.chat.report import report_dict, write_reports
+
+    distinct = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(97)]
+    path = write(tmp_path, distinct + distinct[:3])  # 3 of 100 repeat an earlier line
+    report = validate_file(path)  # the default limit: 1%
+    assert report.summary.duplicates == 3 and report.summary.duplicate_fraction == 0.03
+    assert not report.ok and [(f.line, f.code) for f in report.errors] == [(0, "too_many_duplicates")]
+    assert "3 of 100 examples (3.0%)" in report.errors[0].message
+    assert validate_file(path, max_duplicate_fraction=0.05).ok and validate_file(path, max_duplicate_fraction=None).ok
+    d = report_dict(report, cost_estimate(report.summary, report.model, {"gpt-4o-2024-08-06": 25.0}))
+    assert d["summary"]["duplicate_examples"] == 3 and d["summary"]["duplicate_fraction"] == 0.03
+    write_reports(d, tmp_path / "r")
+    for name in ("report.md", "report.html"):
+        assert "3 duplicates (3.0%; at most 1.0% allowed)" in (tmp_path / "r" / name).read_text()
+    proc = _cli("validate", str(path), "--report-dir", str(tmp_path / "r2"))
+    assert proc.returncode == 1 and "3 duplicates (3.0%)" in proc.stdout and "too_many_duplicates" in proc.stdout
+    ok = subprocess.run([sys.executable, "-m", "touchvl", "validate", str(path), "--report-dir", str(tmp_path / "r3"),
+                         "--max-duplicate-fraction", "0.05"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+# ------------------------------------------------------------------ hostile input: a verdict or exit 2, never a traceback
+def _bomb_png(width=60_000, height=60_000) -> bytes:
+    """A valid PNG whose header claims width x height (3.6 G pixels) over a few hundred bytes of deflated zeros."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + chunk(b"IEND", b""))
+
+
+def _image_example(png: bytes):
+    return example([{"type": "text", "text": "How does this feel?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}])
+
+
+HOSTILE = {
+    "deep_list": '{"messages": ' + "[" * 5000 + "]" * 5000 + "}",
+    "deep_dict_under_parser_limit": '{"messages": [{"role": "user", "content": ' + '{"a":' * 900 + "1" + "}" * 900 + "}]}",
+    "huge_int": '{"messages": [{"role": "user", "content": "hi", "weight": ' + "9" * 5000 + "}]}",
+    "nan": '{"messages": [{"role": "user", "content": "hi", "weight": NaN}]}',
+    "lone_surrogate": '{"messages": [{"role": "user", "content": "caf\\ud800"}, {"role": "assistant", "content": "a b c d"}]}',
+    "surrogate_role": '{"messages": [{"role": "\\udfff", "content": "x"}]}',
+    "surrogate_key": '{"messages": [{"role": "user", "content": "x", "\\ud800": 1}]}',
+    "control_chars": '{"messages": [{"role": "\\u001b[31mred", "content": "x"}]}',
+}
+
+
+def test_hostile_lines_are_findings_not_crashes(tmp_path):
+    lines = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(10)]
+    lines += list(HOSTILE.values())
+    lines += [_image_example(_bomb_png()), _image_example(_bomb_png(7000, 7000))]
+    path = write(tmp_path, lines)
+    report = validate_file(path)
+    found = dict(codes(report))
+    n = 10
+    assert found[n + 1] == "nesting_too_deep" or found[n + 1] == "invalid_json"
+    assert found[n + 2] == "nesting_too_deep"
+    assert found[n + 3] == "invalid_json" and found[n + 4] == "invalid_json"
+    assert found[n + 5] == found[n + 6] == found[n + 7] == "invalid_unicode"
+    assert (n + 8, "unrecognized_role") in codes(report)
+    assert found[n + 9] == "image_too_large" and found[n + 10] == "image_too_large"  # 49 M pixels > 40 M: not corrupt
+    for f in report.errors:
+        assert f.message.isprintable() and len(f.message) <= 501
+    proc = _cli("validate", str(path), "--report-dir", str(tmp_path / "r"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for name in ("report.json", "report.md", "report.html"):
+        (tmp_path / "r" / name).read_text(encoding="utf-8")  # written, and valid UTF-8
+
+
+def test_could_not_validate_is_exit_2(tmp_path):
+    good = write(tmp_path, [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(10)])
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    for args in (["--epochs", "²"], ["--epochs", "0"], ["--epochs", "9" * 5000], ["--epochs", "-3"],
+                 ["--report-dir", str(a_file)], ["--report-dir", str(a_file / "sub")], ["--url-timeout", "nan"],
+                 ["--max-duplicate-fraction", "2"]):
+        proc = _cli("validate", str(good), *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert _cli("validate", str(tmp_path)).returncode == 2  # a folder
+    weird_name = tmp_path / "caf\udcff.jsonl"  # a file name that is not UTF-8
+    weird_name.write_bytes(good.read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "touchvl", "validate", str(weird_name)], cwd=ROOT, capture_output=True)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+    assert _cli("validate", str(good), "--epochs", "3").returncode == 0

@@ -57,8 +57,9 @@ def test_local_backend_copies_maps_every_uid_and_rerun_sends_nothing(prepared):
     first = upload.run(params)
     assert first.sent == manifest["tac_path"].nunique() + manifest["rgb_path"].nunique() and not first.failures
     mapping = pd.read_csv(params.upload.mapping)
-    assert list(mapping.columns) == ["index", "tac_url", "rgb_url"]
+    assert list(mapping.columns) == ["index", "tac_url", "rgb_url", "source_id"]
     assert mapping["index"].tolist() == manifest["uid"].tolist()
+    assert mapping["source_id"].tolist() == manifest["source_id"].tolist()  # what captions.csv ids join on
     for row, src in zip(mapping.itertuples(), manifest.itertuples()):
         local = Path(urllib.request.url2pathname(row.tac_url.removeprefix("file://")))
         assert _md5(local) == _md5(src.tac_path)

@@ -4,7 +4,8 @@
     touchvl search --text "glossy, smooth" [-k 5]
     touchvl ask IMAGE "What does this feel like?" [--sensor N] [--json] [--provider P] [--model M] [--offline]
     touchvl chat [--host H] [--port N]
-    touchvl validate FILE.jsonl [--report-dir DIR] [--check-urls] [--model M] [--epochs N|auto]
+    touchvl validate FILE.jsonl [--report-dir DIR] [--check-urls [--url-timeout S]] [--model M] [--epochs N|auto]
+                     [--target openai|together]
     touchvl generate rgb_tac|tactile --csv C --image-url-csv M --out F [...]
     touchvl finetune plan|approve|submit|status|events|cancel|list|serve
     touchvl export --format sharegpt|trl|axolotl --out DIR
@@ -122,71 +123,163 @@ def cmd_chat(ctx: Context) -> int:
 
 
 def cmd_validate(ctx: Context) -> int:
+    """Exit 0 valid, 1 invalid, 2 could not validate (bad arguments, unreadable file, report not writable)."""
+    from touchvl.chat.fetch import UrlFetcher
     from touchvl.chat.prices import DEFAULT_PRICES, cost_estimate
     from touchvl.chat.report import report_dict, samples, write_reports
-    from touchvl.chat.validate import validate_file
+    from touchvl.chat.validate import DEFAULT_MAX_DUPLICATE_FRACTION, MAX_IMAGE_BYTES, printable, validate_file
 
     args = ctx.args
     if not args.file.is_file():
-        raise UsageError(f"{args.file}: no such file")
-    if args.epochs != "auto" and not args.epochs.isdigit():
-        raise UsageError(f"--epochs must be 'auto' or a positive integer, got {args.epochs!r}")
-    params = ctx.params if ctx.has_params else None  # validate works anywhere, with the defaults outside a project
-    prices = params.jsonl.prices_per_million if params else DEFAULT_PRICES
-    model, epochs = args.model, args.epochs
+        raise UsageError(f"{printable(str(args.file))}: no such file")
+    epochs = _epochs_arg(args.epochs)
+    if not 0.0 < args.url_timeout <= 600.0:
+        raise UsageError(f"--url-timeout must be between 0 and 600 seconds, got {args.url_timeout}")
+    if args.max_duplicate_fraction is not None and not 0.0 <= args.max_duplicate_fraction <= 1.0:
+        raise UsageError(f"--max-duplicate-fraction must be between 0 and 1, got {args.max_duplicate_fraction}")
+    report_dir = args.report_dir or args.file.with_name(args.file.stem + ".report")
+    if report_dir.exists() and not report_dir.is_dir():
+        raise UsageError(f"--report-dir {printable(str(report_dir))} is a file, not a folder")
+    try:
+        params = ctx.params if ctx.has_params else None  # validate works anywhere, with defaults
+    except StageError as exc:
+        raise CouldNotValidate(f"params: {exc}") from None
+    jsonl = params.jsonl if params else None
+    prices = jsonl.prices_per_million if jsonl else DEFAULT_PRICES
+    model = args.model
     if args.target == "together":  # Together's own table and epochs (it has no "auto")
         from touchvl.params import TogetherFinetuneParams
 
         together = params.finetune.together if params else TogetherFinetuneParams()
         prices = {m: rates["lora"] for m, rates in together.prices_per_million.items() if "lora" in rates}
         model = model or together.model
-        epochs = str(together.n_epochs) if epochs == "auto" else epochs
+        epochs = together.n_epochs if epochs == "auto" else epochs
     model = model or "gpt-4o-2024-08-06"
-    report = validate_file(args.file, model=model, check_urls=args.check_urls, target=args.target)
-    d = report_dict(report, cost_estimate(report.summary, model, prices, n_epochs=epochs))
-    d["samples"] = samples(args.file)
-    report_dir = args.report_dir or args.file.with_suffix(".report")
-    write_reports(d, report_dir)
+    max_duplicates = (args.max_duplicate_fraction if args.max_duplicate_fraction is not None
+                      else jsonl.max_duplicate_fraction if jsonl else DEFAULT_MAX_DUPLICATE_FRACTION)
+    fetch = UrlFetcher(deadline_s=args.url_timeout, max_bytes=MAX_IMAGE_BYTES + 1)
+    try:
+        report = validate_file(args.file, model=model, check_urls=args.check_urls, fetch=fetch, target=args.target,
+                               max_duplicate_fraction=max_duplicates)
+        d = report_dict(report, cost_estimate(report.summary, model, prices, n_epochs=epochs))
+        d["samples"] = samples(args.file)
+    except OSError as exc:
+        raise CouldNotValidate(f"{printable(str(args.file))}: cannot read ({exc.strerror or exc})") from None
+    try:
+        write_reports(d, report_dir)
+    except OSError as exc:
+        raise CouldNotValidate(f"{printable(str(report_dir))}: cannot write the reports ({exc.strerror or exc})") from None
     s = d["summary"]
     print(f"{'PASS' if report.ok else 'FAIL'}: {s['examples']} examples, {s['error_count']} errors, "
-          f"{s['warning_count']} warnings; est. ${s['cost']['cost_usd']} -> {report_dir}/report.md")
-    for f in report.errors[:10]:
+          f"{s['warning_count']} warnings, {s['duplicate_examples']} duplicates ({s['duplicate_fraction']:.1%}); "
+          f"est. ${s['cost']['cost_usd']} -> {printable(str(report_dir))}/report.md")
+    for f in report.errors[:10]:  # findings are redacted and printable (validate.clean_findings)
         print(f"  line {f.line}: {f.code}: {f.message}")
     return 0 if report.ok else 1
 
 
+def _epochs_arg(value: str) -> int | str:
+    """``auto`` or an integer 1..50 (the services' range), as typed: ASCII digits only (``²`` is a digit to str)."""
+    from touchvl.chat.validate import printable
+
+    if value == "auto":
+        return value
+    if value.isascii() and value.isdigit() and len(value) <= 3 and 1 <= int(value) <= 50:
+        return int(value)
+    raise UsageError(f"--epochs must be 'auto' or an integer from 1 to 50, got {printable(value[:20])!r}")
+
+
 def cmd_generate(ctx: Context) -> int:
     """The original toolkit's generator CLIs (rgb_tac_ft_jsonl.py / tactile_ft_jsonl.py)."""
-    from touchvl.chat.generate import load_items, multimodal_set, tactile_set, write_jsonl
+    from touchvl.chat.generate import data_roots, distinct_combinations, multimodal_set, tactile_set, write_jsonl
+    from touchvl.chat.report import composition
 
-    args, p = ctx.args, ctx.params.jsonl
+    args, params = ctx.args, ctx.params
+    p = params.jsonl
+    _check_generate_flags(args)
     limit = args.limit if args.limit is not None else (p.multimodal_limit if args.kind == "rgb_tac" else p.tactile_limit)
     intents = tuple(i.strip() for i in (args.intents or ",".join(p.intents)).split(",") if i.strip())
     unknown = set(intents) - set(INTENTS)
-    if unknown:
+    if unknown or not intents:
         raise UsageError(f"unknown intent(s) {sorted(unknown)}; choose from {', '.join(INTENTS)}")
-    items = load_items(args.csv, args.image_url_csv)
+    items = _generator_items(args, params)
     seed = p.seed if args.seed is None else args.seed
-    common = dict(intents=intents, seed=seed, system=p.system_prompt, mode=args.image_mode or p.image_mode, detail=p.detail)
+    roots = (*data_roots(params), *(args.image_root or ()))
+    common = dict(intents=intents, seed=seed, system=p.system_prompt, mode=args.image_mode or p.image_mode,
+                  detail=p.detail, roots=roots)
     if args.kind == "rgb_tac":
         every = p.text_only_every if args.text_only_every is None else args.text_only_every
         examples = multimodal_set(items, limit, every, **common)
     else:
-        quotas = dict(p.tactile_quotas)
-        if args.text_only_pairs is not None:  # an exact count of text-only examples, the rest keeps its ratio
-            total = min(limit, len(items) * len(intents))
-            text_share = min(1.0, args.text_only_pairs / max(1, total))
-            rest = quotas["tactile_only"] + quotas["dual_image"]
-            quotas = {"tactile_only": quotas["tactile_only"] / rest * (1 - text_share),
-                      "dual_image": quotas["dual_image"] / rest * (1 - text_share), "text_only": text_share}
-        examples = tactile_set(items, limit, quotas, **common)
+        if args.text_only_pairs is not None and args.text_only_pairs > limit:
+            raise UsageError(f"--text-only-pairs {args.text_only_pairs} is more than the {limit} examples of --limit")
+        capacity = distinct_combinations(items, intents)["text_only"]
+        if args.text_only_pairs is not None and args.text_only_pairs > capacity:
+            raise UsageError(f"--text-only-pairs {args.text_only_pairs}: the captions give only {capacity} distinct "
+                             f"text-only examples (distinct captions x intents)")
+        examples = tactile_set(items, limit, dict(p.tactile_quotas), text_only_count=args.text_only_pairs, **common)
+    comp = composition(examples, None, requested=limit, capacity=distinct_combinations(items, intents))
     if args.image_limit is not None:
         with_images = [i for i, e in enumerate(examples) if e.kind != "text_only"]
         drop = set(with_images[args.image_limit:])
         examples = [e for i, e in enumerate(examples) if i not in drop]
     write_jsonl(args.out, examples)
     print(f"wrote {len(examples)} examples {dict(Counter(e.kind for e in examples))} -> {args.out}")
+    if comp.get("note"):
+        print(f"note: {comp['note']}")
     return 0
+
+
+def _check_generate_flags(args: argparse.Namespace) -> None:
+    """Each generator's own flags, and sane values: a flag that is accepted does what it says."""
+    if args.kind == "rgb_tac" and args.text_only_pairs is not None:
+        raise UsageError("--text-only-pairs is for `generate tactile` (an exact number of text-only examples); "
+                         "rgb_tac makes every Nth example text-only: --text-only-every N")
+    if args.kind == "tactile" and args.text_only_every is not None:
+        raise UsageError("--text-only-every is for `generate rgb_tac`; the tactile set's text-only examples are "
+                         "jsonl.tactile_quotas.text_only, or exactly --text-only-pairs N")
+    for flag, value, least in (("--limit", args.limit, 1), ("--image-limit", args.image_limit, 0),
+                               ("--text-only-every", args.text_only_every, 0), ("--text-only-pairs", args.text_only_pairs, 0)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+
+
+def _generator_items(args: argparse.Namespace, params) -> list:
+    """--csv joined to --image-url-csv on one key: a manifest (``uid`` column) on the mapping's ``index`` (= uid),
+    a captions file (``index`` = dataset id) on the mapping's ``source_id``."""
+    from touchvl import disk
+    from touchvl.chat.generate import join_captions, join_manifest, read_url_mapping
+
+    mapping = read_url_mapping(args.image_url_csv)
+    where = str(args.image_url_csv)
+    if "uid" in _csv_header(args.csv):
+        return join_manifest(disk.read_manifest(args.csv), mapping, where, subset=args.captions_subset)
+    return join_captions(_dataset_captions(args.csv, params.prepare.default_sensor), mapping, where,
+                         subset=args.captions_subset)
+
+
+def _csv_header(path: Path) -> list[str]:
+    import csv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            return [h.strip().lower() for h in next(csv.reader([fh.readline()]), [])]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StageError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _dataset_captions(path: Path, default_sensor: int) -> dict[int, str]:
+    """``index,caption`` through prepare's reader (the one reader of captions.csv); a bad or repeated id fails."""
+    from touchvl.data.prepare import read_captions
+
+    rows, bad = read_captions(path, default_sensor)
+    if bad:
+        shown = "; ".join(f"{q.file}: {q.detail}" for q in bad[:5])
+        raise StageError(f"{path}: {len(bad)} unusable row(s): {shown}")
+    repeated = sorted(i for i, r in rows.items() if len(r) > 1)
+    if repeated:
+        raise StageError(f"{path}: id(s) {repeated[:10]} have more than one caption row")
+    return {i: r[0].caption for i, r in rows.items()}
 
 
 def cmd_finetune(ctx: Context) -> int:
@@ -263,6 +356,12 @@ class UsageError(StageError):
     """Bad command-line input: exit status 2, like argparse's own errors."""
 
 
+class CouldNotValidate(StageError):
+    """``validate`` could not give a verdict (unreadable input, unwritable report): exit status 2, not 1 (invalid)."""
+
+    exit_status = 2
+
+
 # ------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="touchvl", description="The command line of the touch-vision-language pipeline: "
@@ -309,9 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
                                           "status: 0 valid (warnings allowed), 1 invalid, 2 could not validate.")
     validate.add_argument("file", type=_path)
     validate.add_argument("--report-dir", type=_path, default=None, help="default: <file without .jsonl>.report/")
-    validate.add_argument("--check-urls", action="store_true", help="fetch https image URLs (reachability, size, token cost)")
+    validate.add_argument("--check-urls", action="store_true",
+                          help="fetch https image URLs on public addresses (reachability, size, token cost); loopback, "
+                               "private and link-local addresses are refused, redirects checked too")
+    validate.add_argument("--url-timeout", type=float, default=15.0,
+                          help="seconds per URL for --check-urls, all of it: connect, redirects, body (default 15)")
+    validate.add_argument("--max-duplicate-fraction", type=float, default=None,
+                          help="more repeated examples than this share is an error (default jsonl.max_duplicate_fraction, 0.01)")
     validate.add_argument("--model", default=None, help="default gpt-4o-2024-08-06; with --target together finetune.together.model")
-    validate.add_argument("--epochs", default="auto", help="n_epochs as sent to the service (default auto)")
+    validate.add_argument("--epochs", default="auto", help="n_epochs as sent to the service: auto or 1-50 (default auto)")
     validate.add_argument("--target", choices=TARGETS, default="openai",
                           help="the service's own rules on top of OpenAI's (together: base64 images, MIME types, turn order)")
     validate.set_defaults(func=cmd_validate)
@@ -320,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                               description="The original toolkit's generators: rgb_tac (tactile + RGB pairs, a "
                                           "text-only example every N) and tactile (exact quotas).")
     generate.add_argument("kind", choices=("rgb_tac", "tactile"))
-    generate.add_argument("--csv", type=_path, required=True, help="captions: index,caption (or the manifest)")
-    generate.add_argument("--image-url-csv", type=_path, required=True, help="index,tac_url,rgb_url")
+    generate.add_argument("--csv", type=_path, required=True,
+                          help="captions: index,caption with index = dataset id (or the manifest: joined by uid)")
+    generate.add_argument("--image-url-csv", type=_path, required=True,
+                          help="the upload mapping: index (= manifest uid),tac_url,rgb_url,source_id (= dataset id)")
     generate.add_argument("--out", type=_path, required=True)
     generate.add_argument("--limit", type=int, default=None, help="examples (default jsonl.*_limit)")
     generate.add_argument("--image-limit", type=int, default=None, help="at most this many examples carry images")
@@ -330,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--intents", default=None, help=f"comma-separated, from {', '.join(INTENTS)}")
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--image-mode", choices=("base64", "url"), default=None)
+    generate.add_argument("--image-root", type=_path, action="append", default=None,
+                          help="a folder file:// images may be inlined from, besides data.root, prepare.out_dir and "
+                               "upload.local_dir (repeatable)")
+    generate.add_argument("--captions-subset", action="store_true",
+                          help="the captions cover only part of the mapping (e.g. the train split): leave the other "
+                               "ids out instead of failing")
     generate.set_defaults(func=cmd_generate)
 
     finetune = sub.add_parser("finetune", help="plan, approve, submit and watch the fine-tuning job",
@@ -381,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StageError as exc:
         print(f"touchvl {args.command} failed: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_status", 1)
     except KeyboardInterrupt:
         print(f"touchvl {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -263,6 +263,9 @@ class JsonlParams(_Section):
     """Multimodal set: every Nth example is text-only (0: none)."""
     tactile_limit: int = Field(1500, ge=1)
     tactile_quotas: dict[str, Fraction] = {"tactile_only": 0.6, "dual_image": 0.25, "text_only": 0.15}
+    max_duplicate_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """A file whose repeated examples exceed this share of its examples fails validation (too_many_duplicates).
+    The generators emit none; 1% leaves room for a few repeats in a hand-made file."""
 
     @field_validator("intents")
     @classmethod

@@ -1,6 +1,6 @@
 """Images in chat messages: the one place that turns files into data URLs and image URLs back into bytes.
 
-Used by the JSONL generators (inline ``file://`` images as base64), TouchQA (the query image and the
+Used by the JSONL generators (inline ``file://`` images under the data folders as base64), TouchQA (the query image and the
 neighbours' photos), the local trainer (reading a dataset's images) and the model server (reading a
 request's images, where only data URLs are accepted).
 """
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import base64
 import io
+import stat
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Sequence
 
+from touchvl.chat.fetch import FetchError, UrlFetcher, redact_urls
 from touchvl.errors import StageError
 
 MIME_BY_FORMAT = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+MAX_INLINE_BYTES = 10 * 1024 * 1024  # what a fine-tuning service accepts per image (the validator's cap)
 
 
 def sniff_mime(data: bytes) -> str:
@@ -48,7 +52,9 @@ def file_url_path(url: str) -> Path:
 
 def read_image_url(url: str, where: str, *, allow_file: bool = True, allow_http: bool = True,
                    timeout_s: float = 60.0) -> bytes:
-    """The bytes behind an ``image_url``: a base64 data URL, a ``file://`` path, or an http(s) URL."""
+    """The bytes behind an ``image_url``: a base64 data URL, a ``file://`` path, or an https URL on a public
+    address (``allow_http``; fetched by :class:`touchvl.chat.fetch.UrlFetcher`: no loopback or private
+    addresses, redirects re-checked, ``timeout_s`` in all, at most MAX_INLINE_BYTES)."""
     try:
         if url.startswith("data:"):
             header, _, payload = url.partition(",")
@@ -59,11 +65,13 @@ def read_image_url(url: str, where: str, *, allow_file: bool = True, allow_http:
         if scheme == "file" and allow_file:
             return file_url_path(url).read_bytes()
         if scheme in ("http", "https") and allow_http:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                return response.read()
+            data = UrlFetcher(deadline_s=timeout_s, max_bytes=MAX_INLINE_BYTES + 1)(url)
+            if len(data) > MAX_INLINE_BYTES:
+                raise ValueError(f"over {MAX_INLINE_BYTES // 2**20} MB")
+            return data
         raise ValueError(f"unsupported URL scheme {scheme or url[:20]!r}")
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{where}: cannot read image: {exc}") from None
+    except (OSError, ValueError, FetchError) as exc:
+        raise StageError(f"{where}: cannot read image: {redact_urls(str(exc))}") from None
 
 
 def open_image(data: bytes, where: str = "image"):
@@ -77,55 +85,38 @@ def open_image(data: bytes, where: str = "image"):
         raise StageError(f"{where}: not a decodable image ({exc})") from None
 
 
-def image_part(url: str, mode: str, detail: str) -> dict:
-    """An OpenAI ``image_url`` content part; ``mode="base64"`` inlines ``file://`` images as data URLs."""
-    if mode == "base64" and url.startswith("file://"):
-        url = file_data_url(file_url_path(url))
-    return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+def _under(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
 
 
-def is_public_address(host: str) -> bool:
-    """True when every address ``host`` resolves to is a public one (no loopback, private, link-local,
-    multicast, reserved or unspecified address): what a server may fetch on a client's behalf."""
-    import ipaddress
-    import socket
-
+def local_image_path(url: str, roots: Sequence[str | Path]) -> Path:
+    """The file behind a ``file://`` URL, only if it is a regular file under one of ``roots`` (symlinks and
+    ``..`` resolved first) and not over :data:`MAX_INLINE_BYTES`; else a clear error naming the URL.  The URLs
+    come from a data file (the upload mapping), so they are not trusted to point at images."""
+    shown = url if len(url) <= 200 else url[:200] + "…"
     try:
-        infos = socket.getaddrinfo(host, None)
-    except (OSError, UnicodeError):
-        return False
-    addresses = {ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos}
-    return bool(addresses) and all(a.is_global and not a.is_multicast for a in addresses)
-
-
-def read_public_https(url: str, max_bytes: int, timeout_s: float) -> bytes:
-    """An https URL on a public address, at most ``max_bytes``, within ``timeout_s`` in all; no redirects
-    (a redirect could point at a private address after the check)."""
-    import http.client
-    import time
-
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() != "https" or not parts.hostname:
-        raise StageError(f"only https:// URLs are fetched, not {parts.scheme or url[:20]!r}")
-    if not is_public_address(parts.hostname):
-        raise StageError(f"{parts.hostname} is not a public address: not fetched")
-    deadline = time.monotonic() + timeout_s
-    conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout_s)
+        path = file_url_path(url).resolve()
+        resolved_roots = [Path(r).resolve() for r in roots]
+    except (OSError, ValueError, RuntimeError) as exc:  # embedded NUL, symlink loop
+        raise StageError(f"{shown}: not a usable file URL ({exc})") from None
+    if urllib.parse.urlsplit(url).netloc not in ("", "localhost") or not _under(path, resolved_roots):
+        allowed = ", ".join(str(r) for r in roots) or "none given"
+        raise StageError(f"{shown}: outside the data folders images may be read from ({allowed})")
     try:
-        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
-        response = conn.getresponse()
-        if response.status != 200:
-            raise StageError(f"https fetch answered {response.status} (redirects are not followed)")
-        chunks, size = [], 0
-        while chunk := response.read(1 << 16):
-            size += len(chunk)
-            if size > max_bytes:
-                raise StageError(f"more than {max_bytes // 2**20} MB")
-            if time.monotonic() > deadline:
-                raise StageError(f"took longer than {timeout_s:.0f} s")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        info = path.stat()
     except OSError as exc:
-        raise StageError(f"https fetch failed: {exc}") from None
-    finally:
-        conn.close()
+        raise StageError(f"{shown}: cannot read image ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise StageError(f"{shown}: not a regular file")
+    if info.st_size > MAX_INLINE_BYTES:
+        raise StageError(f"{shown}: {info.st_size / 2**20:.1f} MB image, over the {MAX_INLINE_BYTES // 2**20} MB "
+                         f"a fine-tuning service accepts")
+    return path
+
+
+def image_part(url: str, mode: str, detail: str, roots: Sequence[str | Path] = ()) -> dict:
+    """An OpenAI ``image_url`` content part; ``mode="base64"`` inlines ``file://`` images as data URLs, read
+    only from under ``roots`` (the project's data folders; none given: no file is read)."""
+    if mode == "base64" and urllib.parse.urlsplit(url).scheme.lower() == "file":
+        url = file_data_url(local_image_path(url, roots))
+    return {"type": "image_url", "image_url": {"url": url, "detail": detail}}

@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from touchvl import disk
+from touchvl.chat.fetch import redact_urls
 from touchvl.chat.generate import Example, quota_counts
-from touchvl.chat.validate import Report, iter_lines
+from touchvl.chat.validate import Report, iter_lines, parse_line, printable, structure_problem
 
 
 def _composition_html(d: dict) -> str:
@@ -39,6 +40,14 @@ def _expectations_html(d: dict) -> str:
             f"<th>arguments</th><th>met</th><th>examples not met</th></tr>{rows}</table>") if rows else ""
 
 
+def _image_html(url) -> str:
+    """Data-URL images inline; any other URL as text: opening a report must not make the reviewer's browser
+    request addresses a data file chose (an internal router's admin page, a tracking pixel)."""
+    if isinstance(url, str) and url.startswith("data:image/"):
+        return f'<img src="{html.escape(url)}" height="96">'
+    return f"<code>[image: {html.escape(str(url)[:200])}]</code>"
+
+
 def _samples_html(d: dict) -> str:
     blocks = []
     for sample in d.get("samples", []):
@@ -46,7 +55,7 @@ def _samples_html(d: dict) -> str:
             turns = []
             for m in sample["messages"]:
                 parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-                body = "".join(f'<img src="{html.escape(p["image_url"]["url"])}" height="96">' if p.get("type") == "image_url"
+                body = "".join(_image_html(p["image_url"]["url"]) if p.get("type") == "image_url"
                                else f"<span>{html.escape(str(p.get('text', '')))}</span>" for p in parts)
                 turns.append(f'<div class="turn {html.escape(str(m["role"]))}"><b>{html.escape(str(m["role"]))}</b> {body}</div>')
         except (KeyError, TypeError, AttributeError):
@@ -56,18 +65,39 @@ def _samples_html(d: dict) -> str:
 
 
 def samples(path: Path, n: int = 4) -> list[dict]:
-    """The first ``n`` examples, for people to read (rendered with their images in report.html)."""
+    """The first ``n`` readable examples, for people to read (rendered with their images in report.html);
+    URL query strings (signatures) are redacted."""
     out = []
     for number, raw in iter_lines(path):
         if len(out) == n:
             break
         try:
-            messages = json.loads(raw.decode("utf-8"))["messages"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            obj = parse_line(raw)
+        except ValueError:
             continue  # the validator reports these lines; samples show readable examples only
-        if isinstance(messages, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            out.append({"line": number, "messages": messages})
+        messages = obj.get("messages") if isinstance(obj, dict) else None
+        if (isinstance(messages, list) and structure_problem(obj, raw) is None
+                and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+            out.append({"line": number, "messages": _redacted(messages)})
     return out
+
+
+def _redacted(value):
+    """A copy of a (shallow: structure_problem-checked) JSON value with every URL's query string redacted."""
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return redact_urls(value) if isinstance(value, str) and "://" in value else value
+
+
+def _banner(d: dict) -> str:
+    """Examples, errors, warnings and the duplicate rate: the line a reviewer reads first."""
+    s = d["summary"]
+    limit = s.get("max_duplicate_fraction")
+    return (f"{s['examples']} examples, {s['error_count']} errors, {s['warning_count']} warnings, "
+            f"{s.get('duplicate_examples', 0)} duplicates ({s.get('duplicate_fraction', 0.0):.1%}"
+            + (f"; at most {limit:.1%} allowed" if limit is not None else "") + ")")
 
 
 def report_html(d: dict, markdown: str) -> str:
@@ -77,12 +107,14 @@ def report_html(d: dict, markdown: str) -> str:
                    for f in d["warnings"][:500])
     s = d["summary"]
     verdict = "PASS" if d["ok"] else "FAIL"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>JSONL report {html.escape(d['file'])}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'"><title>JSONL report {html.escape(d['file'])}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px}}
 .PASS{{color:#2a2}} .FAIL{{color:#c22}} .chat{{border:1px solid #ddd;margin:8px 0;padding:6px;max-width:60em}}
 .turn{{margin:4px 0}} .assistant{{background:#eef}} .turn img{{margin:0 4px;vertical-align:middle}}</style></head><body>
 <h1>JSONL validation: <code>{html.escape(d['file'])}</code></h1>
-<p class="{verdict}"><b>{verdict}</b>: {s['examples']} examples, {s['error_count']} errors, {s['warning_count']} warnings (model {html.escape(d['model'])})</p>
+<p class="{verdict}"><b>{verdict}</b>: {html.escape(_banner(d))} (model {html.escape(d['model'])})</p>
+{_capped_html(d)}
 <p>Cost estimate: {s['cost']['trained_tokens']:,} trained tokens ({s['cost']['billed_tokens_per_epoch']:,} × {s['cost']['epochs']} epochs)
 ≈ <b>${s['cost']['cost_usd']}</b> at ${s['cost']['price_per_million']}/1M.</p>
 <h2>Distributions</h2><ul><li>messages per example: {s['messages_per_example']}</li>
@@ -94,16 +126,36 @@ def report_html(d: dict, markdown: str) -> str:
 """
 
 
+def _capped_html(d: dict) -> str:
+    note = (d.get("composition") or {}).get("note")
+    return f"<p><b>Capped:</b> {html.escape(note)}</p>" if note else ""
+
+
 def write_reports(d: dict, report_dir: Path) -> None:
+    """report.json / .md / .html; text from the file (names, model, messages) is written escaped, never
+    failing on a character UTF-8 cannot hold (lone surrogates)."""
     markdown = report_markdown(d)
-    disk.write_json(report_dir / "report.json", d)
-    disk.write_text(report_dir / "report.md", markdown)
-    disk.write_text(report_dir / "report.html", report_html(d, markdown))
+    disk.write_json(report_dir / "report.json", d)  # json.dumps escapes what is not ASCII
+    disk.write_text(report_dir / "report.md", _encodable(markdown))
+    disk.write_text(report_dir / "report.html", _encodable(report_html(d, markdown)))
 
 
-def composition(examples: list[Example], quotas: dict[str, float] | None) -> dict:
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def composition(examples: list[Example], quotas: dict[str, float] | None, requested: int | None = None,
+                capacity: dict[str, int] | None = None) -> dict:
+    """Kinds, intents and quotas of a generated set; with ``requested`` (the limit) and ``capacity``
+    (:func:`touchvl.chat.generate.distinct_combinations`) also whether -- and why -- it holds fewer examples."""
     kinds = Counter(e.kind for e in examples)
     out = {"examples": len(examples), "kinds": dict(kinds), "intents": dict(Counter(e.intent for e in examples))}
+    if requested is not None:
+        out |= {"requested": requested, "capped": len(examples) < requested, "capacity": capacity or {}}
+        if out["capped"]:
+            used = ", ".join(f"{k} {kinds.get(k, 0)} of {n}" for k, n in (capacity or {}).items() if k in kinds)
+            out["note"] = (f"{len(examples):,} examples, not the {requested:,} asked for: each (item, kind, intent) "
+                           f"combination is used at most once and the distinct combinations ran out ({used})")
     if quotas:
         expected = quota_counts(len(examples), quotas)
         out["quotas"] = {k: {"share": quotas[k], "expected": expected[k], "actual": kinds.get(k, 0),
@@ -149,14 +201,17 @@ def report_dict(report: Report, cost: dict) -> dict:
                         "images_total": sum(k * v for k, v in s.images.items()),
                         "tokens": s.token_stats(), "image_tokens": s.image_tokens,
                         "text_tokens_exact": s.text_tokens_exact, "text_tokens_source": s.text_tokens_source,
+                        "duplicate_examples": s.duplicates, "duplicate_fraction": round(s.duplicate_fraction, 6),
+                        "max_duplicate_fraction": s.max_duplicate_fraction,
                         "cost": cost}}
 
 
 def report_markdown(d: dict) -> str:
     s = d["summary"]
     verdict = "PASS (no errors)" if d["ok"] else f"FAIL ({s['error_count']} errors)"
-    lines = [f"# JSONL validation: `{d['file']}`", "", f"**{verdict}** — {s['examples']} examples, "
-             f"{s['warning_count']} warnings, model `{d['model']}`", "",
+    note = (d.get("composition") or {}).get("note")
+    lines = [f"# JSONL validation: `{printable(d['file'])}`", "", f"**{verdict}** — {_banner(d)}, "
+             f"model `{printable(d['model'])}`", "", *([f"**Capped:** {note}", ""] if note else []),
              f"Cost estimate: {s['cost']['trained_tokens']:,} trained tokens ({s['cost']['billed_tokens_per_epoch']:,} "
              f"× {s['cost']['epochs']} epochs) ≈ **${s['cost']['cost_usd']}** at ${s['cost']['price_per_million']}/1M"
              + f" (text tokens: {s['text_tokens_source']})", ""]

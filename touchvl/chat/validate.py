@@ -16,14 +16,15 @@ import io
 import json
 import math
 import re
-import urllib.request
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from touchvl.chat.fetch import UrlFetcher, redact_urls
 from touchvl.chat.targets import CHECKS as TARGET_CHECKS
 
 ALLOWED_ROLES = {"system", "user", "assistant", "tool"}
@@ -35,6 +36,10 @@ MAX_IMAGE_BYTES = 10 * 1024 * 1024
 DATA_URL = re.compile(r"^data:image/(?P<fmt>[a-zA-Z0-9.+-]+);base64,(?P<data>.*)$", re.DOTALL)
 SHORT_ANSWER_WORDS = 3
 MIN_EXAMPLES = 10
+MAX_IMAGE_PIXELS = 40_000_000  # a header above this is image_too_large (prepare.max_image_pixels' default), whatever PIL's own bomb limit
+MAX_DEPTH = 64  # a chat example nests about 6 levels; deeper is hostile and would exhaust the stack of whatever reads it
+DEFAULT_MAX_DUPLICATE_FRACTION = 0.01  # jsonl.max_duplicate_fraction's default
+MAX_MESSAGE_CHARS = 500  # a finding quotes at most this much of the file
 
 # Training context per model (tokens); an example longer than this is truncated by the service.
 MODEL_CONTEXT = {"gpt-4o-2024-08-06": 65_536, "gpt-4o-mini-2024-07-18": 65_536, "gpt-4.1-2025-04-14": 65_536,
@@ -104,6 +109,12 @@ class Summary:
     image_tokens: int = 0
     text_tokens_exact: bool = False
     text_tokens_source: str = ""
+    duplicates: int = 0  # examples that repeat an earlier line
+    max_duplicate_fraction: float | None = None
+
+    @property
+    def duplicate_fraction(self) -> float:
+        return self.duplicates / self.examples if self.examples else 0.0
 
     def token_stats(self) -> dict:
         n = sum(self.tokens.values())
@@ -141,8 +152,34 @@ Fetch = Callable[[str], bytes]
 
 
 def fetch_url(url: str, timeout: float = 15.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read(MAX_IMAGE_BYTES + 1)
+    """At most MAX_IMAGE_BYTES + 1 bytes of an https URL on a public address, within ``timeout`` seconds in all
+    (:class:`touchvl.chat.fetch.UrlFetcher`: no loopback or private addresses, redirects checked too)."""
+    return UrlFetcher(deadline_s=timeout, max_bytes=MAX_IMAGE_BYTES + 1)(url)
+
+
+class ImageTooLarge(Exception):
+    pass
+
+
+def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
+    """(format, size) of image bytes, checked without decoding the pixels: :class:`ImageTooLarge` when the
+    header claims more than MAX_IMAGE_PIXELS (PIL's DecompressionBombError included), ValueError when PIL cannot
+    read it (any exception of a decoder on hostile bytes means "not a readable image")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DecompressionBombWarning, "Corrupt EXIF data": the finding says it
+        try:
+            with Image.open(io.BytesIO(data), formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ImageTooLarge(f"{width}x{height} pixels > {MAX_IMAGE_PIXELS:,}")
+                img.verify()
+                return img.format, img.size
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"over PIL's decompression-bomb limit ({exc})"[:200]) from None
+        except ImageTooLarge:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- see the docstring
+            raise ValueError(type(exc).__name__) from None
 
 
 class _ExampleChecker:
@@ -199,11 +236,12 @@ class _ExampleChecker:
             self.error("image_too_large", f"{where}: {len(data) / 2**20:.1f} MB > 10 MB")
             return
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.verify()
-                actual, size = img.format, img.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            self.error("image_data_corrupt", f"{where}: not a readable image ({type(exc).__name__})")
+            actual, size = image_header(data)
+        except ImageTooLarge as exc:
+            self.error("image_too_large", f"{where}: {exc}")
+            return
+        except ValueError as exc:
+            self.error("image_data_corrupt", f"{where}: not a readable image ({exc})")
             return
         if actual not in IMAGE_FORMATS.values():
             self.error("image_format_unsupported", f"{where}: {actual}; only JPEG, PNG and WEBP are accepted")
@@ -288,6 +326,69 @@ def iter_lines(path: Path) -> Iterable[tuple[int, bytes]]:
             yield number, raw.rstrip(b"\r\n")
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")  # Python's json reads NaN and Infinity; JSON (and the service) does not
+
+
+def parse_line(raw: bytes):
+    """The JSON value of one line, or ValueError saying why not -- never another exception: not UTF-8, bad JSON,
+    NaN/Infinity, an integer over Python's 4,300-digit limit, nesting deeper than the parser's stack."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+    except ValueError as exc:  # JSONDecodeError, int digits limit
+        raise ValueError(str(exc)[:200]) from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def structure_problem(obj, raw: bytes) -> tuple[str, str] | None:
+    """``(code, message)`` when a parsed line is hostile in shape: nested deeper than MAX_DEPTH, or a string with
+    a lone UTF-16 surrogate (valid JSON, not valid Unicode: it cannot be encoded, tokenized or written out).
+    Iterative: no recursion, whatever the depth."""
+    surrogates = b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None  # only \uD800-\uDFFF escapes make them
+    if not surrogates and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:  # cannot nest deeper: no walk needed
+        return None
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return "nesting_too_deep", f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif surrogates and isinstance(value, str) and _LONE_SURROGATE.search(value):
+            return "invalid_unicode", "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode"
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print and write: control characters and lone surrogates as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def clean_findings(findings: list[Finding]) -> list[Finding]:
+    """Findings as they may be shown: URL query strings (signatures) and credentials redacted, no control
+    characters or lone surrogates, at most MAX_MESSAGE_CHARS of quoted data."""
+    out = []
+    for f in findings:
+        message = f.message
+        if "://" in message or len(message) > MAX_MESSAGE_CHARS or not message.isprintable():
+            message = printable(redact_urls(message))
+            message = message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "…"
+            f = replace(f, message=message)
+        out.append(f)
+    return out
+
+
 def example_digest(obj) -> bytes:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=16).digest()
 
@@ -319,8 +420,8 @@ def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[
     first: dict[bytes, int] = {}
     for number, raw in iter_lines(path):
         try:
-            digest = example_digest(json.loads(raw.decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            digest = example_digest(parse_line(raw))
+        except (ValueError, RecursionError):  # not an example the first pass counted
             continue
         if digest in wanted and digest not in first:
             first[digest] = number
@@ -329,8 +430,12 @@ def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[
 
 
 def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool = False,
-                  fetch: Fetch = fetch_url, counter: TokenCounter | None = None, target: str = "openai") -> Report:
-    """``target``: the service's own rules on top of OpenAI's (touchvl/chat/targets.py)."""
+                  fetch: Fetch = fetch_url, counter: TokenCounter | None = None, target: str = "openai",
+                  max_duplicate_fraction: float | None = DEFAULT_MAX_DUPLICATE_FRACTION) -> Report:
+    """The findings and summary of one file.  Raises only OSError (the file cannot be read): every content
+    problem is a finding.  More repeated examples than ``max_duplicate_fraction`` of the file is an error
+    (``too_many_duplicates``; None: no limit).  ``target``: the service's own rules on top of OpenAI's
+    (touchvl/chat/targets.py)."""
     counter = counter or TokenCounter()
     extra_checks = TARGET_CHECKS[target]
     report = Report(str(path), model, target)
@@ -350,9 +455,13 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
         last_content = number
         report.summary.examples += 1
         try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            obj = parse_line(raw)
+        except ValueError as exc:
             report.errors.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
+            continue
+        problem = structure_problem(obj, raw)
+        if problem:
+            report.errors.append(Finding(number, *problem))
             continue
         try:
             errors, stats = check_example(obj, number, counter, check_urls, fetch, context)
@@ -386,4 +495,18 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
         report.errors.append(Finding(1, "empty_file", "the file has no examples"))
     elif report.summary.examples < MIN_EXAMPLES:
         report.warnings.append(Finding(0, "few_examples", f"{report.summary.examples} examples; at least {MIN_EXAMPLES} are required to train"))
+    report.errors += duplicate_rate(report, max_duplicate_fraction)
+    report.errors, report.warnings = clean_findings(report.errors), clean_findings(report.warnings)
     return report
+
+
+def duplicate_rate(report: Report, max_fraction: float | None) -> list[Finding]:
+    """Record the duplicate count in the summary; an error when it is over ``max_fraction`` of the examples."""
+    s = report.summary
+    s.duplicates = sum(f.code == "duplicate_example" for f in report.warnings)
+    s.max_duplicate_fraction = max_fraction
+    if max_fraction is None or s.duplicate_fraction <= max_fraction:
+        return []
+    return [Finding(0, "too_many_duplicates", f"{s.duplicates} of {s.examples} examples ({s.duplicate_fraction:.1%}) "
+                                              f"repeat an earlier line; at most {max_fraction:.1%} may "
+                                              f"(jsonl.max_duplicate_fraction)")]

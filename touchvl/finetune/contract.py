@@ -64,11 +64,12 @@ def provider_notice(provider: str, today: dt.date) -> str | None:
             f"finetune.provider: azure or compatible keep working after that.")
 
 
-def validation_summary(files: DatasetFiles, model: str, n_epochs, prices: dict[str, float]) -> dict:
+def validation_summary(files: DatasetFiles, model: str, n_epochs, prices: dict[str, float],
+                       max_duplicate_fraction: float | None = 0.01) -> dict:
     """Re-validate the exact bytes that would be uploaded (never trust a report of another version)."""
     out = {}
     for role, path in (("train", files.train), ("val", files.val)):
-        report = validate_file(path, model=model)
+        report = validate_file(path, model=model, max_duplicate_fraction=max_duplicate_fraction)
         out[role] = {"path": str(path), "examples": report.summary.examples, "errors": len(report.errors),
                      "warnings": len(report.warnings), "first_error": report.errors[0].__dict__ if report.errors else None}
         if role == "train":

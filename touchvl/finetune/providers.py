@@ -38,8 +38,9 @@ def checked_files(params: Params, files: DatasetFiles) -> dict:
     """The exact files re-validated with the provider's own rules and prices (never a report of another version)."""
     p = params.finetune
     if p.provider == "together":
-        return together.validation_summary(p, files)
-    return validation_summary(files, p.model, epochs_setting(p), params.jsonl.prices_per_million)
+        return together.validation_summary(p, files, params.jsonl.max_duplicate_fraction)
+    return validation_summary(files, p.model, epochs_setting(p), params.jsonl.prices_per_million,
+                              params.jsonl.max_duplicate_fraction)
 
 
 def plan(params: Params, files: DatasetFiles, today: dt.date) -> dict:

@@ -80,7 +80,8 @@ class Submission:
 
     def checked_files(self) -> dict:
         """The exact files re-validated with this provider's rules and prices (overridden per provider)."""
-        return validation_summary(self.files, self.p.model, self.p.n_epochs, self.params.jsonl.prices_per_million)
+        return validation_summary(self.files, self.p.model, self.p.n_epochs, self.params.jsonl.prices_per_million,
+                                  self.params.jsonl.max_duplicate_fraction)
 
     def upload(self, role: str, path: Path) -> str:
         if role in self.state["files"]:

@@ -98,7 +98,7 @@ class ServerLimits:
 def image_fetcher(limits: ServerLimits):
     """The only way a request's image URL is read: ``data:`` (size-capped before decoding), ``https:`` when
     allowed (public addresses, capped, timed out); every other scheme is refused without touching anything."""
-    from touchvl.chat.messages import read_public_https
+    from touchvl.chat.fetch import FetchError, UrlFetcher, redact_urls
 
     def fetch(url: str, where: str) -> bytes:
         param = where.replace("request: ", "")
@@ -109,11 +109,14 @@ def image_fetcher(limits: ServerLimits):
             if len(payload) * 3 // 4 > limits.max_image_bytes:
                 raise ApiError(400, f"The image is larger than this server accepts ({limits.max_image_bytes // 2**20} MB).",
                                param, "image_too_large")
-        elif scheme == "https" and limits.https_images:
+        elif scheme == "https" and limits.https_images:  # public addresses only, redirects re-checked, one deadline
             try:
-                data = read_public_https(text, limits.max_image_bytes, limits.timeout_s)
-            except StageError as exc:
-                raise ApiError(400, f"{where}: {exc}", param, "invalid_image_url") from None
+                data = UrlFetcher(deadline_s=limits.timeout_s, max_bytes=limits.max_image_bytes + 1)(text)
+            except FetchError as exc:
+                raise ApiError(400, f"{where}: {redact_urls(str(exc))}", param, "invalid_image_url") from None
+            if len(data) > limits.max_image_bytes:
+                raise ApiError(400, f"The image is larger than this server accepts ({limits.max_image_bytes // 2**20} MB).",
+                               param, "image_too_large")
             return _decodable(data, where, param)
         else:  # file:, FILE:, " file:", http:, ftp:, a bare path...: refused before anything is read
             accepted = "data: or https:" if limits.https_images else "data:"

@@ -113,11 +113,11 @@ def cost_estimate(train: Summary, val: Summary, cfg: TogetherFinetuneParams) -> 
                       f"no price for {cfg.model} ({method(cfg)}) in finetune.together.prices_per_million")}
 
 
-def validation_summary(p: FinetuneParams, files: DatasetFiles) -> dict:
+def validation_summary(p: FinetuneParams, files: DatasetFiles, max_duplicate_fraction: float | None = 0.01) -> dict:
     """:func:`touchvl.finetune.contract.validation_summary` with Together's rules and prices, on the exact bytes."""
     cfg, out, summaries = p.together, {}, {}
     for role, path in (("train", files.train), ("val", files.val)):
-        report = validate_file(path, model=cfg.model, target="together")
+        report = validate_file(path, model=cfg.model, target="together", max_duplicate_fraction=max_duplicate_fraction)
         summaries[role] = report.summary
         out[role] = {"path": str(path), "examples": report.summary.examples, "errors": len(report.errors),
                      "warnings": len(report.warnings), "first_error": report.errors[0].__dict__ if report.errors else None,
@@ -409,7 +409,7 @@ class TogetherSubmission(Submission):
             return self.poll(wait)
 
     def checked_files(self) -> dict:
-        return validation_summary(self.p, self.files)
+        return validation_summary(self.p, self.files, self.params.jsonl.max_duplicate_fraction)
 
     # -- the commands of an existing job (``touchvl finetune status | events | cancel``)
     def status(self) -> dict:

@@ -162,4 +162,5 @@ def build_mapping(manifest: pd.DataFrame, prefix: str, storage: Storage) -> pd.D
         "index": manifest["uid"].astype("int64"),
         "tac_url": [storage.url(object_key(prefix, "tac", p)) for p in manifest["tac_path"]],
         "rgb_url": [storage.url(object_key(prefix, "rgb", p)) for p in manifest["rgb_path"]],
+        "source_id": manifest["source_id"].astype("int64"),  # the dataset id: what captions.csv `index` joins on
     })
