@@ -1,7 +1,7 @@
 """DVC stage ``upload``: the manifest's images to object storage (local folder or Aliyun OSS), plus URLs.
 
 Writes ``artifacts/upload/manifest.csv`` (what is stored where, with MD5 and ETag) and
-``artifacts/upload/image_url_mapping.csv`` (``index,tac_url,rgb_url``; index = manifest uid).  A run with
+``artifacts/upload/image_url_mapping.csv`` (``index,tac_url,rgb_url,source_id``; index = manifest uid, source_id = the dataset id).  A run with
 failures keeps what succeeded, names the failed keys and exits non-zero; the next run sends only what is
 missing (core: touchvl.storage).
 """

@@ -1,7 +1,7 @@
 """The manifest's images to object storage, idempotently and concurrently, plus their URLs (``upload``'s core).
 
 Writes ``artifacts/upload/manifest.csv`` (destination, key, local_path, size, md5, etag, uploaded_at) and
-``artifacts/upload/image_url_mapping.csv`` (``index,tac_url,rgb_url``; index = manifest uid).
+``artifacts/upload/image_url_mapping.csv`` (``index,tac_url,rgb_url,source_id``; index = manifest uid, source_id = the dataset id).
 
 The upload manifest is keyed by destination (:attr:`Storage.destination`: backend, endpoint, bucket or
 folder; the prefix is part of every key): an object recorded *at this destination* with the same MD5 is
