@@ -9,10 +9,12 @@ split only ever feeds the reported metrics (core: touchvl.projector).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+from pathlib import Path
 
-import pandas as pd
 import torch
 
 from touchvl import disk
@@ -26,6 +28,24 @@ from touchvl.projector.pairs import (PairedEmbeddings, fit, load_pairs, stage1_v
 from touchvl.projector.training import project
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def curves(folder: Path):
+    """dvclive, the DVC-native logger: one TSV per curve (train/loss, val/R@1, tau, lr by epoch) under
+    ``folder``, declared as DVC plots in dvc.yaml (no timestamps: same inputs, same bytes)."""
+    from dvclive import Live
+
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun's curve starts afresh, never appended to the last one's
+    with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None, monitor_system=False) as live:
+        def log_epoch(row: dict) -> None:
+            live.step = row["epoch"]
+            live.log_metric("train/loss", row["loss"])
+            live.log_metric("val/R@1", row["val_r1"])
+            live.log_metric("tau", row["tau"])
+            live.log_metric("lr", row["lr"])
+
+        yield log_epoch
 
 
 def pairs(params: Params) -> PairedEmbeddings:
@@ -44,7 +64,8 @@ def run_stage1(params: Params) -> dict:
     model = ViTProjector(ProjectorConfig(emb_dim=data.tac.shape[1], dim=p.dim, depth=p.depth, heads=p.heads,
                                          num_tokens=p.num_tokens, mlp_ratio=p.mlp_ratio, dropout=p.dropout,
                                          num_sensors=num_sensors, sensor_tokens=p.sensor_tokens))
-    result = fit(model, data, params.train_stage1, device)
+    with curves(p.history_dir / "projector_stage1") as on_epoch:
+        result = fit(model, data, params.train_stage1, device, on_epoch)
     model.load_state_dict(result.best_state)
     ckpt = checkpoint_dict(model, stage=1, best_epoch=result.best_epoch, best_val_r1=result.best_val_r1,
                            encoder_fingerprint=data.encoder_fingerprint)
@@ -53,7 +74,6 @@ def run_stage1(params: Params) -> dict:
         result.history, ckpt["state_dict"], data.tac.shape[1], ckpt["config"]["emb_dim"], ckpt["encoder_fingerprint"],
         disk.read_meta(params.embed.out_dir)["fingerprint"], result.best_val_r1), params.validation).raise_if_failed()
     disk.write_checkpoint(p.out_dir / "stage1.pt", ckpt)
-    disk.write_csv(p.history_dir / "projector_stage1.csv", pd.DataFrame(result.history))
     return {"best_epoch": result.best_epoch, "best_val_r1": result.best_val_r1}
 
 
@@ -67,12 +87,12 @@ def run_stage2(params: Params) -> dict:
     if stage1["config"]["emb_dim"] != data.tac.shape[1]:
         raise StageError(f"stage-1 projector expects dim {stage1['config']['emb_dim']}, embeddings have {data.tac.shape[1]}")
     model = projector_from_checkpoint(stage1)
-    result = fit(model, data, params.train_stage2, device)
+    with curves(p.history_dir / "projector_stage2") as on_epoch:
+        result = fit(model, data, params.train_stage2, device, on_epoch)
     model.load_state_dict(result.best_state)
     disk.write_checkpoint(p.out_dir / "projector.pt", checkpoint_dict(
         model, stage=2, best_epoch=result.best_epoch, best_val_r1=result.best_val_r1,
         encoder_fingerprint=data.encoder_fingerprint))
-    disk.write_csv(p.history_dir / "projector_stage2.csv", pd.DataFrame(result.history))
     projector_hash = disk.sha256_file(p.out_dir / "projector.pt")[:16]
     projected = project(model, data.tac, data.sensors, device=device)
     _, raw_ids = disk.read_vectors(params.embed.out_dir / "embeddings_tac")

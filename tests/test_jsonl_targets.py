@@ -32,8 +32,8 @@ TOGETHER_ONLY = {
 
 def test_each_together_rule_fires_at_its_line_and_openai_lets_it_through(tmp_path):
     lines, expected = [], []
-    for code, bad in TOGETHER_ONLY.items():
-        lines += [example(), bad]
+    for i, (code, bad) in enumerate(TOGETHER_ONLY.items()):
+        lines += [example(answer=f"It feels smooth and hard, sample {i}."), bad]  # distinct: no duplicate
         expected.append((len(lines), code))
     path = write(tmp_path, lines)
     together = validate_file(path, target="together")
@@ -71,7 +71,8 @@ def test_the_generated_datasets_pass_the_together_rules(tmp_path):
 
 
 def test_cli_target_together(tmp_path):
-    bad = write(tmp_path, [example()] * 9 + [TOGETHER_ONLY["image_not_base64"]], name="bad.jsonl")
+    good = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(9)]  # distinct: no duplicate
+    bad = write(tmp_path, good + [TOGETHER_ONLY["image_not_base64"]], name="bad.jsonl")
     run = lambda *a: subprocess.run([sys.executable, "-m", "tasks.jsonl", "validate", *a], cwd=tmp_path,
                                     capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     openai_run = run(str(bad), "--report-dir", str(tmp_path / "r1"))

@@ -254,7 +254,7 @@ def _generator_items(args: argparse.Namespace, params) -> list:
     where = str(args.image_url_csv)
     if "uid" in _csv_header(args.csv):
         return join_manifest(disk.read_manifest(args.csv), mapping, where, subset=args.captions_subset)
-    return join_captions(_dataset_captions(args.csv, params.prepare.default_sensor), mapping, where,
+    return join_captions(_dataset_captions(args.csv, params.prepare), mapping, where,
                          subset=args.captions_subset)
 
 
@@ -268,11 +268,11 @@ def _csv_header(path: Path) -> list[str]:
         raise StageError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
 
 
-def _dataset_captions(path: Path, default_sensor: int) -> dict[int, str]:
+def _dataset_captions(path: Path, prepare) -> dict[int, str]:
     """``index,caption`` through prepare's reader (the one reader of captions.csv); a bad or repeated id fails."""
     from touchvl.data.prepare import read_captions
 
-    rows, bad = read_captions(path, default_sensor)
+    rows, bad = read_captions(path, prepare)
     if bad:
         shown = "; ".join(f"{q.file}: {q.detail}" for q in bad[:5])
         raise StageError(f"{path}: {len(bad)} unusable row(s): {shown}")

@@ -156,6 +156,7 @@ class ProjectorParams(_Section):
     projected_dir: Path = Path("embeddings/embeddings_tac_projected")
     metrics: Path = Path("artifacts/metrics/projector.json")
     history_dir: Path = Path("artifacts/metrics")
+    """Where each stage's curves go (dvclive): <history_dir>/projector_stage{1,2}/plots/metrics/*.tsv."""
 
     @field_validator("heads")
     @classmethod

@@ -72,13 +72,21 @@ def train_config(p: TrainStageParams, device: str) -> TrainConfig:
     return TrainConfig(**p.model_dump(), device=device)
 
 
-def fit(model: ViTProjector, data: PairedEmbeddings, stage: TrainStageParams, device: str):
+def fit(model: ViTProjector, data: PairedEmbeddings, stage: TrainStageParams, device: str, on_epoch=None):
+    """Train on the train split, select on the validation holdout; ``on_epoch(row)`` sees every epoch's row
+    (loss, val_r1, tau, lr): the stage logs it as a curve."""
     tr = data.split == "train"
     va = (data.split == "val") & data.original
     if not va.any():
         raise StageError("validation holdout is empty: raise projector.val_fraction or add data")
+
+    def each(row: dict) -> None:
+        log.info("epoch %(epoch)d loss %(loss).4f val R@1 %(val_r1).3f tau %(tau).3f", row)
+        if on_epoch:
+            on_epoch(row)
+
     return train(model, data.tac[tr], data.rgb[tr], data.sensors[tr], data.tac[va], data.rgb[va], data.sensors[va],
-                 train_config(stage, device), log=lambda row: log.info("epoch %(epoch)d loss %(loss).4f val R@1 %(val_r1).3f tau %(tau).3f", row))
+                 train_config(stage, device), log=each)
 
 
 def caption_recall_at_1(query: np.ndarray, text: np.ndarray, captions: np.ndarray) -> float:
