@@ -92,6 +92,30 @@ def test_repro_then_up_to_date_then_param_change(repo):
     assert forced.returncode == 0, forced.stderr
     assert hashes() == before
 
+    # the curves render offline: every plot as a PNG and one page with Vega inline (no CDN)
+    plots = sh(str(BIN / "python"), "-m", "touchvl", "plots", cwd=repo)
+    assert plots.returncode == 0, plots.stderr
+    rendered = {p.name for p in (repo / "artifacts/reports/plots").iterdir()}
+    for curve in ("train_loss", "val_R_1", "tau", "lr"):
+        assert f"projector_stage1_{curve}.png" in rendered and f"projector_stage2_{curve}.png" in rendered
+    page = (repo / "artifacts/reports/plots/index.html").read_text()
+    assert "vegaEmbed(" in page and "cdn.jsdelivr" not in page and "<script src=" not in page
+
+    # experiments compare: metrics are cached outputs that a commit and an experiment both keep
+    assert sh("git", "add", "-A", cwd=repo).returncode == 0
+    assert sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline", cwd=repo).returncode == 0
+    exp = sh("dvc", "exp", "run", "-n", "k1", "-S", "evaluate.retrieval_k=1", cwd=repo)
+    assert exp.returncode == 0, exp.stderr + exp.stdout
+    assert "Running stage 'evaluate'" in exp.stdout and "Running stage 'embed'" not in exp.stdout
+    diff = sh("dvc", "exp", "diff", "HEAD", "k1", "--json", cwd=repo)
+    assert diff.returncode == 0, diff.stderr
+    changed_metrics = json.loads(diff.stdout)["metrics"]
+    assert "artifacts/metrics/eval.json" in changed_metrics, changed_metrics
+    shown = sh("dvc", "exp", "show", "--json", cwd=repo)
+    assert shown.returncode == 0 and "!" not in json.dumps(json.loads(shown.stdout))  # no metric missing
+    assert sh("dvc", "metrics", "diff", "HEAD", cwd=repo).returncode == 0
+    assert sh("dvc", "plots", "diff", "HEAD", "--json", cwd=repo).returncode == 0
+
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prepare"]["augment"]["copies"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

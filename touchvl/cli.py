@@ -9,6 +9,7 @@
     touchvl generate rgb_tac|tactile --csv C --image-url-csv M --out F [...]
     touchvl finetune plan|approve|submit|status|events|cancel|list|serve
     touchvl export --format sharegpt|trl|axolotl --out DIR
+    touchvl plots [REV ...] [--out DIR]
     touchvl download-weights [--dest .checkpoints]
 
 Commands that read the pipeline's outputs run in the project: the nearest folder above the current one that
@@ -345,6 +346,17 @@ def cmd_export(ctx: Context) -> int:
     return 0
 
 
+def cmd_plots(ctx: Context) -> int:
+    from touchvl.plots import dvc_plot_specs, render
+
+    if ctx.root is None:
+        raise StageError("no project here: run inside a touchvl project or pass -C DIR")
+    out = ctx.args.out or ctx.root / "artifacts/reports/plots"
+    for path in render(dvc_plot_specs(ctx.root, ctx.args.revisions), out):
+        print(path)
+    return 0
+
+
 def cmd_download_weights(ctx: Context) -> int:
     from touchvl.imagebind.encoder import download_checkpoint
 
@@ -472,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=_path, required=True, help="an empty folder (or an earlier export)")
     export.add_argument("--fetch-images", action="store_true", help="download http(s) image URLs (10 MB cap each)")
     export.set_defaults(func=cmd_export)
+
+    plots = sub.add_parser("plots", help="DVC's plots rendered offline: one self-contained HTML page and PNGs",
+                           description="Render every DVC plot (the projector's loss, R@1, tau and lr curves, the local "
+                                       "fine-tune's losses) with Vega bundled inline: no CDN, opens anywhere.")
+    plots.add_argument("revisions", nargs="*", help="compare the workspace with these revisions (dvc plots diff)")
+    plots.add_argument("--out", type=_path, default=None, help="default: artifacts/reports/plots/")
+    plots.set_defaults(func=cmd_plots)
 
     download = sub.add_parser("download-weights", help="download Meta's imagebind_huge.pth (4.5 GB, CC-BY-NC 4.0)",
                               description="Only when you ask: the real ImageBind weights, atomically, with progress.")

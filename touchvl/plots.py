@@ -1,0 +1,64 @@
+"""DVC's plots rendered offline: one self-contained HTML page (Vega, Vega-Lite and Vega-Embed bundled inline,
+no CDN) and a PNG per plot, through vl-convert.  ``dvc plots show`` writes a page that loads Vega from a CDN,
+blank without network; this one opens anywhere.
+
+    touchvl plots                      # the workspace's plots -> artifacts/reports/plots/
+    touchvl plots HEAD                 # the workspace against a revision (DVC's plots diff), one colour each
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from touchvl import disk
+from touchvl.errors import StageError
+
+
+def dvc_plot_specs(repo: Path, revisions: list[str]) -> dict[str, dict]:
+    """Vega-Lite spec of every plot DVC knows, with its data inlined (``dvc plots show|diff --json``)."""
+    dvc = Path(sys.executable).parent / "dvc"
+    cmd = [str(dvc), "plots", "diff", *revisions, "--json"] if revisions else [str(dvc), "plots", "show", "--json"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    if proc.returncode:
+        raise StageError(f"`{' '.join(cmd[1:])}` failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    out = json.loads(proc.stdout or "{}")
+    specs = {}
+    for path, entries in (out.get("data") or {}).items():
+        for entry in entries:
+            if entry.get("type") == "vega" and isinstance(entry.get("content"), dict):
+                specs[path] = entry["content"]
+    return specs
+
+
+def short_title(path: str) -> str:
+    """``artifacts/metrics/projector_stage1/plots/metrics/val/R@1.tsv`` -> ``projector_stage1: val/R@1``."""
+    match = re.search(r"([^/]+)/plots/metrics/(.+)\.tsv$", path)
+    return f"{match.group(1)}: {match.group(2)}" if match else path
+
+
+def render(specs: dict[str, dict], out_dir: Path) -> list[Path]:
+    """index.html (one inline bundle for every plot) and one PNG per plot under ``out_dir``."""
+    import vl_convert as vlc
+
+    if not specs:
+        raise StageError("no plots: run the pipeline first (`dvc repro`)")
+    written, divs, embeds = [], [], []
+    for i, (path, spec) in enumerate(sorted(specs.items())):
+        spec = {**spec, "title": {"text": short_title(path), "anchor": "middle"}}
+        name = re.sub(r"[^A-Za-z0-9]+", "_", short_title(path)).strip("_") + ".png"
+        disk.write_bytes(out_dir / name, vlc.vegalite_to_png(spec, scale=1.5))
+        written.append(out_dir / name)
+        divs.append(f'<div class="plot" id="plot{i}"></div>')
+        embeds.append(f"vegaEmbed('#plot{i}', {json.dumps(spec)}, {{actions: false}});")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>plots</title>
+<style>body{{font-family:sans-serif;margin:1em}} .plot{{display:inline-block;margin:8px}}</style>
+<script>{vlc.javascript_bundle()}</script></head><body><h1>Pipeline curves</h1>
+{html.escape("Rendered offline from `dvc plots` (Vega bundled in this page).")}
+<div>{"".join(divs)}</div><script>{"".join(embeds)}</script></body></html>
+"""
+    disk.write_text(out_dir / "index.html", page)
+    return [out_dir / "index.html", *written]
