@@ -18,10 +18,32 @@ OUR_LOGGERS = ("touchvl", "tasks", "flows", "bench")
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the stream of the moment it was made):
+    an entry point called in-process (tests, notebooks) must not leave a handler on a stream that gets closed."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter(FORMAT))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always answers sys.stderr
+        pass
+
+
 def setup_logging(verbose: bool | None = None) -> None:
+    """Root at WARNING (DEBUG with ``verbose``), our loggers at INFO; one stderr handler of ours, whatever other
+    handlers (pytest's, Prefect's) are already installed -- they are left alone."""
     if verbose is None:
         verbose = os.environ.get("TOUCHVL_VERBOSE", "") not in ("", "0")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=FORMAT, force=True)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        root.addHandler(_StderrHandler())
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
