@@ -47,7 +47,13 @@ def render(specs: dict[str, dict], out_dir: Path) -> list[Path]:
     if not specs:
         raise StageError("no plots: run the pipeline first (`dvc repro`)")
     written, divs, embeds = [], [], []
-    for i, (path, spec) in enumerate(sorted(specs.items())):
+    first = ("loss", "R@1", "tau", "lr")  # what a researcher reads first, then the rest by name
+
+    def order(item):
+        path = item[0]
+        return (re.sub(r"/plots/metrics/.*", "", path), next((i for i, k in enumerate(first) if k in path), len(first)), path)
+
+    for i, (path, spec) in enumerate(sorted(specs.items(), key=order)):
         spec = {**spec, "title": {"text": short_title(path), "anchor": "middle"}}
         name = re.sub(r"[^A-Za-z0-9]+", "_", short_title(path)).strip("_") + ".png"
         disk.write_bytes(out_dir / name, vlc.vegalite_to_png(spec, scale=1.5))
