@@ -35,13 +35,15 @@ HARDNESS = ("hard", "firm", "rigid", "solid", "soft", "squishy", "spongy", "cush
 ROUGHNESS = ("rough", "coarse", "bumpy", "grainy", "gritty", "grooved", "ridged", "textured", "fine", "smooth",
              "sleek", "polished", "silky", "slippery")
 INTENT_KEYWORDS = (  # first match wins: a material or comparison question may also say "feel"
-    ("compare", ("compare", "comparison", "photo", "picture", "look", "looks", "see", "seen", "appearance",
-                 "visual", "differ", "difference")),
+    # stems: a keyword matches every word it begins (compar- -> compared, comparison; differ- -> differences).
+    # Checked against the 138 real TouchQA questions of ../shared/real-ssvtp (touchvl evaluate-real).
+    ("compare", ("compar", "photo", "picture", "look", "see", "seen", "appearance", "visual", "differ",
+                 "distinguish", "relative to", "versus", "vs", "unlike", "similar")),
     ("identify_material", ("material", "made of", "made from", "what is it", "what is this", "what object",
-                           "identify")),
-    ("property", ("hard", "soft", "rough", "smooth", "firm", "hardness", "roughness", "texture", "squishy",
-                  "bumpy", "slippery", "glossy", "matte")),
-    ("describe", ("feel", "feels", "describe", "touch", "like", "sensation")),
+                           "identif", "composition", "substance", "infer", "deduc", "what kind of", "what type of")),
+    ("property", ("hard", "soft", "rough", "smooth", "firm", "texture", "squish", "bump", "slipper", "gloss",
+                  "matte", "stiff", "elastic", "compliant")),
+    ("describe", ("feel", "describe", "touch", "like", "sensation", "tactile", "characteristic", "feature")),
 )
 
 
@@ -180,8 +182,8 @@ class Completion:
 def keyword_intent(question: str) -> str:
     """describe / compare / identify_material / property / other, from keywords (no model)."""
     text = " " + re.sub(r"[^a-z ]+", " ", question.lower()) + " "
-    for intent, words in INTENT_KEYWORDS:
-        if any(f" {w} " in text for w in words):
+    for intent, stems in INTENT_KEYWORDS:
+        if any(f" {stem}" in text for stem in stems):
             return intent
     return "other"
 

