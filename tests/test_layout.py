@@ -70,7 +70,8 @@ def test_a_missing_code_dep_is_reported():
 
 
 TOUCHVL = Path(sys.executable).parent / "touchvl"
-SUBCOMMANDS = [[], ["search"], ["ask"], ["validate"], ["generate"], ["finetune"], ["download-weights"],
+SUBCOMMANDS = [[], ["search"], ["ask"], ["chat"], ["validate"], ["generate"], ["finetune"], ["export"], ["evaluate-real"],
+               ["plots"], ["download-weights"],
                *[["finetune", a] for a in ("plan", "approve", "submit", "status", "events", "cancel", "list", "serve")]]
 
 
