@@ -69,7 +69,8 @@ def build_pipeline(tmp_path: Path, dataset: Path) -> Params:
         "data": {"root": str(dataset)},
         "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
                     "augment": {"copies": 1}},
-        "embed": {"out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache"),
+        # random weights: these tests are about plumbing (tests/test_smoke_encoder.py covers the pretrained encoder)
+        "embed": {"random_weights": True, "out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache"),
                   "summary": str(tmp_path / "emb/summary.json")},
         "projector": {"dim": 32, "depth": 1, "val_fraction": 0.3, "out_dir": str(tmp_path / "proj"),
                       "projected_dir": str(tmp_path / "emb/embeddings_tac_projected"),

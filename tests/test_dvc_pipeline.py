@@ -46,6 +46,7 @@ def repo(tmp_path):
     params["sample"]["image_size"] = 48
     params["prepare"]["augment"]["copies"] = 1
     params["projector"].update(dim=32, depth=1, val_fraction=0.2)
+    params["pretrain_smoke"].update(epochs=2, batch_size=16)
     params["train_stage1"].update(epochs=2, batch_size=16)
     params["train_stage2"].update(epochs=1, batch_size=16)
     (work / "params.yaml").write_text(yaml.safe_dump(params))

@@ -18,7 +18,7 @@ def _params(tmp_path, root, **embed):
         "data": {"root": str(root)},
         "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
                     "augment": {"copies": 1}},
-        "embed": {"out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache"),
+        "embed": {"random_weights": True, "out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache"),
                   "summary": str(tmp_path / "emb/summary.json"), "num_workers": 0, **embed},
         "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False},
     })
@@ -37,7 +37,7 @@ def test_outputs_in_the_original_toolkits_layout(prepared):
     out = prepared.embed.out_dir
     for modality in ("tac", "rgb", "text"):
         vectors, indices = read_vectors(out / f"embeddings_{modality}")
-        assert vectors.dtype == np.float32 and vectors.shape == (len(manifest), 32)
+        assert vectors.dtype == np.float32 and vectors.shape == (len(manifest), 64)
         assert indices.dtype == np.int64 and indices.tolist() == manifest["uid"].tolist()
     tac, _ = read_vectors(out / "embeddings_tac")
     np.testing.assert_allclose(np.linalg.norm(tac, axis=1), 1.0, atol=1e-5)

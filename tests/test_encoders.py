@@ -83,18 +83,18 @@ def test_tiny_is_deterministic_batched_equals_single_and_unit_norm(tiny):
     images = _images(5)
     batched = tiny.encode_images(images)
     single = torch.cat([tiny.encode_images(images[i:i + 1]) for i in range(5)])
-    assert batched.shape == (5, 32) and batched.dtype == torch.float32
+    assert batched.shape == (5, 64) and batched.dtype == torch.float32
     assert torch.allclose(batched, single, atol=1e-5)
     assert torch.allclose(batched.norm(dim=1), torch.ones(5), atol=1e-5)
     assert torch.equal(batched, ImageBindEncoder(EncoderSpec(device="cpu")).encode_images(images))
     assert not torch.allclose(batched, ImageBindEncoder(EncoderSpec(device="cpu", seed=1)).encode_images(images))
-    assert tiny.is_smoke and tiny.dim == 32 and tiny.fingerprint_info()["weights"] == "random-seed-0"
+    assert tiny.is_smoke and tiny.dim == 64 and tiny.fingerprint_info()["weights"] == "random-seed-0"
 
 
 def test_tiny_text_embeddings(tiny):
     texts = ["smooth", "rough, hard", "soft fabric"]
     batched = tiny.encode_texts(texts)
-    assert batched.shape == (3, 32) and torch.allclose(batched.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert batched.shape == (3, 64) and torch.allclose(batched.norm(dim=1), torch.ones(3), atol=1e-5)
     assert torch.allclose(batched, torch.cat([tiny.encode_texts([t]) for t in texts]), atol=1e-5)
     assert not torch.allclose(batched[0], batched[1])
 
@@ -139,7 +139,7 @@ def test_huge_config_is_metas_and_round_trips_scaled_down(tmp_path):
 
 def test_wrong_dimension_fails_with_expected_and_found_shapes(tiny_checkpoint):
     spec = EncoderSpec(checkpoint=tiny_checkpoint, device="cpu", config_overrides=(("out_embed_dim", 48),))
-    with pytest.raises(EncoderError, match=r"expected \(48, 64\), found \(32, 64\)"):
+    with pytest.raises(EncoderError, match=r"expected \(48, 64\), found \(64, 64\)"):
         ImageBindEncoder(spec)
 
 

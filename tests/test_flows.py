@@ -274,7 +274,7 @@ def test_dask_sharded_embedding_equals_single_process(tmp_path, dataset):
             "data": {"root": str(dataset)},
             "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
                         "augment": {"copies": 1}},
-            "embed": {"out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / name / "cache"),
+            "embed": {"random_weights": True, "out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / name / "cache"),
                       "summary": str(tmp_path / name / "summary.json"), "num_workers": 0,
                       **extra},
             "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False}})
@@ -330,7 +330,7 @@ def test_dask_on_a_separately_started_scheduler_and_two_workers(tmp_path, datase
                     "data": {"root": str(dataset)},
                     "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
                                 "augment": {"copies": 1}},
-                    "embed": {"out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / name / "cache"),
+                    "embed": {"random_weights": True, "out_dir": str(tmp_path / name), "cache_dir": str(tmp_path / name / "cache"),
                               "summary": str(tmp_path / name / "summary.json"), "num_workers": 0, **extra},
                     "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False}})
 

@@ -114,9 +114,15 @@ class PrepareParams(_Section):
 
 class EmbedParams(_Section):
     encoder: Literal["imagebind_tiny", "imagebind_huge"] = "imagebind_tiny"
-    """imagebind_tiny: random weights, fixed seed -- smoke runs only. imagebind_huge: Meta's weights."""
+    """imagebind_tiny: the smoke encoder, pretrained by the pretrain_smoke stage on the sample's training photos
+    and captions (smoke runs only). imagebind_huge: Meta's weights."""
     checkpoint: Path | None = None
-    """imagebind_huge weights; else $IMAGEBIND_CHECKPOINT; else <checkpoint_dir>/imagebind_huge.pth."""
+    """imagebind_huge weights; else $IMAGEBIND_CHECKPOINT; else <checkpoint_dir>/imagebind_huge.pth.
+    For imagebind_tiny, a file here replaces the smoke checkpoint."""
+    smoke_dir: Path = Path("artifacts/encoder")
+    """Where pretrain_smoke writes the tiny encoder's checkpoint (imagebind_tiny.pt) and its report."""
+    random_weights: bool = False
+    """imagebind_tiny only: skip smoke pretraining and use random weights from ``seed`` (sees nothing)."""
     checkpoint_dir: Path = Path(".checkpoints")
     seed: int = 0
     device: DeviceName = "auto"
@@ -137,6 +143,31 @@ class EmbedParams(_Section):
     """Worker processes of the local cluster (ignored with dask_address)."""
     shards: int | None = Field(None, ge=1)
     """Pieces the images are cut into; None = one per worker."""
+
+
+class PretrainSmokeParams(_Section):
+    """The tiny encoder's pretraining (stage pretrain_smoke; nothing to do with imagebind_huge)."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    """Training source ids per step (two photos and a caption each)."""
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(2.0, ge=0)
+    tau: float = Field(0.07, gt=0)
+    instance_weight: float = Field(1.0, ge=0)
+    """Weight of the photo-photo instance term (two copies of one photo) beside photo-caption InfoNCE."""
+    grayscale_p: float = Field(0.8, ge=0.0, le=1.0)
+    """Probability a training view is greyed: colour is not texture, so what survives transfers to tactile frames."""
+    low_contrast_p: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability a view's contrast is scaled down (0.25-1x)."""
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    """Training source ids held out to watch the curve (never test ids)."""
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    """torch threads while training; None = torch's default."""
+    metrics: Path = Path("artifacts/metrics/pretrain_smoke.json")
+    curves_dir: Path = Path("artifacts/metrics/pretrain_smoke")
 
 
 class ProjectorParams(_Section):
@@ -506,6 +537,7 @@ class Params(_Section):
     sample: SampleParams = SampleParams()
     prepare: PrepareParams = PrepareParams()
     embed: EmbedParams = EmbedParams()
+    pretrain_smoke: PretrainSmokeParams = PretrainSmokeParams()
     projector: ProjectorParams = ProjectorParams()
     train_stage1: TrainStageParams = TrainStageParams()
     train_stage2: TrainStageParams = TrainStageParams(epochs=15, lr=1e-4, warmup_epochs=0.5, patience=8, ema_decay=0.99)

@@ -4,10 +4,12 @@ Each id draws hidden material parameters (pattern, spatial frequency, roughness,
 colour, orientation) and renders, from the *same* height field:
 
 * the RGB photo: albedo colour x Lambert shading + a gloss-controlled specular highlight;
-* the tactile image: a gel-sensor impression -- the surface pressed into an elastomer inside an
-  elliptical contact patch, lit by three coloured lights (GelSight style, sensor 0) or a warmer
-  LED ring with vignette and more noise (DIGIT style, sensor 1).  Soft materials conform, so their
-  impression is shallower and smoother; the object's colour never reaches the tactile image;
+* the tactile image: a gel-sensor impression -- the surface, magnified 1.6x (the pad sees a patch, the
+  photo the object), pressed into an elastomer inside an elliptical contact patch, lit by three coloured
+  lights (GelSight style, sensor 0) or a warmer LED ring with vignette and more noise (DIGIT style,
+  sensor 1).  As in real frames it is mostly flat gel with the LEDs' colour gradient and low-contrast
+  shading where it touches.  Soft materials conform, so their impression is shallower and smoother; the
+  object's colour never reaches the tactile image;
 * the caption: TVL-style comma-separated tactile adjectives derived from the same parameters.
 
 So tactile image, RGB image and caption share real, learnable signal.  Output::
@@ -138,12 +140,26 @@ def render_rgb(m: Material, height: np.ndarray, rng: np.random.Generator) -> np.
 
 
 SENSOR_STYLES = {
-    # background colour, three light directions (azimuth deg) and their colours, noise, vignette
-    0: dict(background=(0.55, 0.57, 0.62), azimuths=(90, 210, 330), noise=0.012, vignette=0.05,
-            colours=((0.9, 0.2, 0.2), (0.2, 0.9, 0.2), (0.2, 0.3, 0.9))),
-    1: dict(background=(0.62, 0.52, 0.42), azimuths=(0, 120, 240), noise=0.03, vignette=0.25,
-            colours=((0.95, 0.6, 0.3), (0.4, 0.8, 0.5), (0.5, 0.5, 0.95))),
+    # Real frames are mostly flat gel: a tinted background with the LEDs' colour gradient across it, and the
+    # contact shows as low-contrast shading (a few percent of the range), not as a picture of the object.
+    # background colour, light directions (azimuth deg) and colours, shading gain, LED gradient, noise, vignette
+    0: dict(background=(0.50, 0.52, 0.56), azimuths=(90, 210, 330), gain=0.30, gradient=0.06, noise=0.010,
+            vignette=0.05, colours=((0.9, 0.25, 0.25), (0.25, 0.9, 0.25), (0.25, 0.3, 0.9))),  # GelSight
+    1: dict(background=(0.66, 0.60, 0.52), azimuths=(0, 120, 240), gain=0.22, gradient=0.10, noise=0.025,
+            vignette=0.22, colours=((0.95, 0.55, 0.35), (0.45, 0.8, 0.5), (0.5, 0.5, 0.95))),  # DIGIT
 }
+TACTILE_ZOOM = 1.6
+"""The gel sees a patch of the surface magnified (a ~2 cm pad filling the frame), the photo the whole object:
+the same relief at a different scale, so the relation between the two images is learnable, not an identity."""
+
+
+def magnified(height: np.ndarray, zoom: float) -> np.ndarray:
+    """The centre 1/zoom of ``height`` resampled to its full size (bicubic)."""
+    size = height.shape[0]
+    side = size / zoom
+    lo = (size - side) / 2
+    img = Image.fromarray(height.astype(np.float32), mode="F")
+    return np.asarray(img.resize((size, size), Image.BICUBIC, box=(lo, lo, lo + side, lo + side)), dtype=np.float64)
 
 
 def render_tactile(m: Material, height: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -155,7 +171,7 @@ def render_tactile(m: Material, height: np.ndarray, rng: np.random.Generator) ->
     r2 = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
     contact = np.clip(1.0 - r2, 0.0, 1.0) ** 0.5  # rounded contact patch
     # soft materials conform: smoother and shallower impression
-    relief = _gaussian_blur(height, sigma_px=0.3 + 2.5 * (1.0 - m.hardness))
+    relief = _gaussian_blur(magnified(height, TACTILE_ZOOM), sigma_px=0.3 + 2.5 * (1.0 - m.hardness))
     depth = contact * (0.35 + 0.4 * m.hardness) + contact * relief * (0.4 + 0.6 * m.hardness)
     n = _normals(depth, scale=size / 4)
     img = np.broadcast_to(np.array(style["background"]), (size, size, 3)).copy()
@@ -164,7 +180,9 @@ def render_tactile(m: Material, height: np.ndarray, rng: np.random.Generator) ->
         light = np.array([np.cos(a), np.sin(a), 0.6])
         light /= np.linalg.norm(light)
         shade = n @ light - 0.6 / np.linalg.norm([1, 0.6])  # zero for a flat gel
-        img += 0.9 * shade[..., None] * np.array(colour)
+        # each LED brightens the gel on its own side: the colour gradient of an empty frame
+        falloff = style["gradient"] * ((x - 0.5) * np.cos(a) + (y - 0.5) * np.sin(a))
+        img += (style["gain"] * shade + falloff)[..., None] * np.array(colour)
     r_centre = np.sqrt((x - 0.5) ** 2 + (y - 0.5) ** 2)
     img *= (1.0 - style["vignette"] * r_centre**2 * 2)[..., None]
     img += rng.normal(0, style["noise"], img.shape)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from touchvl import disk
-from touchvl.imagebind.encoder import ImageBindEncoder, preprocess_image
+from touchvl.imagebind.encoder import ImageBindEncoder, preprocess_image, smoke_note
 from touchvl.errors import StageError
 from touchvl.imagebind.cache import VectorCache, image_key, text_key
 
@@ -165,8 +165,7 @@ def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache:
     }
     meta = {**encoder.fingerprint_info(), "fingerprint": encoder.fingerprint, "dim": encoder.dim,
             "count": len(manifest), "normalized": True,
-            "note": ("imagebind_tiny has random weights: these embeddings are for smoke runs only"
-                     if encoder.is_smoke else "")}
+            "note": smoke_note(encoder.fingerprint_info())}
     return EmbeddingSet(manifest["uid"].to_numpy(np.int64), manifest["sensor_id"].to_numpy(np.int64),
                         {m: v.astype(np.float32) for m, v in vectors.items()}, meta, embedded_now=len(todo))
 

@@ -6,8 +6,9 @@ einops, ftfy, regex and iopath, so we import ``imagebind.models.imagebind_model`
 package entry and do ImageBind's vision preprocessing ourselves (the same transforms).
 
 Encoders: ``imagebind_huge`` (Meta's weights, from ``embed.checkpoint``, ``$IMAGEBIND_CHECKPOINT``
-or ``<checkpoint_dir>/imagebind_huge.pth``) and ``imagebind_tiny`` (random weights from a fixed
-seed: the offline default; its embeddings are for smoke runs only).
+or ``<checkpoint_dir>/imagebind_huge.pth``) and ``imagebind_tiny`` (the offline default, a smoke encoder:
+weights from the ``pretrain_smoke`` stage, ``<embed.smoke_dir>/imagebind_tiny.pt``, loaded by the same code
+as Meta's file; or random weights from a fixed seed with ``embed.random_weights``).
 
     touchvl download-weights --dest .checkpoints    # only when you ask: 4.5 GB, CC-BY-NC
 """
@@ -40,6 +41,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
 CHECKPOINT_ENV = "IMAGEBIND_CHECKPOINT"
+SMOKE_CHECKPOINT_NAME = "imagebind_tiny.pt"  # what pretrain_smoke writes into embed.smoke_dir
 KEPT_MODALITIES = ("vision", "text")
 MODULE_DICTS = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
 KEPT_PREFIXES = tuple(f"{attr}.{m}." for attr in MODULE_DICTS for m in KEPT_MODALITIES)
@@ -49,8 +51,9 @@ ENCODER_CONFIGS: dict[str, dict] = {
     "imagebind_huge": dict(vision_embed_dim=1280, vision_num_blocks=32, vision_num_heads=16, text_embed_dim=1024,
                            text_num_blocks=24, text_num_heads=16, out_embed_dim=1024, audio_drop_path=0.1,
                            imu_drop_path=0.7),
-    # 3.6 M parameters once the unused towers are dropped; those are shrunk too so building stays cheap
-    "imagebind_tiny": dict(out_embed_dim=32, vision_embed_dim=64, vision_num_blocks=2, vision_num_heads=2,
+    # 0.3 M vision/text parameters once the unused towers are dropped (those are shrunk too, so building stays
+    # cheap); 28-px patches (64 tokens at 224 px) keep smoke pretraining within a minute on a 2-core CPU
+    "imagebind_tiny": dict(kernel_size=(2, 28, 28), out_embed_dim=64, vision_embed_dim=64, vision_num_blocks=2, vision_num_heads=2,
                            text_embed_dim=64, text_num_blocks=2, text_num_heads=2, audio_embed_dim=16,
                            audio_num_blocks=1, audio_num_heads=1, depth_embed_dim=16, depth_num_blocks=1,
                            depth_num_heads=1, thermal_embed_dim=16, thermal_num_blocks=1, thermal_num_heads=1,
@@ -124,15 +127,26 @@ class EncoderSpec:
         return {**ENCODER_CONFIGS[self.name], **dict(self.config_overrides)}
 
 
+def smoke_checkpoint_path(p: EmbedParams) -> Path | None:
+    """The pretrain_smoke checkpoint the tiny encoder loads, or None (huge, random weights, explicit file)."""
+    if p.encoder != "imagebind_tiny" or p.random_weights or p.checkpoint:
+        return None
+    return p.smoke_dir / SMOKE_CHECKPOINT_NAME
+
+
 def encoder_spec(p: EmbedParams) -> EncoderSpec:
     """The encoder the ``embed`` params describe (every query must be encoded by this same spec)."""
-    return EncoderSpec(name=p.encoder, checkpoint=p.checkpoint, cache_dir=p.checkpoint_dir, seed=p.seed,
-                       device=p.device)
+    return EncoderSpec(name=p.encoder, checkpoint=p.checkpoint or smoke_checkpoint_path(p),
+                       cache_dir=p.checkpoint_dir, seed=p.seed, device=p.device)
 
 
 def resolve_checkpoint(spec: EncoderSpec) -> Path | None:
     """imagebind_huge: the first of spec.checkpoint, $IMAGEBIND_CHECKPOINT, cache_dir that is set."""
     if spec.name != "imagebind_huge":
+        if spec.checkpoint and not Path(spec.checkpoint).is_file():
+            raise EncoderError(f"{spec.name} weights not found at {spec.checkpoint}: `dvc repro pretrain_smoke` "
+                               "writes the smoke encoder's checkpoint (or set embed.random_weights: true for "
+                               "random weights, which see nothing)")
         return spec.checkpoint
     if spec.checkpoint:
         path = Path(spec.checkpoint)
@@ -162,7 +176,22 @@ def fingerprint_info(spec: EncoderSpec) -> dict:
     checkpoint = resolve_checkpoint(spec)
     return {"encoder": spec.name, "config": spec.config(),
             "weights": checkpoint_sha256(checkpoint) if checkpoint else f"random-seed-{spec.seed}",
-            "preprocess": PREPROCESS_VERSION, "smoke": checkpoint is None}
+            "preprocess": PREPROCESS_VERSION, "smoke": is_smoke(spec)}
+
+
+def is_smoke(spec: EncoderSpec) -> bool:
+    """Every encoder but Meta's weights is a smoke encoder: its results show the pipeline, not the field."""
+    return spec.name != "imagebind_huge"
+
+
+def smoke_note(info: dict) -> str:
+    """The warning every output of a smoke encoder carries (meta.json, metrics, gallery title)."""
+    if not info.get("smoke"):
+        return ""
+    if str(info.get("weights", "")).startswith("random-seed-"):
+        return f"{info['encoder']} has random weights: these embeddings are for smoke runs only"
+    return (f"{info['encoder']} is a smoke encoder pretrained on the sample's training photos and captions: "
+            "these embeddings are for smoke runs only")
 
 
 def _digest(info: dict) -> str:
@@ -227,7 +256,7 @@ class ImageBindEncoder:
             load_state(model, torch.load(checkpoint, map_location="cpu", weights_only=True))
         self.model = model.eval().to(self.device)
         self.dim = int(config["out_embed_dim"])
-        self.is_smoke = checkpoint is None
+        self.is_smoke = is_smoke(spec)
         self._info = fingerprint_info(spec)
         self.fingerprint = _digest(self._info)
         # bf16 keeps fp32's exponent range (no overflow in 32 blocks); fp16 on GPUs without it
