@@ -44,7 +44,7 @@ def test_outputs_in_the_original_toolkits_layout(prepared):
     assert np.load(out / "sensor_ids.npy").tolist() == manifest["sensor_id"].tolist()
     meta = json.loads((out / "meta.json").read_text())
     assert meta["smoke"] is True and "smoke runs only" in meta["note"]
-    assert meta["dim"] == 32 and meta["count"] == len(manifest) and meta["fingerprint"] == result.meta["fingerprint"]
+    assert meta["dim"] == 64 and meta["count"] == len(manifest) and meta["fingerprint"] == result.meta["fingerprint"]
     # tactile and RGB of a pair are different images, so different vectors; captions shared by copies agree
     assert not np.allclose(result.vectors["tac"][0], result.vectors["rgb"][0])
     text, _ = read_vectors(out / "embeddings_text")
