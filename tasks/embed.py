@@ -13,6 +13,7 @@ from touchvl.imagebind.cache import VectorCache
 from touchvl.imagebind.embedding import (EmbeddingSet, compute_embeddings, default_batch_size, default_num_workers,
                                          validation_tables, write_embeddings)
 from touchvl.imagebind.encoder import ImageBindEncoder, encoder_spec
+from touchvl.imagebind.quality import encoder_metrics
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
@@ -39,10 +40,25 @@ def run(params: Params) -> EmbeddingSet:
     result = compute_embeddings(manifest, encoder, cache, batch_size, workers, embed_fn)
     checks.run_validation("embed", validation_tables(result, manifest), params.validation).raise_if_failed()
     write_embeddings(result, p.out_dir)
+    headline, detail = quality(result, manifest, encoder)
+    disk.write_json(p.metrics, headline)
+    disk.write_json(p.text_search, detail)
     disk.write_json(p.summary, {"pairs": len(result.uids), "embedded_now": result.embedded_now,
                                 "from_cache": len(result.uids) - result.embedded_now,
                                 "fingerprint": result.meta["fingerprint"]})
     return result
+
+
+def quality(result: EmbeddingSet, manifest, encoder: ImageBindEncoder) -> tuple[dict, dict]:
+    """Encoder metrics on the test originals (what the encoder sees before any projector)."""
+    test = disk.evaluation_rows(manifest)
+    if test.empty:
+        return {"gallery": 0}, {}
+    row = {int(u): i for i, u in enumerate(result.uids)}
+    pick = [row[int(u)] for u in test["uid"]]
+    v = result.vectors
+    return encoder_metrics(v["tac"][pick], v["rgb"][pick], v["text"][pick], test["caption"].tolist(),
+                           lambda texts: encoder.encode_texts(texts).numpy())
 
 
 def main(argv: list[str] | None = None) -> None:

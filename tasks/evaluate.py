@@ -15,7 +15,8 @@ import pandas as pd
 
 from touchvl import disk
 from touchvl.errors import StageError
-from touchvl.evaluation import judge, paired_comparison, retrieval_answer, score_all, validation_tables, words
+from touchvl.evaluation import (constant_answer, judge, neighbour_answers, paired_comparison, retrieval_answer, score_all,
+                                validation_tables, words)
 from touchvl.finetune.remote import KEY_VARS, api_errors
 from touchvl.logs import run_stage
 from touchvl.params import Params
@@ -45,9 +46,13 @@ def run(params: Params) -> dict:
             predictions.append(retrieved[-1])
         else:
             predictions.append(qa.answer(row.tac_path, p.prompt, row.sensor_id, exclude_source=row.source_id).text)
+    def score(answers: list[str]) -> dict:
+        return score_all(answers, test["caption"].tolist(), vocabulary, p.bertscore_model, p.bertscore_layers,
+                         p.wordnet_dir)
+
     metrics = {"answerer": p.answerer, "model": None if p.answerer == "retrieval" else qa.model, "prompt": p.prompt,
-               **score_all(predictions, test["caption"].tolist(), vocabulary, p.bertscore_model, p.bertscore_layers,
-                         p.wordnet_dir)}
+               **score(predictions)}
+    metrics["baselines"] = baselines(params, manifest, test, score)
     if p.judge == "auto" and os.environ.get(KEY_VARS[params.finetune.provider]):
         answerers = {p.answerer: predictions}
         if p.answerer != "retrieval":  # the offline baseline, judged on the same items: a paired comparison
@@ -70,6 +75,35 @@ def run(params: Params) -> dict:
     disk.write_json(p.metrics, metrics)
     disk.write_csv(p.metrics.with_name("eval_predictions.csv"), frame)
     return metrics
+
+
+BASELINE_SCORES = ("adjective_f1", "bertscore_f1", "meteor", "bleu")
+
+
+def baselines(params: Params, manifest, test, score) -> dict:
+    """The same test items answered three ways, side by side: a constant answer (the training captions' most
+    used adjectives), the captions of the nearest RGB photos to the *raw* tactile vector (no projector), and to
+    the projected one (the pipeline). An answerer that does not beat the first two has learnt nothing."""
+    train = manifest[manifest["split"] == "train"]
+    k = params.evaluate.retrieval_k
+    rgb, rgb_ids = disk.read_vectors(params.embed.out_dir / "embeddings_rgb")
+    by_uid = manifest.set_index("uid")
+    gallery_sources = by_uid.loc[rgb_ids, "source_id"].to_numpy()
+    gallery_captions = by_uid.loc[rgb_ids, "caption"].astype(str).tolist()
+    answers = {"constant": [constant_answer(train["caption"].astype(str).tolist())] * len(test)}
+    for name, folder in (("raw_neighbour", params.embed.out_dir / "embeddings_tac"),
+                         ("projected_neighbour", params.projector.projected_dir)):
+        vectors, ids = disk.read_vectors(folder)
+        pos = {int(u): i for i, u in enumerate(ids)}
+        queries = vectors[[pos[int(u)] for u in test["uid"]]]
+        answers[name] = neighbour_answers(queries, test["source_id"].to_numpy(), rgb,
+                                          gallery_sources, gallery_captions, k)
+    rows = {}
+    for name, predicted in answers.items():
+        scores = score(predicted)
+        rows[name] = {key: scores[key] for key in BASELINE_SCORES}
+    log.info("baselines (constant answer %r): %s", answers["constant"][0], rows)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,8 +59,15 @@ def run(params: Params) -> dict:
     gallery = normalize(rgb.vectors)
     ranks = [true_match_rank(v, gallery, sources, int(s)) for v, s in zip(vectors, query_rows["source_id"])]
     disk.write_text(p.gallery, gallery_html(list(zip((r for _, r in query_rows.iterrows()), hits)),
-                                            "Tactile → RGB retrieval (test split)", ranks))
+                                            gallery_title(encoder_meta), ranks))
     return {**metrics, "build": report}
+
+
+def gallery_title(encoder_meta: dict) -> str:
+    title = "Tactile → RGB retrieval (test split)"
+    if encoder_meta.get("smoke"):  # a smoke encoder's results must never pass for real ones
+        title += f" · SMOKE ENCODER {encoder_meta.get('encoder', '')}: {encoder_meta.get('note', '')}"
+    return title
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -206,6 +206,26 @@ def retrieval_answer(captions: list[str], k: int) -> str:
     return ", ".join(w for w, _ in votes.most_common(5))
 
 
+def constant_answer(train_captions: list[str]) -> str:
+    """The baseline every answerer must beat: the same answer for every item, the adjectives the training
+    captions use most (what an answerer that ignores the image would say)."""
+    return retrieval_answer(list(train_captions), len(train_captions))
+
+
+def neighbour_answers(queries: np.ndarray, query_sources: np.ndarray, gallery: np.ndarray, gallery_sources: np.ndarray,
+                      gallery_captions: list[str], k: int) -> list[str]:
+    """The retrieval answer from plain cosine neighbours of ``queries`` among ``gallery`` (the query's own source
+    left out): with raw tactile vectors it is the no-projector baseline, with projected ones the pipeline's."""
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    answers = []
+    for row, source in zip(q @ g.T, query_sources):
+        order = np.argsort(-row, kind="stable")
+        keep = [int(j) for j in order if gallery_sources[j] != source][:k]
+        answers.append(retrieval_answer([gallery_captions[j] for j in keep], k))
+    return answers
+
+
 SCORES_IN_UNIT_RANGE = ("bleu", "meteor", "bertscore_f1", "adjective_precision", "adjective_recall", "adjective_f1")
 
 

@@ -132,6 +132,11 @@ class EmbedParams(_Section):
     """Decoding worker processes; None picks per device (0 on CPU, where workers compete with the forward)."""
     out_dir: Path = Path("embeddings")
     cache_dir: Path = Path("embeddings/cache")
+    metrics: Path = Path("artifacts/metrics/encoder.json")
+    """What the encoder sees on the test originals: caption->photo R@1, adjective search P@5, raw tactile->photo
+    R@1, the tactile and RGB cones (touchvl.imagebind.quality)."""
+    text_search: Path = Path("artifacts/reports/embed/text_search.json")
+    """Per-adjective text search detail (P@5, chance, the captions found): a report, not a metric."""
     summary: Path = Path("artifacts/reports/embed/summary.json")
     """This run's counts (pairs embedded now vs from the cache): a DVC metric, kept out of meta.json so a
     rerun that only hit the cache does not look like new embeddings to the stages downstream."""
@@ -161,6 +166,8 @@ class PretrainSmokeParams(_Section):
     """Probability a training view is greyed: colour is not texture, so what survives transfers to tactile frames."""
     low_contrast_p: float = Field(0.0, ge=0.0, le=1.0)
     """Probability a view's contrast is scaled down (0.25-1x)."""
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    """Side range of a random square crop resized back (a closer look at the same surface); (1, 1) = none."""
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     """Training source ids held out to watch the curve (never test ids)."""
     seed: int = 0

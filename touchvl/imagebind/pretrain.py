@@ -49,6 +49,9 @@ class PretrainConfig:
     about relief and pattern, the part of a photo a tactile frame shares)."""
     low_contrast_p: float = 0.0
     """Probability that a view's contrast is scaled down (by 0.25-1): relief seen faintly is the same relief."""
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    """Side of a random square crop (fraction of the image), resized back: a patch seen closer is the same
+    surface, the way a gel sees a magnified patch of what the photo shows whole."""
     val_fraction: float = 0.15
     """Training source ids held out to watch the curve (photo->photo and caption->photo); test ids never."""
     seed: int = 0
@@ -138,7 +141,7 @@ def _augment(pixels: torch.Tensor, config: PretrainConfig, rng: np.random.Genera
     """Photometric augmentation of normalised views: grey out a random subset (ITU-R 601 luma, as torchvision's
     Grayscale) and lower the contrast of another; geometry is left alone (orientation and scale are content)."""
     grey_p, low_p = config.grayscale_p, config.low_contrast_p
-    if grey_p <= 0 and low_p <= 0:
+    if grey_p <= 0 and low_p <= 0 and config.crop_scale[0] >= 1.0:
         return pixels
     rgb = pixels * _STD + _MEAN
     grey = torch.from_numpy(rng.random(len(pixels)) < grey_p)
@@ -149,6 +152,14 @@ def _augment(pixels: torch.Tensor, config: PretrainConfig, rng: np.random.Genera
     factor = torch.from_numpy(np.where(low, rng.uniform(0.25, 1.0, len(pixels)), 1.0)).float().view(-1, 1, 1, 1)
     mean = rgb.mean(dim=(1, 2, 3), keepdim=True)
     rgb = mean + (rgb - mean) * factor
+    lo, hi = config.crop_scale
+    if lo < 1.0:
+        size = rgb.shape[-1]
+        for i, side in enumerate(rng.uniform(lo, hi, len(rgb))):
+            crop = max(8, int(round(side * size)))
+            top, left = rng.integers(0, size - crop + 1, 2)
+            patch = rgb[i:i + 1, :, top:top + crop, left:left + crop]
+            rgb[i] = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)[0]
     return (rgb - _MEAN) / _STD
 
 
