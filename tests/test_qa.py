@@ -156,6 +156,11 @@ def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path
     assert 0.0 <= saved["adjective_f1"] <= 1.0 and 0.0 < saved["bertscore_f1"] <= 1.0
     assert isinstance(saved["meteor"], float) and 0.0 <= saved["meteor"] <= 1.0  # WordNet is installed (.ci/run)
     assert saved["gpt_judge"] == "skipped (no API key)"
+    # the baselines side by side, on the same items and scores
+    assert set(saved["baselines"]) == {"constant", "raw_neighbour", "projected_neighbour"}
+    for row in saved["baselines"].values():
+        assert set(row) == {"adjective_f1", "bertscore_f1", "meteor", "bleu"}
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in row.values())
     predictions = pd.read_csv(tmp_path / "m/eval_predictions.csv")
     assert len(predictions) == saved["n"] and predictions["prediction"].str.len().gt(0).all()
 
@@ -188,3 +193,16 @@ def test_meteor_is_a_number_on_a_known_pair():
     unrelated = meteor(["it feels coarse"], ["the sky is blue"])
     assert exact > 0.95 and unrelated < 0.2
     assert synonym == pytest.approx(meteor(["it feels rough"], ["it feels rough"]), abs=0.4) and synonym > unrelated
+
+
+def test_baseline_answers_constant_and_neighbour_captions_leave_the_query_out():
+    import numpy as np
+
+    from touchvl.evaluation import constant_answer, neighbour_answers
+
+    assert constant_answer(["hard, smooth", "hard, rough", "soft, smooth", "hard"]) == "hard, smooth, rough, soft"
+    gallery = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    captions = ["own, item", "near, one", "far, away"]
+    # the nearest row is the query's own source: it is skipped, so the answer comes from the next neighbour
+    assert neighbour_answers(np.array([[1.0, 0.0]]), np.array([7]), gallery, np.array([7, 8, 9]), captions, 1) == ["near, one"]
+    assert neighbour_answers(np.array([[0.0, 1.0]]), np.array([7]), gallery, np.array([7, 8, 9]), captions, 1) == ["far, away"]
