@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from touchvl import disk
+from touchvl import disk, headline
 from touchvl.imagebind.cache import VectorCache
 from touchvl.imagebind.embedding import (EmbeddingSet, compute_embeddings, default_batch_size, default_num_workers,
                                          validation_tables, write_embeddings)
@@ -40,8 +40,9 @@ def run(params: Params) -> EmbeddingSet:
     result = compute_embeddings(manifest, encoder, cache, batch_size, workers, embed_fn)
     checks.run_validation("embed", validation_tables(result, manifest), params.validation).raise_if_failed()
     write_embeddings(result, p.out_dir)
-    headline, detail = quality(result, manifest, encoder)
-    disk.write_json(p.metrics, headline)
+    seen, detail = quality(result, manifest, encoder)
+    disk.write_json(p.metrics, seen)
+    disk.write_json(p.headline, headline.encoder(seen))
     disk.write_json(p.text_search, detail)
     disk.write_json(p.summary, {"pairs": len(result.uids), "embedded_now": result.embedded_now,
                                 "from_cache": len(result.uids) - result.embedded_now,

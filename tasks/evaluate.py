@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from touchvl import disk
+from touchvl import disk, headline
 from touchvl.errors import StageError
 from touchvl.evaluation import (constant_answer, judge, neighbour_answers, paired_comparison, retrieval_answer, score_all,
                                 validation_tables, words)
@@ -73,6 +73,7 @@ def run(params: Params) -> dict:
     frame = pd.DataFrame({"uid": test["uid"], "reference": test["caption"], "prediction": predictions})
     checks.run_validation("evaluate", validation_tables(frame, test["uid"].tolist(), metrics), params.validation).raise_if_failed()
     disk.write_json(p.metrics, metrics)
+    disk.write_json(p.headline, headline.answers(metrics))
     disk.write_csv(p.metrics.with_name("eval_predictions.csv"), frame)
     return metrics
 

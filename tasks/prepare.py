@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from touchvl import disk
+from touchvl import disk, headline
 from touchvl.data.prepare import PrepareError, ScanResult, build_manifest, scan_dataset, threshold_error, validation_tables
 from touchvl.logs import run_stage
 from touchvl.params import Params
@@ -39,6 +39,7 @@ def run(params: Params) -> tuple[pd.DataFrame, ScanResult]:
     report_dir = p.quarantine_csv.parent
     disk.write_csv(p.quarantine_csv, scan.quarantine_frame())
     disk.write_json(report_dir / "summary.json", scan.summary())
+    disk.write_json(p.headline, headline.data(scan.summary()))
     error = threshold_error(scan, p.max_bad_fraction, p.quarantine_csv)
     if scan.n_candidates == 0:
         raise PrepareError(error)

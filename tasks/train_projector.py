@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from touchvl import disk
+from touchvl import disk, headline
 from touchvl.devices import resolve_device
 from touchvl.errors import StageError
 from touchvl.logs import run_stage
@@ -105,6 +105,7 @@ def run_stage2(params: Params) -> dict:
     metrics = {"projector_hash": projector_hash, "stage1_val_r1": float(stage1.get("best_val_r1", -1)),
                "stage2_val_r1": result.best_val_r1, **test_metrics(data, projected)}
     disk.write_json(p.metrics, metrics)
+    disk.write_json(p.headline, headline.retrieval(metrics))
     return metrics
 
 

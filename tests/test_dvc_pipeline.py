@@ -111,10 +111,16 @@ def test_repro_then_up_to_date_then_param_change(repo):
     diff = sh("dvc", "exp", "diff", "HEAD", "k1", "--json", cwd=repo)
     assert diff.returncode == 0, diff.stderr
     changed_metrics = json.loads(diff.stdout)["metrics"]
-    assert "artifacts/metrics/eval.json" in changed_metrics, changed_metrics
+    assert "artifacts/metrics/answers.json" in changed_metrics, changed_metrics
     shown = sh("dvc", "exp", "show", "--json", cwd=repo)
     assert shown.returncode == 0 and "!" not in json.dumps(json.loads(shown.stdout))  # no metric missing
     assert sh("dvc", "metrics", "diff", "HEAD", cwd=repo).returncode == 0
+    # the headline set: few numeric metrics, one small file per question, readable on a screen
+    shown = sh("dvc", "metrics", "show", cwd=repo)
+    assert shown.returncode == 0 and "failed to load" not in shown.stdout + shown.stderr, shown.stderr
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 160, shown.stdout
+    for key in ("pairs", "quar_rate", "text_p5", "tac_cone", "raw_r1", "proj_r1", "adj_f1", "const_f1", "meteor"):
+        assert key in shown.stdout, key
     assert sh("dvc", "plots", "diff", "HEAD", "--json", cwd=repo).returncode == 0
 
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -50,7 +50,7 @@ def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(
     assert "prepare" in upstream["embed"] and {"prepare", "upload"} <= upstream["jsonl"]
     assert upstream["train_projector_stage2"] >= {"train_projector_stage1"} and "index" in upstream["evaluate"]
     metrics = _artifact("build-metrics", run_id)
-    assert metrics and "tac_to_rgb" in metrics[0].data
+    assert metrics and "proj_r1" in metrics[0].data and "adj_f1" in metrics[0].data
 
     second_state = build(str(repo), return_state=True)
     second = second_state.result()

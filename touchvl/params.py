@@ -89,6 +89,8 @@ class AugmentParams(_Section):
 class PrepareParams(_Section):
     out_dir: Path = Path("data/prepared")
     quarantine_csv: Path = Path("artifacts/reports/prepare/quarantine.csv")
+    headline: Path = Path("artifacts/metrics/data.json")
+    """Pairs kept and the quarantine rate (a DVC metric; the detail: summary.json beside the quarantine)."""
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
     min_image_side: int = Field(16, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -132,9 +134,11 @@ class EmbedParams(_Section):
     """Decoding worker processes; None picks per device (0 on CPU, where workers compete with the forward)."""
     out_dir: Path = Path("embeddings")
     cache_dir: Path = Path("embeddings/cache")
-    metrics: Path = Path("artifacts/metrics/encoder.json")
+    metrics: Path = Path("artifacts/reports/embed/encoder.json")
     """What the encoder sees on the test originals: caption->photo R@1, adjective search P@5, raw tactile->photo
     R@1, the tactile and RGB cones (touchvl.imagebind.quality)."""
+    headline: Path = Path("artifacts/metrics/encoder.json")
+    """The headline of it (a DVC metric: touchvl.headline)."""
     text_search: Path = Path("artifacts/reports/embed/text_search.json")
     """Per-adjective text search detail (P@5, chance, the captions found): a report, not a metric."""
     summary: Path = Path("artifacts/reports/embed/summary.json")
@@ -193,6 +197,8 @@ class ProjectorParams(_Section):
     out_dir: Path = Path("artifacts/projector")
     projected_dir: Path = Path("embeddings/embeddings_tac_projected")
     metrics: Path = Path("artifacts/metrics/projector.json")
+    headline: Path = Path("artifacts/metrics/retrieval.json")
+    """raw vs projected tactile->RGB R@1 (a DVC metric; every R@k both ways: ``metrics``)."""
     history_dir: Path = Path("artifacts/metrics")
     """Where each stage's curves go (dvclive): <history_dir>/projector_stage{1,2}/plots/metrics/*.tsv."""
 
@@ -503,6 +509,8 @@ class EvaluateParams(_Section):
     """Every rating the judge gave, raw reply included, keyed by (judge model, prompt, reference, answer): a rerun
     asks only for what is missing (resumable, and an unchanged answer is never paid for twice)."""
     metrics: Path = Path("artifacts/metrics/eval.json")
+    headline: Path = Path("artifacts/metrics/answers.json")
+    """adjective F1 vs a constant answer, METEOR, BERTScore, judge mean (a DVC metric; the detail: ``metrics``)."""
 
 
 class FlowsParams(_Section):

@@ -1,0 +1,41 @@
+"""The headline metrics: one small numeric file per question a researcher asks, short keys, so that
+``dvc metrics show`` (and ``dvc exp show``) fit on a screen. The detailed files each stage writes (every R@k in
+both directions, per-reason counts, prompts, hashes, strings) stay beside them as cached non-metric outputs.
+
+=====================  ============================================================================
+file (DVC metric)      keys
+=====================  ============================================================================
+``data.json``          ``pairs`` kept, ``quar_rate`` quarantined / candidates (duplicates: a reason in the detail)
+``encoder.json``       ``text_p5`` adjective search P@5, ``p5_chance`` a random photo's rate, ``tac_cone``
+``retrieval.json``     tactile->RGB R@1 on the test ids: ``raw_r1``, ``proj_r1`` (R@5/10: the detail)
+``answers.json``       ``adj_f1`` the answerer, ``const_f1`` a constant answer, ``meteor``, ``bertscore``,
+                       ``judge`` (GPT judge mean, only when it ran)
+=====================  ============================================================================
+"""
+from __future__ import annotations
+
+
+def _r(value, digits: int = 4):
+    return None if value is None else round(float(value), digits)
+
+
+def data(summary: dict) -> dict:
+    return {"pairs": int(summary.get("good", 0)), "quar_rate": _r(summary.get("bad_fraction", 0.0))}
+
+
+def encoder(metrics: dict) -> dict:
+    return {"text_p5": _r(metrics.get("adjective_P@5")), "p5_chance": _r(metrics.get("adjective_P@5_chance")),
+            "tac_cone": _r(metrics.get("tac_cone"))}
+
+
+def retrieval(metrics: dict) -> dict:
+    return {"raw_r1": _r(metrics["raw"]["tac_to_rgb"]["R@1"]), "proj_r1": _r(metrics["projected"]["tac_to_rgb"]["R@1"])}
+
+
+def answers(metrics: dict) -> dict:
+    row = {"adj_f1": _r(metrics["adjective_f1"]), "const_f1": _r(metrics["baselines"]["constant"]["adjective_f1"]),
+           "meteor": _r(metrics.get("meteor")), "bertscore": _r(metrics["bertscore_f1"])}
+    judge = metrics.get("gpt_judge")
+    if isinstance(judge, dict) and judge.get("mean") is not None:
+        row["judge"] = _r(judge["mean"], 3)
+    return row
