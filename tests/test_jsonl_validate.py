@@ -281,3 +281,22 @@ def test_could_not_validate_is_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "touchvl", "validate", str(weird_name)], cwd=ROOT, capture_output=True)
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
     assert _cli("validate", str(good), "--epochs", "3").returncode == 0
+
+
+def test_every_image_is_decoded_a_truncated_one_fails_at_its_line(tmp_path):
+    rng = __import__("numpy").random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype="uint8"))
+    urls = {}
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        noise.save(buf, format=fmt)
+        whole = buf.getvalue()
+        urls[fmt] = (f"data:image/{fmt.lower()};base64," + base64.b64encode(whole).decode(),
+                     f"data:image/{fmt.lower()};base64," + base64.b64encode(whole[:int(len(whole) * 0.3)]).decode())
+    lines = [example([{"type": "image_url", "image_url": {"url": urls["JPEG"][0]}}]),
+             example([{"type": "image_url", "image_url": {"url": urls["JPEG"][1]}}]),  # the header is intact
+             example([{"type": "image_url", "image_url": {"url": urls["PNG"][0]}}]),
+             example([{"type": "image_url", "image_url": {"url": urls["PNG"][1]}}])]
+    report = validate_file(write(tmp_path, lines))
+    assert codes(report) == [(2, "image_data_corrupt"), (4, "image_data_corrupt")]
+    assert all("not a readable image" in f.message for f in report.errors)

@@ -162,9 +162,12 @@ class ImageTooLarge(Exception):
 
 
 def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
-    """(format, size) of image bytes, checked without decoding the pixels: :class:`ImageTooLarge` when the
-    header claims more than MAX_IMAGE_PIXELS (PIL's DecompressionBombError included), ValueError when PIL cannot
-    read it (any exception of a decoder on hostile bytes means "not a readable image")."""
+    """(format, size) of image bytes, whose pixels are decoded: :class:`ImageTooLarge` when the header claims
+    more than MAX_IMAGE_PIXELS (PIL's DecompressionBombError included; checked before any pixel is decoded),
+    ValueError when the image cannot be read to its end (any exception of a decoder on hostile bytes means
+    "not a readable image"). A header alone is not enough: a JPEG cut to 30 % of its bytes has a valid header.
+    JPEGs decode at 1/8 scale (``draft``: libjpeg skips the inverse DCT's full resolution but still reads every
+    entropy-coded byte, so truncation and corrupt scans fail) -- a full decode would cost 8-60x more."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning, "Corrupt EXIF data": the finding says it
         try:
@@ -172,8 +175,11 @@ def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
                 width, height = img.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise ImageTooLarge(f"{width}x{height} pixels > {MAX_IMAGE_PIXELS:,}")
-                img.verify()
-                return img.format, img.size
+                fmt, size = img.format, img.size
+                if fmt == "JPEG":
+                    img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+                img.load()  # raises on truncated or corrupt data (ImageFile.LOAD_TRUNCATED_IMAGES is False)
+                return fmt, size
         except Image.DecompressionBombError as exc:
             raise ImageTooLarge(f"over PIL's decompression-bomb limit ({exc})"[:200]) from None
         except ImageTooLarge:
