@@ -82,6 +82,11 @@ def test_lora_on_a_repeated_batch_reduces_loss_and_the_job_succeeds(trained):
     loss = pd.read_csv(root / "ft/local/loss.csv")
     assert list(loss["step"]) == list(range(1, 31))
     assert loss["loss"].iloc[-3:].mean() < 0.5 * loss["loss"].iloc[:3].mean()
+    # the DVC plot (dvc.yaml's top-level local_lora_loss): train loss every step, validation loss every epoch
+    train_curve = pd.read_csv(root / "ft/local/plots/train_loss.tsv", sep="\t")
+    val_curve = pd.read_csv(root / "ft/local/plots/val_loss.tsv", sep="\t")
+    assert list(train_curve["step"]) == list(range(1, 31)) and train_curve["train_loss"].tolist() == loss["loss"].tolist()
+    assert len(val_curve) >= 1 and val_curve["step"].is_monotonic_increasing and val_curve["val_loss"].gt(0).all()
     model = json.loads((root / "ft/model.json").read_text())
     assert job["status"] == "succeeded" and job["provider"] == "local" and job["trained_tokens"] > 0
     assert model["fine_tuned_model"] == job["fine_tuned_model"] and model["provider"] == "local"

@@ -38,6 +38,7 @@ class Layout:
     checkpoints = property(lambda self: self.root / "checkpoints")
     events = property(lambda self: self.root / "events.jsonl")
     loss_csv = property(lambda self: self.root / "loss.csv")
+    plots = property(lambda self: self.root / "plots")  # train_loss.tsv, val_loss.tsv: DVC plots (dvc.yaml)
     adapter = property(lambda self: self.root / "adapter")
     merged = property(lambda self: self.root / "merged")
     cancel_request = property(lambda self: self.root / "cancel-request.json")
@@ -349,7 +350,24 @@ def loss_curve(events: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def val_loss_curve(events: list[dict]) -> list[dict]:
+    """Validation loss at each epoch's end, by step (latest value after a resume)."""
+    by_step = {}
+    for e in events:
+        data = e.get("data") or {}
+        if data.get("val_loss") is not None:
+            by_step[data["step"]] = {"step": data["step"], "epoch": data["epoch"], "val_loss": data["val_loss"]}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def write_loss_csv(lay: Layout) -> None:
-    rows = loss_curve(read_events(lay.events))
+    """loss.csv (every column), and the two curves as dvclive-style TSVs that dvc.yaml declares as one plot (two
+    files, not one CSV with blanks: validation runs once per epoch, and a blank cell would plot as zero)."""
+    events = read_events(lay.events)
+    rows = loss_curve(events)
     disk.write_text(lay.loss_csv, "step,epoch,loss,lr\n" + "".join(
         f"{r['step']},{r['epoch']},{'' if r['loss'] is None else r['loss']},{r['lr']}\n" for r in rows))
+    disk.write_text(lay.plots / "train_loss.tsv", "step\ttrain_loss\n" + "".join(
+        f"{r['step']}\t{r['loss']}\n" for r in rows if r["loss"] is not None))
+    disk.write_text(lay.plots / "val_loss.tsv", "step\tval_loss\n" + "".join(
+        f"{r['step']}\t{r['val_loss']}\n" for r in val_loss_curve(events)))
