@@ -27,7 +27,7 @@ from touchvl.finetune.local import trainer as local_trainer
 from touchvl.finetune.local.data import IGNORE, Encoder, Example, collate, load_examples
 from touchvl.finetune.local.trainer import Events, Layout, Trainer
 from touchvl.finetune.server import ChatModel, ModelServer
-from touchvl.params import parse_params
+from touchvl.params import LocalFinetuneParams, parse_params
 from touchvl.qa import TouchQAModel
 from touchvl.errors import StageError
 from tests.finetune_local_fixtures import data_url, example, local_raw, write_image_dataset
@@ -418,3 +418,12 @@ def test_served_model_caps_bodies_and_images_and_checks_the_request_shape(server
         assert slow.recv(1024) == b""  # the server hangs up after its timeout
         assert time.monotonic() - start < 8
         slow.close()
+
+
+@pytest.mark.parametrize("setting", [{"quantization": "4bit"}, {"quantization": "8bit"}, {"device_map": "auto"}])
+def test_qlora_and_device_map_on_cpu_are_refused_naming_the_param(setting):
+    # bitsandbytes' k-bit kernels and accelerate's multi-GPU placement are CUDA only: a clear error, before any load
+    cfg = LocalFinetuneParams(device="cpu", **setting)
+    name, value = next(iter(setting.items()))
+    with pytest.raises(StageError, match=rf"finetune\.local\.{name}={value}: .*runs on cpu"):
+        local_trainer.check_hardware(cfg, "cpu")

@@ -333,8 +333,10 @@ class LocalFinetuneParams(_Section):
     base_model: str = "tiny"
     """"tiny": a random-weight LLaVA built offline under <out_dir>/local/base-tiny (tests the path, answers
     nothing); else a local folder or a model id this machine can load (e.g. HuggingFaceTB/SmolVLM-256M-Instruct)."""
-    quantization: Literal["none", "4bit"] = "none"
-    """4bit: QLoRA through bitsandbytes (CUDA), e.g. for LLaVA-1.5-7B on a 24 GB GPU."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """4bit (NF4) / 8bit: QLoRA through bitsandbytes (CUDA only), e.g. LLaVA-1.5-7B in 4bit on a 24 GB GPU."""
+    device_map: Literal["none", "auto"] = "none"
+    """auto: accelerate spreads a model larger than one GPU over all visible GPUs (and CPU); none: one device."""
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)

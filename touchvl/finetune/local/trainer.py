@@ -104,15 +104,18 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         kwargs: dict = {"dtype": self.dtype}
-        if cfg.quantization == "4bit":
-            kwargs.update(quantization_config=_bnb_config(self.dtype), device_map={"": self.device})
+        check_hardware(cfg, self.device)
+        if cfg.quantization != "none":
+            kwargs.update(quantization_config=_bnb_config(cfg.quantization, self.dtype), device_map={"": self.device})
+        if cfg.device_map == "auto":
+            kwargs["device_map"] = "auto"
         try:
             self.processor = AutoProcessor.from_pretrained(base)
             model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
         except (OSError, ValueError) as exc:
             raise StageError(f"finetune.local.base_model {cfg.base_model!r}: cannot load ({exc})") from None
         torch.manual_seed(seed)  # LoRA's initial weights
-        if cfg.quantization == "4bit":
+        if cfg.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -125,7 +128,8 @@ class Trainer:
                                                      target_modules=targets, exclude_modules=cfg.exclude_modules))
         except ValueError as exc:
             raise StageError(f"finetune.local.target_modules {targets}: {exc}") from None
-        self.model = model.to(self.device) if cfg.quantization == "none" else model
+        # quantized or device_map-placed models are already where accelerate put them
+        self.model = model.to(self.device) if cfg.quantization == "none" and cfg.device_map == "none" else model
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         config = self.model.get_base_model().config
@@ -307,13 +311,26 @@ class Trainer:
         write_loss_csv(self.lay)
 
 
-def _bnb_config(dtype):
+def check_hardware(cfg: LocalFinetuneParams, device: str) -> None:
+    """Refuse, before loading anything, settings this device cannot run (bitsandbytes' k-bit kernels are CUDA only)."""
+    if cfg.quantization != "none" and device != "cuda":
+        raise StageError(f"finetune.local.quantization={cfg.quantization}: bitsandbytes QLoRA needs a CUDA GPU, "
+                         f"this job runs on {device} (set finetune.local.quantization: none)")
+    if cfg.device_map == "auto" and device != "cuda":
+        raise StageError(f"finetune.local.device_map=auto: spreads a model over CUDA GPUs, this job runs on {device} "
+                         "(set finetune.local.device_map: none)")
+
+
+def _bnb_config(quantization: str, dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise StageError("finetune.local.quantization=4bit needs bitsandbytes (pip install bitsandbytes; CUDA only)") from None
+        raise StageError(f"finetune.local.quantization={quantization} needs bitsandbytes "
+                         "(pip install -r requirements.txt; CUDA only)") from None
     from transformers import BitsAndBytesConfig
 
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                               bnb_4bit_use_double_quant=True)
 
