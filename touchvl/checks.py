@@ -16,6 +16,7 @@ first offending rows (by id column).
 from __future__ import annotations
 
 import logging
+import functools
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -25,19 +26,31 @@ from touchvl import disk
 from touchvl.params import ValidationParams
 from touchvl.errors import StageError
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline: no usage statistics calls
-logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before import: GX logs at import time
-import great_expectations as gx  # noqa: E402
-from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
-from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
-
-# GX sets some of its module loggers to INFO at import time ("Created temporary directory ..." on every run):
-# put every one of them back under our rule, libraries at WARNING (touchvl.logs)
-for _name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]:
-    logging.getLogger(_name).setLevel(logging.NOTSET)
-
 log = logging.getLogger(__name__)
-gxe = gx.expectations
+
+
+@functools.cache
+def _gx():
+    """Great Expectations, imported on first use (about 4 s): importing touchvl.checks costs nothing, so a stage
+    or library caller pays for GX only when it actually builds expectations or validates."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline: no usage statistics calls
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before import: GX logs at import time
+    import great_expectations as gx
+
+    # GX sets some of its module loggers to INFO at import time ("Created temporary directory ..." on every run):
+    # put every one of them back under our rule, libraries at WARNING (touchvl.logs)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    return gx
+
+
+def __getattr__(name: str):
+    # ``checks.gxe`` (the expectation classes) resolves lazily, PEP 562
+    if name == "gxe":
+        return _gx().expectations
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 MAX_EXAMPLES = 5
 
 
@@ -125,6 +138,10 @@ def _jsonable(value):
 
 def run_validation(stage: str, tables: list[Table], params: ValidationParams) -> ValidationReport:
     """Run each table's expectations in one ephemeral GX context; write JSON report and Data Docs."""
+    gx = _gx()
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     actions = []
