@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from touchvl import disk, headline
+from touchvl.devices import apply_threads
 from touchvl.imagebind.cache import VectorCache
 from touchvl.imagebind.embedding import (EmbeddingSet, compute_embeddings, default_batch_size, default_num_workers,
                                          validation_tables, write_embeddings)
@@ -31,6 +32,7 @@ def run(params: Params) -> EmbeddingSet:
     cache = VectorCache(p.cache_dir, encoder.fingerprint)
     workers = default_num_workers(encoder.device) if p.num_workers is None else p.num_workers
     batch_size = p.batch_size or default_batch_size(encoder.device)
+    apply_threads(p.threads, workers)  # the decoding workers run one thread each (one_thread_worker)
     embed_fn = None
     if p.runner == "dask":
         from touchvl.imagebind.sharded import sharded_embedder  # prefect-dask is needed only for this runner

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from touchvl import disk, headline
+from touchvl.devices import apply_threads
 from touchvl.errors import StageError
 from touchvl.evaluation import (constant_answer, judge, neighbour_answers, paired_comparison, retrieval_answer, score_all,
                                 validation_tables, words)
@@ -29,6 +30,7 @@ def run(params: Params) -> dict:
     from touchvl.qa import TouchQAModel
 
     p = params.evaluate
+    apply_threads(p.threads)
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     test = disk.evaluation_rows(manifest)
     vocabulary = {w for c in manifest["caption"] for w in words(c)}

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from touchvl import disk
+from touchvl.devices import apply_threads
 from touchvl.logs import run_stage
 from touchvl.params import Params
 from touchvl.retrieval.build import load_databases, retrieval_metrics, save_database, update_or_build, validation_tables
@@ -28,6 +29,7 @@ def run(params: Params) -> dict:
     from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.index
+    apply_threads(p.threads)  # faiss is imported by now: its OpenMP pool too
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     rgb, tac, encoder_meta = load_databases(params.embed.out_dir)
     report = {}

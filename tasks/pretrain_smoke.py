@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from touchvl import disk
+from touchvl.devices import apply_threads
 from touchvl.imagebind.encoder import SMOKE_CHECKPOINT_NAME, EncoderSpec, build_model, smoke_checkpoint_path
 from touchvl.imagebind.pretrain import PretrainConfig, load_photos, pretrain, training_photos
 from touchvl.logs import run_stage
@@ -55,8 +56,7 @@ def run(params: Params) -> dict:
             disk.write_json(staging / "pretrain.json", {"pretrained": False, "reason": reason})
             metrics = {"pretrained": 0}
         else:
-            if p.threads:
-                torch.set_num_threads(p.threads)
+            apply_threads(p.threads)
             rows = training_photos(disk.read_manifest(params.prepare.out_dir / "manifest.csv"))
             data = load_photos(rows)
             config = PretrainConfig(**p.model_dump(exclude={"threads", "metrics", "curves_dir"}))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from touchvl import disk, headline
-from touchvl.devices import resolve_device
+from touchvl.devices import apply_threads, resolve_device
 from touchvl.errors import StageError
 from touchvl.logs import run_stage
 from touchvl.params import Params
@@ -59,6 +59,7 @@ def run_stage1(params: Params) -> dict:
     p = params.projector
     data = pairs(params)
     device = resolve_device(p.device, "projector.device")
+    apply_threads(p.threads)
     num_sensors = p.num_sensors if p.num_sensors is not None else int(max(data.sensors.max(), -1) + 1)
     torch.manual_seed(params.train_stage1.seed)
     model = ViTProjector(ProjectorConfig(emb_dim=data.tac.shape[1], dim=p.dim, depth=p.depth, heads=p.heads,
@@ -83,6 +84,7 @@ def run_stage2(params: Params) -> dict:
     p = params.projector
     data = pairs(params)
     device = resolve_device(p.device, "projector.device")
+    apply_threads(p.threads)
     stage1 = disk.read_checkpoint(p.out_dir / "stage1.pt", "train_projector_stage1")
     if stage1["config"]["emb_dim"] != data.tac.shape[1]:
         raise StageError(f"stage-1 projector expects dim {stage1['config']['emb_dim']}, embeddings have {data.tac.shape[1]}")

@@ -96,6 +96,9 @@ class OssHandler(BaseHTTPRequestHandler):
         return bucket, key, query
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None):
+        # record before answering: once the body is written the client may already be checking ``requests``
+        with self.server.state.lock:
+            self.server.state.requests.append((self.command, self.path, status))
         self.send_response(status)
         self.send_header("x-oss-request-id", uuid.uuid4().hex.upper()[:24])
         self.send_header("Date", formatdate(usegmt=True))
@@ -106,8 +109,6 @@ class OssHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        with self.server.state.lock:
-            self.server.state.requests.append((self.command, self.path, status))
 
     def _error(self, status: int, code: str, message: str, **extra):
         fields = "".join(f"<{k}>{escape(str(v))}</{k}>" for k, v in extra.items())

@@ -86,3 +86,15 @@ def test_sibling_bounds():
     _fails({"prepare": {"max_sensor_id": 100_000_000}}, "prepare.max_sensor_id")
     _fails({"prepare": {"default_sensor": 70}}, "prepare", "default_sensor=70", "max_sensor_id=63")
     _fails({"finetune": {"local": {"target_modules": []}}}, "finetune.local.target_modules")
+
+
+@pytest.mark.parametrize("section", ["embed", "pretrain_smoke", "projector", "index", "evaluate"])
+@pytest.mark.parametrize("value", [0, -1, "all", True])
+def test_threads_is_auto_or_positive(section, value):
+    _fails({section: {"threads": value}}, f"{section}.threads", "threads")
+
+
+@pytest.mark.parametrize("section", ["embed", "pretrain_smoke", "projector", "index", "evaluate"])
+def test_threads_default_auto_and_explicit(section):
+    assert getattr(parse_params({}), section).threads == "auto"
+    assert getattr(parse_params({section: {"threads": 3}}), section).threads == 3

