@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import asdict
 
-from touchvl import disk
+from touchvl import disk, headline
 from touchvl.chat.generate import (data_roots, distinct_combinations, join_manifest, multimodal_set, read_url_mapping,
                                    tactile_set, write_jsonl)
 from touchvl.chat.prices import cost_estimate
@@ -69,6 +69,7 @@ def run(params: Params) -> dict:
         raise StageError(f"{name}.jsonl: {len(errors)} validation errors, first: {errors[0]}")
     checked.raise_if_failed()
     disk.write_json(p.out_dir / "summary.json", summary)
+    disk.write_json(p.headline, headline.cost(summary, params.finetune.dataset))
     return summary
 
 

@@ -26,3 +26,11 @@ def test_each_question_gets_a_few_numeric_keys():
     assert judged["judge"] == 6.25
     for row in (data, encoder, answers, judged):
         assert _numeric(row) and len(row) <= 5  # strings, hashes and prompts stay in the detailed files
+
+
+def test_cost_is_the_fine_tuned_datasets_training_file():
+    summary = {"tactile_train": {"examples": 1500, "cost_usd": 0.70312}, "tactile_val": {"cost_usd": 0.14},
+               "rgb_tac_train": {"examples": 600, "cost_usd": 2.5}}
+    assert headline.cost(summary, "tactile") == {"usd": 0.7031}
+    assert headline.cost(summary, "rgb_tac") == {"usd": 2.5}
+    assert headline.cost({"tactile_train": {"cost_usd": None}}, "tactile") == {"usd": None}  # no published price

@@ -8,6 +8,8 @@ file (DVC metric)      keys
 ``data.json``          ``pairs`` kept, ``quar_rate`` quarantined / candidates (duplicates: a reason in the detail)
 ``encoder.json``       ``text_p5`` adjective search P@5, ``p5_chance`` a random photo's rate, ``tac_cone``
 ``retrieval.json``     tactile->RGB R@1 on the test ids: ``raw_r1``, ``proj_r1`` (R@5/10: the detail)
+``cost.json``          ``usd``: the estimated price of fine-tuning on ``finetune.dataset``'s training file
+                       (every epoch, at ``jsonl.prices_per_million``; the per-file figures: jsonl's summary.json)
 ``answers.json``       ``adj_f1`` the answerer, ``const_f1`` a constant answer, ``meteor``, ``bertscore``,
                        ``judge`` (GPT judge mean, only when it ran)
 =====================  ============================================================================
@@ -30,6 +32,10 @@ def encoder(metrics: dict) -> dict:
 
 def retrieval(metrics: dict) -> dict:
     return {"raw_r1": _r(metrics["raw"]["tac_to_rgb"]["R@1"]), "proj_r1": _r(metrics["projected"]["tac_to_rgb"]["R@1"])}
+
+
+def cost(summary: dict, dataset: str) -> dict:
+    return {"usd": _r(summary[f"{dataset}_train"]["cost_usd"])}
 
 
 def answers(metrics: dict) -> dict:

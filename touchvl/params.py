@@ -309,6 +309,8 @@ class UploadParams(_Section):
 
 class JsonlParams(_Section):
     out_dir: Path = Path("artifacts/jsonl")
+    headline: Path = Path("artifacts/metrics/cost.json")
+    """DVC metric ``usd``: the estimated fine-tuning price of ``finetune.dataset``'s training file."""
     image_mode: Literal["base64", "url"] = "base64"
     """base64 data URLs (offline default: file:// URLs are not fetchable by a fine-tuning service) or mapping URLs."""
     detail: Literal["low", "high", "auto"] = "low"
