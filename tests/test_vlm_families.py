@@ -86,7 +86,7 @@ CONVERSATION = [
 TEXT_ONLY = [{"role": "user", "content": "How does moss feel?"}, {"role": "assistant", "content": SOFT}]
 ONE_IMAGE = [{"role": "user", "content": [{"type": "text", "text": "Tactile sample 2: how does this surface feel?"},
                                           _image(BLUE)]}, {"role": "assistant", "content": SMOOTH}]
-TWO_IMAGES = CONVERSATION[:2] + [{"role": "assistant", "content": ROUGH}, CONVERSATION[5], CONVERSATION[6]]
+TWO_IMAGES = [CONVERSATION[0], CONVERSATION[5], CONVERSATION[6]]
 
 
 def test_labels_are_exactly_the_assistant_tokens_and_end_of_turn(family, tmp_path):
