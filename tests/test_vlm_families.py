@@ -145,21 +145,12 @@ def test_lora_targets_are_the_language_models_projections_not_the_vision_tower(f
     assert trainable and all("lora_" in n for n in trainable)
 
 
-@pytest.fixture()
-def job_family(request, tmp_path_factory):
-    spec = FAMILIES[request.param]
-    out = tmp_path_factory.mktemp(spec.name) / "base"
-    spec.build(out)
-    return spec, out
-
-
-@pytest.mark.parametrize("job_family", [n for n in NAMES if n != "llava15"], indirect=True)
-def test_a_short_lora_job_merges_and_the_merged_model_serves_an_image_chat(job_family, tmp_path):
-    spec, base = job_family
+def test_a_short_lora_job_merges_and_the_merged_model_serves_an_image_chat(family, tmp_path):
+    spec, base = family
     root = tmp_path
     write_image_dataset(root / "jsonl/tactile_train.jsonl", 4)
     write_image_dataset(root / "jsonl/tactile_val.jsonl", 2, start=100)
-    params = parse_params(local_raw(root, str(base), max_steps=3, checkpoint_every=10, batch_size=2))
+    params = parse_params(local_raw(root, str(base), epochs=2, max_steps=3, checkpoint_every=2, batch_size=2))
     providers.approve(params, contract.dataset_files(params), confirm=lambda: True)
     job = finetune_stage.run(params)
     assert job["status"] == "succeeded" and job["step"] == 3
@@ -171,8 +162,9 @@ def test_a_short_lora_job_merges_and_the_merged_model_serves_an_image_chat(job_f
     before, after = load_file(base / "model.safetensors"), load_file(merged / "model.safetensors")
     assert not [k for k in after if "lora" in k] and set(before) == set(after)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert changed and all(spec.lm_prefix in k and k.rsplit(".", 2)[1] in ("q_proj", "k_proj", "v_proj", "o_proj")
-                           for k in changed), changed
+    # (checkpoint key names, which some families save in their legacy layout: Qwen2-VL's "model.layers.N...")
+    assert changed and all(k.rsplit(".", 2)[1] in ("q_proj", "k_proj", "v_proj", "o_proj")
+                           and not any(v in k for v in spec.vision_prefixes) for k in changed), changed
     name = job["fine_tuned_model"]
     with ModelServer(ChatModel(merged, name, "cpu", default_max_tokens=8)) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
