@@ -1,4 +1,4 @@
-"""The local LoRA fine-tuner on real VLM families: Qwen2-VL, SmolVLM (Idefics3), SmolVLM2, LLaVA-1.5.
+"""The local LoRA fine-tuner on real VLM families: Qwen2-VL, Qwen2.5-VL, SmolVLM (Idefics3), SmolVLM2, LLaVA-1.5.
 
 Each family is a random-weight model built from its own transformers config/model/processor classes with
 its published chat template (tests/vlm_families.py), saved with ``save_pretrained``: our own code --

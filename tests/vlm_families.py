@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 # --- the families' chat templates, as published with their checkpoints --------------------------------
-# Qwen/Qwen2-VL-2B-Instruct (chat_template.json)
+# Qwen/Qwen2-VL-2B-Instruct (chat_template.json; Qwen/Qwen2.5-VL-3B-Instruct has the same)
 QWEN2_VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -110,35 +110,56 @@ def _save(out: Path, model, processor, tokenizer) -> None:
     processor.save_pretrained(out)
 
 
-def build_qwen2_vl(out: Path) -> None:
+def _qwen_vl(out: Path, v2_5: bool) -> None:
     import torch
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    if v2_5:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLProcessor as Processor
+    else:
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLProcessor as Processor
 
     tok = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                       "<|image_pad|>", "<|video_pad|>"], bos=None, eos="<|im_end|>", pad="<|endoftext|>")
-    tok.chat_template = QWEN2_VL_TEMPLATE
+    tok.chat_template = QWEN2_VL_TEMPLATE  # Qwen2.5-VL publishes the same template
     ids = tok.convert_tokens_to_ids
     patch, merge, temporal = 4, 2, 2
-    config = Qwen2VLConfig(
+    if v2_5:  # block 0 attends within 16-px windows, block 1 is a full-attention block (as every 8th is in 2.5-VL)
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=patch,
+                      spatial_merge_size=merge, temporal_patch_size=temporal, window_size=4 * patch * merge,
+                      fullatt_block_indexes=[1])
+    else:
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=patch,
+                      spatial_merge_size=merge, temporal_patch_size=temporal)
+    config = Config(
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
                          initializer_range=0.2, bos_token_id=None, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=patch,
-                           spatial_merge_size=merge, temporal_patch_size=temporal),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_config=vision, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = Model(config)
     # at most 32x32 pixels: a few image tokens per image (the 48x40 test images become 24x32, 12 tokens)
     size = {"shortest_edge": 8 * 8, "longest_edge": 32 * 32}
-    processor = Qwen2VLProcessor(
+    processor = Processor(
         image_processor=Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=merge, temporal_patch_size=temporal),
         video_processor=Qwen2VLVideoProcessor(size=size, patch_size=patch, merge_size=merge, temporal_patch_size=temporal),
         tokenizer=tok, chat_template=QWEN2_VL_TEMPLATE)
     _save(out, model, processor, tok)
+
+
+def build_qwen2_vl(out: Path) -> None:
+    _qwen_vl(out, v2_5=False)
+
+
+def build_qwen2_5_vl(out: Path) -> None:
+    _qwen_vl(out, v2_5=True)
 
 
 def _idefics_like(out: Path, smolvlm2: bool) -> None:
@@ -222,6 +243,8 @@ FAMILIES = {
     # "<|im_start|>assistant\n" + answer + "<|im_end|>\n": the newline closing the turn is the template's too
     "qwen2_vl": FamilySpec("qwen2_vl", build_qwen2_vl, lambda a, last: f"{a}<|im_end|>\n", ("visual",),
                            "language_model.layers."),
+    "qwen2_5_vl": FamilySpec("qwen2_5_vl", build_qwen2_5_vl, lambda a, last: f"{a}<|im_end|>\n", ("visual",),
+                             "language_model.layers."),
     # "Assistant:" + " " + answer + "<end_of_utterance>\n"
     "smolvlm": FamilySpec("smolvlm", build_smolvlm, lambda a, last: f" {a}<end_of_utterance>\n",
                           ("vision_model", "connector"), "text_model.layers."),
