@@ -99,10 +99,19 @@ class Encoder:
     Any chat template works: an assistant turn's tokens are those between the conversation rendered
     up to that turn with the generation prompt and rendered through it (tokenised by the processor
     itself, so each image counts its real number of tokens).  Spans are computed once per example.
+
+    A trained turn is meant to end with the model's end of turn, so the model learns to stop.  Most templates
+    render one (Qwen2-VL's ``<|im_end|>``, SmolVLM's ``<end_of_utterance>``); a template that closes an
+    assistant turn without any end-of-sequence token (LLaVA-1.5's: ``ASSISTANT: <answer> ``) would teach the
+    model never to stop, so the tokenizer's eos is inserted after such a turn, and labelled, as LLaVA's own
+    training did (``<answer></s>``).  ``eos_ids``: the ids that end a generation (default: the tokenizer's eos).
     """
 
-    def __init__(self, processor, image_token_id: int | None, max_length: int):
+    def __init__(self, processor, image_token_id: int | None, max_length: int, eos_ids: set[int] | None = None):
         self.processor, self.image_token_id, self.max_length = processor, image_token_id, max_length
+        eos = getattr(processor, "tokenizer", processor).eos_token_id
+        self.eos_id = eos
+        self.eos_ids = set(eos_ids or ()) | ({eos} if eos is not None else set())
         self._spans: dict[int, list[tuple[int, int]]] = {}
         self.skipped: set[str] = set()
 
@@ -130,9 +139,15 @@ class Encoder:
         inputs = dict(self.processor(text=[text], images=[images] if images else None, return_tensors="pt"))
         ids = inputs["input_ids"][0]
         labels = torch.full_like(ids, IGNORE)
-        for start, end in self.spans(key, ex, images, ids.tolist()):
+        spans = self.spans(key, ex, images, ids.tolist())
+        for start, end in spans:
             labels[start:end] = ids[start:end]
         inputs["labels"] = labels[None]
+        missing = [end for start, end in spans if self.eos_id is not None and start < end
+                   and not self.eos_ids.intersection(ids[start:end].tolist())]
+        if missing:
+            inputs = self._insert_eos(inputs, missing)
+            ids = inputs["input_ids"][0]
         n = ids.shape[0]
         if n > self.max_length:
             if self.image_token_id is not None and bool((ids[self.max_length:] == self.image_token_id).any()):
@@ -144,6 +159,24 @@ class Encoder:
             self._skip(ex, f"no assistant token within max_length {self.max_length}")
             return None
         return inputs
+
+    def _insert_eos(self, inputs: dict, positions: list[int]) -> dict:
+        """The eos token, labelled, at each of ``positions`` of every per-token tensor (attention 1, other ids 0)."""
+        import torch
+
+        n = inputs["input_ids"].shape[1]
+        fill = {"input_ids": self.eos_id, "labels": self.eos_id, "attention_mask": 1}
+        out = {}
+        for k, v in inputs.items():
+            if not _per_token(v, n):
+                out[k] = v
+                continue
+            pieces, prev = [], 0
+            for pos in positions:
+                pieces += [v[:, prev:pos], torch.full((1, 1), fill.get(k, 0), dtype=v.dtype)]
+                prev = pos
+            out[k] = torch.cat(pieces + [v[:, prev:]], dim=1)
+        return out
 
     def _skip(self, ex: Example, why: str) -> None:
         """Warn once per example (it comes back every epoch); the caller returns None."""

@@ -134,8 +134,10 @@ class Trainer:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         config = self.model.get_base_model().config
         image_token = getattr(config, "image_token_id", None)
+        eos = getattr(self.model.get_base_model().generation_config, "eos_token_id", None)  # what ends a generation
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.encoder = Encoder(self.processor, image_token if image_token is not None else getattr(config, "image_token_index", None),
-                               cfg.max_length)
+                               cfg.max_length, eos_ids)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_batches = math.ceil(len(train) / cfg.batch_size)
