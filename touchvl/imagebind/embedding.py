@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from touchvl import disk
-from touchvl.imagebind.encoder import ImageBindEncoder, preprocess_image, smoke_note
+from touchvl.imagebind.encoder import ImageBindEncoder, smoke_note
+from touchvl.imagebind.preprocess import Preprocess, preprocess_image
 from touchvl.errors import StageError
 from touchvl.imagebind.cache import VectorCache, image_key, text_key
 
@@ -59,8 +60,9 @@ class EmbeddingSet:
 class _PairImages(Dataset):
     """Decodes and preprocesses the tactile and RGB image of each pair (in DataLoader workers)."""
 
-    def __init__(self, rows: list[tuple[int, str, str]]):
+    def __init__(self, rows: list[tuple[int, str, str]], preprocess: Preprocess = preprocess_image):
         self.rows = rows
+        self.preprocess = preprocess  # a module-level function: pickles cheaply into spawned workers
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,7 +73,7 @@ class _PairImages(Dataset):
         for path in (tac_path, rgb_path):
             try:
                 with Image.open(path) as img:
-                    tensors.append(preprocess_image(img))
+                    tensors.append(self.preprocess(img))
             except Exception as exc:  # reported with path and uid by the caller, never swallowed
                 return uid, None, f"{path}: {type(exc).__name__}: {exc}"
         return uid, torch.stack(tensors), None
@@ -97,7 +99,7 @@ def embed_pairs(encoder: ImageBindEncoder, rows: list[tuple[int, str, str]], bat
 
     Returns {uid: (tac_vector, rgb_vector)} and the decode errors ("path: reason (uid N)").
     """
-    loader = DataLoader(_PairImages(rows), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_PairImages(rows, encoder.preprocess), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, shuffle=False)
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     errors: list[str] = []
