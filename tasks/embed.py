@@ -48,7 +48,9 @@ def run(params: Params) -> EmbeddingSet:
     disk.write_json(p.text_search, detail)
     disk.write_json(p.summary, {"pairs": len(result.uids), "embedded_now": result.embedded_now,
                                 "from_cache": len(result.uids) - result.embedded_now,
-                                "fingerprint": result.meta["fingerprint"]})
+                                "fingerprint": result.meta["fingerprint"],
+                                # which preprocessing made the vectors (meta.json has it as "preprocess" too)
+                                "decode": "fast" if p.fast_decode else "exact", "preprocess": result.meta["preprocess"]})
     return result
 
 

@@ -64,7 +64,8 @@ def test_cache_embeds_only_new_images_and_encoder_change_invalidates(tmp_path, p
     # the run's counts go to the summary metric
     assert (prepared.embed.out_dir / "meta.json").read_bytes() == meta
     assert json.loads(prepared.embed.summary.read_text()) == {"pairs": pairs, "embedded_now": 0, "from_cache": pairs,
-                                                              "fingerprint": first.meta["fingerprint"]}
+                                                              "fingerprint": first.meta["fingerprint"],
+                                                              "decode": "exact", "preprocess": "clip224-v2"}
     write_pair(dataset, 99)
     caps = pd.read_csv(dataset / "captions.csv")
     write_captions(dataset, list(caps.itertuples(index=False, name=None)) + [(99, "new, rough", 0)])

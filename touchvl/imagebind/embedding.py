@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from touchvl import disk
-from touchvl.imagebind.encoder import ImageBindEncoder, preprocess_image, smoke_note
+from touchvl.imagebind.encoder import ImageBindEncoder, smoke_note
+from touchvl.imagebind.preprocess import Preprocess, preprocess_image
 from touchvl.errors import StageError
 from touchvl.imagebind.cache import VectorCache, image_key, text_key
 
@@ -59,8 +60,9 @@ class EmbeddingSet:
 class _PairImages(Dataset):
     """Decodes and preprocesses the tactile and RGB image of each pair (in DataLoader workers)."""
 
-    def __init__(self, rows: list[tuple[int, str, str]]):
+    def __init__(self, rows: list[tuple[int, str, str]], preprocess: Preprocess = preprocess_image):
         self.rows = rows
+        self.preprocess = preprocess  # a module-level function: pickles cheaply into spawned workers
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,14 +73,29 @@ class _PairImages(Dataset):
         for path in (tac_path, rgb_path):
             try:
                 with Image.open(path) as img:
-                    tensors.append(preprocess_image(img))
+                    tensors.append(self.preprocess(img))
             except Exception as exc:  # reported with path and uid by the caller, never swallowed
                 return uid, None, f"{path}: {type(exc).__name__}: {exc}"
         return uid, torch.stack(tensors), None
 
 
-def _collate(items):
-    return items
+def _stack(items):
+    """Collate in the worker: (uids, one [2B, 3, 224, 224] tensor or None, [(uid, error)]).
+
+    Stacking here, not in the main process, keeps a 77 MB copy per GPU batch off the loop that feeds the
+    GPU, and one tensor can be pinned and copied to the device asynchronously.
+    """
+    good = [(uid, pix) for uid, pix, err in items if err is None]
+    errors = [(uid, err) for uid, pix, err in items if err is not None]
+    return [uid for uid, _ in good], torch.cat([pix for _, pix in good]) if good else None, errors
+
+
+def pair_loader(rows: list[tuple[int, str, str]], preprocess: Preprocess, batch_size: int, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """Batches of (uids, pixels tac0, rgb0, tac1, ..., errors) decoded by ``num_workers`` processes."""
+    return DataLoader(_PairImages(rows, preprocess), batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=_stack, shuffle=False, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers else None)  # a few batches ahead: decode never waits on the GPU
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -97,20 +114,18 @@ def embed_pairs(encoder: ImageBindEncoder, rows: list[tuple[int, str, str]], bat
 
     Returns {uid: (tac_vector, rgb_vector)} and the decode errors ("path: reason (uid N)").
     """
-    loader = DataLoader(_PairImages(rows), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, shuffle=False)
+    loader = pair_loader(rows, encoder.preprocess, batch_size, num_workers,
+                         pin_memory=encoder.device.type == "cuda")
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     errors: list[str] = []
     with tqdm(total=len(rows), desc="embed images", unit="pair") as bar:
-        for batch in loader:
-            good = [(uid, pix) for uid, pix, err in batch if err is None]
-            errors += [f"{err} (uid {uid})" for uid, pix, err in batch if err is not None]
-            if good:
-                pixels = torch.cat([pix for _, pix in good])  # [2B, 3, 224, 224]: tac0, rgb0, tac1, ...
+        for uids, pixels, failed in loader:
+            errors += [f"{err} (uid {uid})" for uid, err in failed]
+            if uids:
                 vectors = encoder.encode_images(pixels).numpy()
-                for j, (uid, _) in enumerate(good):
+                for j, uid in enumerate(uids):
                     out[uid] = (vectors[2 * j], vectors[2 * j + 1])
-            bar.update(len(batch))
+            bar.update(len(uids) + len(failed))
     return out, errors
 
 

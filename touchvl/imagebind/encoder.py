@@ -3,7 +3,8 @@
 ``imagebind``'s package ``__init__`` imports ``imagebind.data``, which needs torchaudio and
 pytorchvideo (broken on current torchvision).  The model code itself needs only torch, timm,
 einops, ftfy, regex and iopath, so we import ``imagebind.models.imagebind_model`` through a bare
-package entry and do ImageBind's vision preprocessing ourselves (the same transforms).
+package entry and do ImageBind's vision preprocessing ourselves (the same transforms, or the fast JPEG path of
+``embed.fast_decode``: touchvl/imagebind/preprocess.py).
 
 Encoders: ``imagebind_huge`` (Meta's weights, from ``embed.checkpoint``, ``$IMAGEBIND_CHECKPOINT``
 or ``<checkpoint_dir>/imagebind_huge.pth``) and ``imagebind_tiny`` (the offline default, a smoke encoder:
@@ -27,18 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torchvision import transforms
 from tqdm import tqdm
 
 from touchvl import disk
 from touchvl.devices import resolve_device
 from touchvl.errors import StageError
+from touchvl.imagebind.preprocess import (CLIP_MEAN, CLIP_STD, PREPROCESS_VERSION, Preprocess,  # noqa: F401 (re-exported)
+                                          preprocess_fn, preprocess_image, preprocess_version)
 from touchvl.params import EmbedParams
 
-PREPROCESS_VERSION = "clip224-v2"  # v2: PIL-side resize, bit-identical to ImageBind (v1 resized tensors)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
 CHECKPOINT_ENV = "IMAGEBIND_CHECKPOINT"
 SMOKE_CHECKPOINT_NAME = "imagebind_tiny.pt"  # what pretrain_smoke writes into embed.smoke_dir
@@ -81,21 +79,6 @@ def imagebind_model_module() -> types.ModuleType:
     return module
 
 
-# ImageBind's load_and_transform_vision_data, transform for transform: resizing the PIL image (not a
-# tensor) keeps PIL's bicubic filter, so the pixels match Meta's to the last bit.
-_VISION_TRANSFORM = transforms.Compose([
-    transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
-    transforms.CenterCrop(224),
-    transforms.ToTensor(),
-    transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-])
-
-
-def preprocess_image(img: Image.Image) -> torch.Tensor:
-    """[3, 224, 224] float32: RGB, shorter side 224 bicubic, centre crop 224, CLIP mean/std."""
-    return _VISION_TRANSFORM(img.convert("RGB"))
-
-
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
     package_dir = Path(imagebind_model_module().__file__).parents[1]  # registers the bare package first
@@ -120,6 +103,8 @@ class EncoderSpec:
     device: str = "auto"
     config_overrides: tuple[tuple[str, object], ...] = ()
     """Merged over ``ENCODER_CONFIGS[name]`` (a tuple so the spec stays hashable): scaled-down tests."""
+    fast_decode: bool = False
+    """Fast JPEG preprocessing (DCT-domain downscale): other pixels, so another fingerprint and cache namespace."""
 
     def config(self) -> dict:
         if self.name not in ENCODER_CONFIGS:
@@ -137,7 +122,7 @@ def smoke_checkpoint_path(p: EmbedParams) -> Path | None:
 def encoder_spec(p: EmbedParams) -> EncoderSpec:
     """The encoder the ``embed`` params describe (every query must be encoded by this same spec)."""
     return EncoderSpec(name=p.encoder, checkpoint=p.checkpoint or smoke_checkpoint_path(p),
-                       cache_dir=p.checkpoint_dir, seed=p.seed, device=p.device)
+                       cache_dir=p.checkpoint_dir, seed=p.seed, device=p.device, fast_decode=p.fast_decode)
 
 
 def resolve_checkpoint(spec: EncoderSpec) -> Path | None:
@@ -176,7 +161,8 @@ def fingerprint_info(spec: EncoderSpec) -> dict:
     checkpoint = resolve_checkpoint(spec)
     return {"encoder": spec.name, "config": spec.config(),
             "weights": checkpoint_sha256(checkpoint) if checkpoint else f"random-seed-{spec.seed}",
-            "preprocess": PREPROCESS_VERSION, "smoke": is_smoke(spec)}
+            # the exact path keeps its old version string, so existing caches and fingerprints stay valid
+            "preprocess": preprocess_version(spec.fast_decode), "smoke": is_smoke(spec)}
 
 
 def is_smoke(spec: EncoderSpec) -> bool:
@@ -257,6 +243,8 @@ class ImageBindEncoder:
         self.model = model.eval().to(self.device)
         self.dim = int(config["out_embed_dim"])
         self.is_smoke = is_smoke(spec)
+        self.preprocess: Preprocess = preprocess_fn(spec.fast_decode)
+        """PIL image -> [3, 224, 224]: every image this encoder embeds (gallery and queries) goes through it."""
         self._info = fingerprint_info(spec)
         self.fingerprint = _digest(self._info)
         # bf16 keeps fp32's exponent range (no overflow in 32 blocks); fp16 on GPUs without it
@@ -269,7 +257,8 @@ class ImageBindEncoder:
     def _forward(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype,
                                                     enabled=self.device.type == "cuda"):
-            out = self.model({modality: inputs.to(self.device)})[modality]
+            # non_blocking: a pinned batch copies while the launch queue fills; the .cpu() below syncs anyway
+            out = self.model({modality: inputs.to(self.device, non_blocking=True)})[modality]
         # the text postprocessor multiplies by a learnt logit scale, and half precision drifts: renormalise
         return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
 

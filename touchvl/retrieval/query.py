@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from touchvl import disk
 from touchvl.errors import StageError
-from touchvl.imagebind.encoder import ImageBindEncoder, encoder_spec, preprocess_image
+from touchvl.imagebind.encoder import ImageBindEncoder, encoder_spec
 from touchvl.params import Params
 from touchvl.projector.model import projector_from_checkpoint
 from touchvl.projector.training import project
@@ -35,7 +35,7 @@ class QueryEncoder:
         """Embed a tactile image and, when a projector is trained, project it into RGB space."""
         try:
             with Image.open(path) as img:
-                pixels = preprocess_image(img).unsqueeze(0)
+                pixels = self.encoder.preprocess(img).unsqueeze(0)  # the path the gallery was embedded with
         except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
             raise StageError(f"{path}: cannot read tactile image ({type(exc).__name__}: {exc})") from None
         vector = self.encoder.encode_images(pixels).numpy()
