@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from touchvl import disk
+from touchvl.devices import one_thread_worker, usable_cpus
 from touchvl.imagebind.encoder import ImageBindEncoder, smoke_note
 from touchvl.imagebind.preprocess import Preprocess, preprocess_image
 from touchvl.errors import StageError
@@ -95,6 +96,7 @@ def pair_loader(rows: list[tuple[int, str, str]], preprocess: Preprocess, batch_
     """Batches of (uids, pixels tac0, rgb0, tac1, ..., errors) decoded by ``num_workers`` processes."""
     return DataLoader(_PairImages(rows, preprocess), batch_size=batch_size, num_workers=num_workers,
                       collate_fn=_stack, shuffle=False, pin_memory=pin_memory,
+                      worker_init_fn=one_thread_worker if num_workers else None,
                       prefetch_factor=4 if num_workers else None)  # a few batches ahead: decode never waits on the GPU
 
 
@@ -105,7 +107,7 @@ def default_batch_size(device: torch.device) -> int:
 
 def default_num_workers(device: torch.device) -> int:
     # measured: on CPU, decoding workers steal cores from the forward and cost ~1.8x; a GPU frees them
-    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    return 0 if device.type == "cpu" else min(8, usable_cpus())
 
 
 def embed_pairs(encoder: ImageBindEncoder, rows: list[tuple[int, str, str]], batch_size: int,
