@@ -34,7 +34,8 @@ PART_TYPES = {"text", "image_url"}
 IMAGE_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MAX_IMAGES = 10
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
-DATA_URL = re.compile(r"^data:image/(?P<fmt>[a-zA-Z0-9.+-]+);base64,(?P<data>.*)$", re.DOTALL)
+DATA_URL = re.compile(r"^data:image/(?P<fmt>[a-zA-Z0-9.+-]+);base64,")  # the payload is what follows the match
+IMAGE_CACHE_ENTRIES = 1024  # outcomes of distinct data-URL payloads remembered per file (least recently used dropped)
 SHORT_ANSWER_WORDS = 3
 MIN_EXAMPLES = 10
 MAX_IMAGE_PIXELS = 40_000_000  # a header above this is image_too_large (prepare.max_image_pixels' default), whatever PIL's own bomb limit
@@ -69,11 +70,26 @@ class TokenCounter:
             except Exception:
                 pass
         self.exact = self._encode is not None
+        self._cache: dict[str | bytes, int] = {}
+
+    CACHE_ENTRIES = 4096  # distinct texts remembered (least recently used dropped): system prompts, questions
+    CACHE_KEY_CHARS = 256  # a longer text is remembered by its 16-byte blake2b digest, not by itself
 
     def count(self, text: str) -> int:
-        if self._encode is not None:
-            return len(self._encode(text))
-        return estimate_tokens(text)
+        """Tokens of ``text``; each distinct text is encoded once while it stays among the CACHE_ENTRIES most
+        recently counted (a system prompt or a templated question repeats on every line)."""
+        if self._encode is None:
+            return estimate_tokens(text)
+        cache = self._cache
+        key = text if len(text) <= self.CACHE_KEY_CHARS else \
+            hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        n = cache.pop(key, None)
+        if n is None:
+            n = len(self._encode(text))
+            if len(cache) >= self.CACHE_ENTRIES:
+                del cache[next(iter(cache))]  # the least recently used: dicts keep insertion order
+        cache[key] = n  # (re)inserted last: the most recently used
+        return n
 
 
 def estimate_tokens(text: str) -> int:
@@ -189,9 +205,62 @@ def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
             raise ValueError(type(exc).__name__) from None
 
 
+def image_outcome(data: bytes, declared: str | None) -> tuple[str | None, object]:
+    """``(None, (width, height))`` for image bytes the service takes, else ``(code, message)``: over 10 MB, not
+    decodable to its end (:func:`image_header`), too many pixels, a format other than JPEG/PNG/WEBP, or not
+    the ``declared`` one."""
+    if len(data) > MAX_IMAGE_BYTES:
+        return "image_too_large", f"{len(data) / 2**20:.1f} MB > 10 MB"
+    try:
+        actual, size = image_header(data)
+    except ImageTooLarge as exc:
+        return "image_too_large", str(exc)
+    except ValueError as exc:
+        return "image_data_corrupt", f"not a readable image ({exc})"
+    if actual not in IMAGE_FORMATS.values():
+        return "image_format_unsupported", f"{actual}; only JPEG, PNG and WEBP are accepted"
+    if declared and actual != declared:
+        return "image_data_corrupt", f"declared {declared} but the data is {actual}"
+    return None, size
+
+
+def data_url_outcome(payload: str, declared: str) -> tuple[str | None, object]:
+    """:func:`image_outcome` of a data URL's base64 payload (which must decode)."""
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return "image_data_corrupt", "base64 payload does not decode"
+    return image_outcome(data, declared)
+
+
+class ImageOutcomes:
+    """:func:`data_url_outcome`, once per distinct payload among the IMAGE_CACHE_ENTRIES most recently seen
+    (keyed by the declared format and the payload's 16-byte blake2b digest): every line still gets the
+    finding of its own bytes -- the same bytes decode the same way -- but an image that repeats across
+    lines (one photo, several questions) is decoded once."""
+
+    def __init__(self, entries: int = IMAGE_CACHE_ENTRIES):
+        self.entries, self.cache = entries, {}
+        self.decoded = self.hits = 0
+
+    def __call__(self, payload: str, declared: str) -> tuple[str | None, object]:
+        key = (declared, hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+        outcome = self.cache.pop(key, None)
+        if outcome is None:
+            outcome = data_url_outcome(payload, declared)
+            self.decoded += 1
+            if len(self.cache) >= self.entries:
+                del self.cache[next(iter(self.cache))]  # the least recently used
+        else:
+            self.hits += 1
+        self.cache[key] = outcome  # (re)inserted last: the most recently used
+        return outcome
+
+
 class _ExampleChecker:
-    def __init__(self, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch):
-        self.line, self.counter, self.check_urls, self.fetch = line, counter, check_urls, fetch
+    def __init__(self, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch,
+                 images: Callable[[str, str], tuple] = data_url_outcome):
+        self.line, self.counter, self.check_urls, self.fetch, self.data_url = line, counter, check_urls, fetch, images
         self.errors: list[Finding] = []
         self.images = 0
         self.image_tokens = 0
@@ -215,12 +284,7 @@ class _ExampleChecker:
             if fmt not in IMAGE_FORMATS:
                 self.error("image_format_unsupported", f"{where}: image/{fmt}; only JPEG, PNG and WEBP are accepted")
                 return
-            try:
-                data = base64.b64decode(match["data"], validate=True)
-            except (binascii.Error, ValueError):
-                self.error("image_data_corrupt", f"{where}: base64 payload does not decode")
-                return
-            self._image_bytes(where, data, IMAGE_FORMATS[fmt], detail)
+            self._outcome(where, self.data_url(url[match.end():], IMAGE_FORMATS[fmt]), detail)
         elif url.startswith(("http://", "https://")):
             suffix = Path(url.split("?", 1)[0]).suffix.lower().lstrip(".")
             if suffix and suffix not in IMAGE_FORMATS:
@@ -234,34 +298,23 @@ class _ExampleChecker:
             except Exception as exc:  # any network failure is the same finding for the user
                 self.error("image_unreachable", f"{where}: {url} could not be fetched ({type(exc).__name__}: {exc})")
                 return
-            self._image_bytes(where, data, None, detail)
+            self._outcome(where, image_outcome(data, None), detail)
         else:
             self.error("image_url_invalid", f"{where}: url must be https://… or a data:image/…;base64 URL, got {url[:40]!r}")
 
-    def _image_bytes(self, where: str, data: bytes, declared: str | None, detail: str) -> None:
-        if len(data) > MAX_IMAGE_BYTES:
-            self.error("image_too_large", f"{where}: {len(data) / 2**20:.1f} MB > 10 MB")
-            return
-        try:
-            actual, size = image_header(data)
-        except ImageTooLarge as exc:
-            self.error("image_too_large", f"{where}: {exc}")
-            return
-        except ValueError as exc:
-            self.error("image_data_corrupt", f"{where}: not a readable image ({exc})")
-            return
-        if actual not in IMAGE_FORMATS.values():
-            self.error("image_format_unsupported", f"{where}: {actual}; only JPEG, PNG and WEBP are accepted")
-            return
-        if declared and actual != declared:
-            self.error("image_data_corrupt", f"{where}: declared {declared} but the data is {actual}")
-            return
-        self.image_tokens += image_tokens(*size, detail)
+    def _outcome(self, where: str, outcome: tuple[str | None, object], detail: str) -> None:
+        code, value = outcome
+        if code is None:
+            self.image_tokens += image_tokens(*value, detail)
+        else:
+            self.error(code, f"{where}: {value}")
 
 
-def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int):
-    """Errors of one decoded line, plus (messages, images, tokens, roles, assistant words) for the summary."""
-    c = _ExampleChecker(line, counter, check_urls, fetch)
+def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int,
+                  images: Callable[[str, str], tuple] = data_url_outcome):
+    """Errors of one decoded line, plus (messages, images, tokens, roles, assistant words) for the summary.
+    ``images``: the outcome of a data URL's payload (:func:`data_url_outcome`, or an :class:`ImageOutcomes`)."""
+    c = _ExampleChecker(line, counter, check_urls, fetch, images)
     if not isinstance(obj, dict):
         c.error("data_type", f"each line must be a JSON object, got {type(obj).__name__}")
         return c.errors, None
@@ -496,6 +549,7 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
     report.summary.text_tokens_source = counter.source
     context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
     seen = DigestFilter()
+    images = ImageOutcomes()
     candidates: list[tuple[int, bytes]] = []  # (line, digest) the filter has probably seen before
     last_content = 0
     pending_blank: list[int] = []
@@ -517,7 +571,7 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
             report.errors.append(Finding(number, *problem))
             continue
         try:
-            errors, stats = check_example(obj, number, counter, check_urls, fetch, context)
+            errors, stats = check_example(obj, number, counter, check_urls, fetch, context, images)
             if isinstance(obj, dict):
                 errors += [Finding(number, code, message) for code, message in extra_checks(obj)]
         except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
