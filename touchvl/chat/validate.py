@@ -17,7 +17,7 @@ import json
 import math
 import re
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -35,6 +35,7 @@ IMAGE_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MAX_IMAGES = 10
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 DATA_URL = re.compile(r"^data:image/(?P<fmt>[a-zA-Z0-9.+-]+);base64,")  # the payload is what follows the match
+IMAGE_KEY_CHARS = 4096
 IMAGE_CACHE_ENTRIES = 1024  # outcomes of distinct data-URL payloads remembered per file (least recently used dropped)
 SHORT_ANSWER_WORDS = 3
 MIN_EXAMPLES = 10
@@ -70,7 +71,7 @@ class TokenCounter:
             except Exception:
                 pass
         self.exact = self._encode is not None
-        self._cache: dict[str | bytes, int] = {}
+        self._cache: OrderedDict[str | bytes, int] = OrderedDict()
 
     CACHE_ENTRIES = 4096  # distinct texts remembered (least recently used dropped): system prompts, questions
     CACHE_KEY_CHARS = 256  # a longer text is remembered by its 16-byte blake2b digest, not by itself
@@ -83,12 +84,13 @@ class TokenCounter:
         cache = self._cache
         key = text if len(text) <= self.CACHE_KEY_CHARS else \
             hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        n = cache.pop(key, None)
+        n = cache.get(key)
         if n is None:
-            n = len(self._encode(text))
-            if len(cache) >= self.CACHE_ENTRIES:
-                del cache[next(iter(cache))]  # the least recently used: dicts keep insertion order
-        cache[key] = n  # (re)inserted last: the most recently used
+            n = cache[key] = len(self._encode(text))
+            if len(cache) > self.CACHE_ENTRIES:
+                cache.popitem(last=False)  # the least recently used
+        else:
+            cache.move_to_end(key)  # the most recently used
         return n
 
 
@@ -235,25 +237,28 @@ def data_url_outcome(payload: str, declared: str) -> tuple[str | None, object]:
 
 class ImageOutcomes:
     """:func:`data_url_outcome`, once per distinct payload among the IMAGE_CACHE_ENTRIES most recently seen
-    (keyed by the declared format and the payload's 16-byte blake2b digest): every line still gets the
+    (keyed by the declared format and the payload itself, or its 16-byte blake2b digest when it is over
+    IMAGE_KEY_CHARS: at most 1024 x 4 KB of keys are held): every line still gets the
     finding of its own bytes -- the same bytes decode the same way -- but an image that repeats across
     lines (one photo, several questions) is decoded once."""
 
     def __init__(self, entries: int = IMAGE_CACHE_ENTRIES):
-        self.entries, self.cache = entries, {}
+        self.entries, self.cache = entries, OrderedDict()
         self.decoded = self.hits = 0
 
     def __call__(self, payload: str, declared: str) -> tuple[str | None, object]:
-        key = (declared, hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16).digest())
-        outcome = self.cache.pop(key, None)
+        key = (declared, payload if len(payload) <= IMAGE_KEY_CHARS else
+               hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+        cache = self.cache
+        outcome = cache.get(key)
         if outcome is None:
-            outcome = data_url_outcome(payload, declared)
+            outcome = cache[key] = data_url_outcome(payload, declared)
             self.decoded += 1
-            if len(self.cache) >= self.entries:
-                del self.cache[next(iter(self.cache))]  # the least recently used
+            if len(cache) > self.entries:
+                cache.popitem(last=False)  # the least recently used
         else:
+            cache.move_to_end(key)  # the most recently used
             self.hits += 1
-        self.cache[key] = outcome  # (re)inserted last: the most recently used
         return outcome
 
 
@@ -312,7 +317,8 @@ class _ExampleChecker:
 
 def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int,
                   images: Callable[[str, str], tuple] = data_url_outcome):
-    """Errors of one decoded line, plus (messages, images, tokens, roles, assistant words) for the summary.
+    """Errors of one decoded line, plus (messages, images, tokens, roles: {role: count}, assistant words) for the
+    summary.
     ``images``: the outcome of a data URL's payload (:func:`data_url_outcome`, or an :class:`ImageOutcomes`)."""
     c = _ExampleChecker(line, counter, check_urls, fetch, images)
     if not isinstance(obj, dict):
@@ -322,60 +328,75 @@ def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch
     if not isinstance(messages, list) or not messages:
         c.error("missing_messages_list", "'messages' must be a non-empty list")
         return c.errors, None
-    tokens, roles, assistant_words = 3, Counter(), []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+    tokens, roles, assistant_words = 3, {}, []
+    count, role_tokens = counter.count, _role_tokens(counter)
+    for i, message in enumerate(messages):  # the location ("messages[i]") is written only into a finding
         if not isinstance(message, dict):
-            c.error("data_type", f"{where} must be an object")
+            c.error("data_type", f"messages[{i}] must be an object")
             continue
-        for key in ("role", "content"):
-            if key not in message and not (key == "content" and message.get("tool_calls")):
-                c.error("message_missing_key", f"{where} has no '{key}'")
-        for key in sorted(set(message) - ALLOWED_MESSAGE_KEYS):
-            c.error("message_unrecognized_key", f"{where} has unrecognized key '{key}'")
+        has_role, has_content = "role" in message, "content" in message
+        if not has_role:
+            c.error("message_missing_key", f"messages[{i}] has no 'role'")
+        if not has_content and not message.get("tool_calls"):
+            c.error("message_missing_key", f"messages[{i}] has no 'content'")
+        if not ALLOWED_MESSAGE_KEYS.issuperset(message):
+            for key in sorted(set(message) - ALLOWED_MESSAGE_KEYS):
+                c.error("message_unrecognized_key", f"messages[{i}] has unrecognized key '{key}'")
         role = message.get("role")
         role = role if isinstance(role, str) or role is None else repr(role)
-        if "role" in message and role not in ALLOWED_ROLES:
-            c.error("unrecognized_role", f"{where} role {role!r} is not one of {sorted(ALLOWED_ROLES)}")
-        roles[role] += 1
-        tokens += 3 + counter.count(str(role))
+        if has_role and role not in ALLOWED_ROLES:
+            c.error("unrecognized_role", f"messages[{i}] role {role!r} is not one of {sorted(ALLOWED_ROLES)}")
+        roles[role] = roles.get(role, 0) + 1
+        n = role_tokens.get(role)
+        tokens += 3 + (n if n is not None else count(str(role)))
         content = message.get("content")
-        if "content" in message and (content is None or (isinstance(content, (str, list)) and not content)
-                                     or (isinstance(content, str) and not content.strip())):
-            c.error("missing_content", f"{where} content is empty")
-        elif isinstance(content, str):
-            tokens += counter.count(content)
-            if role == "assistant":
-                assistant_words.append(len(content.split()))
-        elif isinstance(content, list):
+        if isinstance(content, str):
+            if not content or content.isspace():
+                c.error("missing_content", f"messages[{i}] content is empty")
+            else:
+                tokens += count(content)
+                if role == "assistant":
+                    assistant_words.append(len(content.split()))
+        elif isinstance(content, list) and content:
             for j, part in enumerate(content):
-                part_where = f"{where}.content[{j}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind not in PART_TYPES:
-                    c.error("unknown_part_type", f"{part_where} type {kind!r} is not 'text' or 'image_url'")
+                    c.error("unknown_part_type", f"messages[{i}].content[{j}] type {kind!r} is not 'text' or 'image_url'")
                 elif kind == "text":
                     text = part.get("text")
-                    if not isinstance(text, str) or not text.strip():
-                        c.error("missing_content", f"{part_where} text is empty")
+                    if not isinstance(text, str) or not text or text.isspace():
+                        c.error("missing_content", f"messages[{i}].content[{j}] text is empty")
                     else:
-                        tokens += counter.count(text)
+                        tokens += count(text)
                         if role == "assistant":
                             assistant_words.append(len(text.split()))
                 elif role != "user":
                     c.images += 1
-                    c.error("image_in_non_user_message", f"{part_where}: images are only allowed in user messages, not {role!r}")
+                    c.error("image_in_non_user_message",
+                            f"messages[{i}].content[{j}]: images are only allowed in user messages, not {role!r}")
                 else:
-                    c.image(part_where, part)
-        elif "content" in message:
-            c.error("data_type", f"{where} content must be a string or a list of parts")
+                    c.image(f"messages[{i}].content[{j}]", part)
+        elif has_content:
+            if content is None or isinstance(content, list):  # None or []
+                c.error("missing_content", f"messages[{i}] content is empty")
+            else:
+                c.error("data_type", f"messages[{i}] content must be a string or a list of parts")
     if c.images > MAX_IMAGES:
         c.error("too_many_images", f"{c.images} images > {MAX_IMAGES} per example")
-    if not roles["assistant"]:
+    if not roles.get("assistant"):
         c.error("example_missing_assistant_message", "no assistant message: nothing to learn from this example")
     total = tokens + c.image_tokens
     if total > context:
         c.error("too_many_tokens", f"{total} tokens > the model's {context}-token training context")
     return c.errors, (len(messages), c.images, total, c.image_tokens, roles, assistant_words)
+
+
+def _role_tokens(counter: TokenCounter) -> dict[str, int]:
+    """Tokens of each allowed role's name, counted once per counter."""
+    cached = counter.__dict__.get("_role_tokens")
+    if cached is None:
+        cached = counter.__dict__["_role_tokens"] = {role: counter.count(role) for role in ALLOWED_ROLES}
+    return cached
 
 
 def iter_lines(path: Path) -> Iterable[tuple[int, bytes]]:
@@ -433,7 +454,7 @@ def structure_problem(obj, raw: bytes) -> tuple[str, str] | None:
     """``(code, message)`` when a parsed line is hostile in shape: nested deeper than MAX_DEPTH, or a string with
     a lone UTF-16 surrogate (valid JSON, not valid Unicode: it cannot be encoded, tokenized or written out).
     Iterative: no recursion, whatever the depth."""
-    surrogates = b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None  # only \uD800-\uDFFF escapes make them
+    surrogates = b"\\" in raw and b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None  # only \uD800-\uDFFF escapes make them
     if not surrogates and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:  # cannot nest deeper: no walk needed
         return None
     stack = [(obj, 1)]
@@ -509,12 +530,14 @@ class DigestFilter:
         self.bits = bytearray(self.BITS // 8)
 
     def check_and_add(self, digest: bytes) -> bool:
-        present = True
-        for i in range(4):
-            bit = int.from_bytes(digest[4 * i:4 * i + 4], "little") % self.BITS
+        """Whether all 4 probes (the digest's four 32-bit little-endian words, mod BITS) were set; sets them."""
+        bits, d, present = self.bits, int.from_bytes(digest, "little"), True
+        for shift in (0, 32, 64, 96):
+            bit = (d >> shift) & (self.BITS - 1)  # BITS divides 2**32: the same bit as word % BITS
             byte, mask = bit >> 3, 1 << (bit & 7)
-            present &= bool(self.bits[byte] & mask)
-            self.bits[byte] |= mask
+            if not bits[byte] & mask:
+                present = False
+                bits[byte] |= mask
         return present
 
 
@@ -553,47 +576,51 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
     candidates: list[tuple[int, bytes]] = []  # (line, digest) the filter has probably seen before
     last_content = 0
     pending_blank: list[int] = []
+    summary, errors_out, warnings_out = report.summary, report.errors, report.warnings
     for number, raw in iter_lines(path):
-        if not raw.strip():
+        if not raw or raw.isspace():  # what bytes.strip() would leave empty
             pending_blank.append(number)
             continue
-        report.errors += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
-        pending_blank = []
+        if pending_blank:
+            errors_out += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
+            pending_blank = []
         last_content = number
-        report.summary.examples += 1
+        summary.examples += 1
         try:
             obj, via_json = parse_line_exact(raw)
         except ValueError as exc:
-            report.errors.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
+            errors_out.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
             continue
         problem = structure_problem(obj, raw)
         if problem:
-            report.errors.append(Finding(number, *problem))
+            errors_out.append(Finding(number, *problem))
             continue
         try:
             errors, stats = check_example(obj, number, counter, check_urls, fetch, context, images)
             if isinstance(obj, dict):
-                errors += [Finding(number, code, message) for code, message in extra_checks(obj)]
+                extra = extra_checks(obj)
+                if extra:
+                    errors += [Finding(number, code, message) for code, message in extra]
         except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
-            report.errors.append(Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})"))
+            errors_out.append(Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})"))
             continue
-        report.errors += errors
+        if errors:
+            errors_out += errors
         if stats is None:
             continue
         n_messages, n_images, tokens, img_tokens, roles, assistant_words = stats
-        summary = report.summary
         summary.messages[n_messages] += 1
         summary.images[n_images] += 1
         summary.tokens[tokens] += 1
         summary.image_tokens += img_tokens
         summary.valid_examples += not errors
-        if not roles["system"]:
-            report.warnings.append(Finding(number, "no_system_message", "no system message"))
-        if not roles["user"]:
-            report.warnings.append(Finding(number, "no_user_message", "no user message"))
+        if not roles.get("system"):
+            warnings_out.append(Finding(number, "no_system_message", "no system message"))
+        if not roles.get("user"):
+            warnings_out.append(Finding(number, "no_user_message", "no user message"))
         if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
-            report.warnings.append(Finding(number, "short_assistant_message",
-                                           f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
+            warnings_out.append(Finding(number, "short_assistant_message",
+                                        f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
         digest = example_digest(obj, via_json)
         if seen.check_and_add(digest):
             candidates.append((number, digest))
