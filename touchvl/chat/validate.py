@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import struct
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
@@ -58,10 +59,13 @@ class TokenCounter:
 
     def __init__(self):
         self._encode, self.source = None, "estimate: 1 token per 4 UTF-8 bytes"
+        self._len = None
         try:
             import quicktok
 
-            self._encode, self.source = quicktok.get_encoding("o200k_base").encode, "quicktok o200k_base"
+            tokenizer = quicktok.get_encoding("o200k_base")
+            self._encode, self.source = tokenizer.encode, "quicktok o200k_base"
+            self._len = tokenizer.count  # == len(encode(text)) without building the ids, when encode does not raise
         except Exception:  # not installed: try tiktoken, which needs its encoding file from the network
             try:
                 import tiktoken
@@ -86,7 +90,8 @@ class TokenCounter:
             hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
         n = cache.get(key)
         if n is None:
-            n = cache[key] = len(self._encode(text))
+            # encode raises on a special token's text ("<|endoftext|>"), as it always has; count would not
+            n = cache[key] = self._len(text) if self._len is not None and "<|" not in text else len(self._encode(text))
             if len(cache) > self.CACHE_ENTRIES:
                 cache.popitem(last=False)  # the least recently used
         else:
@@ -531,14 +536,18 @@ class DigestFilter:
 
     def check_and_add(self, digest: bytes) -> bool:
         """Whether all 4 probes (the digest's four 32-bit little-endian words, mod BITS) were set; sets them."""
-        bits, d, present = self.bits, int.from_bytes(digest, "little"), True
-        for shift in (0, 32, 64, 96):
-            bit = (d >> shift) & (self.BITS - 1)  # BITS divides 2**32: the same bit as word % BITS
-            byte, mask = bit >> 3, 1 << (bit & 7)
-            if not bits[byte] & mask:
+        bits, mask = self.bits, self.BITS - 1  # BITS divides 2**32: word & mask == word % BITS
+        present = True
+        for word in _WORDS.unpack(digest):
+            bit = word & mask
+            byte, bitmask = bit >> 3, 1 << (bit & 7)
+            if not bits[byte] & bitmask:
                 present = False
-                bits[byte] |= mask
+                bits[byte] |= bitmask
         return present
+
+
+_WORDS = struct.Struct("<4I")
 
 
 def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[Finding]:
