@@ -1,8 +1,20 @@
-"""Validator throughput and memory on a large file (streaming check).
+"""Validator speed against a bare parse of the same file, and its memory, at 5k and N examples.
 
-    .venv/bin/python -m bench.jsonl [--examples 50000]
-Writes bench/results/jsonl.json: examples/s and Python heap peak for 5k and N examples (a
-constant-memory validator's peak barely grows with N).
+    .venv/bin/python -m bench.jsonl [--examples 50000] [--runs 3]
+
+Two files of each size, both with one 128x128 JPEG data URL per example (the validator decodes it) and
+distinct texts on every line (no token-count cache hit but the system prompt):
+
+* ``repeated_image``: the same image on every line (bench/jsonl.py's generator since the start) -- the
+  validator decodes it once and reuses the outcome (the same bytes decode the same way);
+* ``distinct_images``: a different image on every line (its colour) -- every line's image is decoded.
+
+Time: in each of ``--runs`` rounds, a bare ``json.loads`` pass, a bare ``orjson.loads`` pass (read the file
+line by line, parse, nothing else) and ``validate_file`` over the same file, in this process; min and median
+of the rounds, and the ratio validator / json.loads.  No tracemalloc while timing (it slows the validator
+about 4x).  Memory: tracemalloc's peak of one more ``validate_file`` run, on its own.  The load average
+(``os.getloadavg``) before and after is printed and written: on a shared machine it says how much to trust
+the seconds.  Writes bench/results/jsonl.json.
 """
 from __future__ import annotations
 
@@ -10,23 +22,35 @@ import argparse
 import base64
 import io
 import json
+import os
+import platform
+import statistics
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
+import orjson
 from PIL import Image
 
 from touchvl import disk
 from touchvl.chat.validate import validate_file
 
+GOAL_RATIO = 3.0  # issue 21: 50k examples validated in at most 3x a bare json.loads pass
 
-def write_file(path: Path, n: int) -> None:
+
+def _data_url(colour: tuple[int, int, int]) -> str:
     buf = io.BytesIO()
-    Image.new("RGB", (128, 128), (90, 120, 200)).save(buf, format="JPEG")
-    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    Image.new("RGB", (128, 128), colour).save(buf, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_file(path: Path, n: int, distinct_images: bool = False) -> None:
+    url = _data_url((90, 120, 200))
     with open(path, "w") as fh:
         for i in range(n):
+            if distinct_images:
+                url = _data_url((i % 256, (i // 256) % 256, (i // 65536) % 256))
             fh.write(json.dumps({"messages": [
                 {"role": "system", "content": "You describe how things feel."},
                 {"role": "user", "content": [{"type": "text", "text": f"Item {i}: how does it feel?"},
@@ -34,32 +58,88 @@ def write_file(path: Path, n: int) -> None:
                 {"role": "assistant", "content": f"It feels smooth, hard and glossy (item {i})."}]}) + "\n")
 
 
-def measure(path: Path) -> tuple[float, int]:
-    tracemalloc.start()
+def bare_pass(path: Path, loads) -> float:
+    start = time.perf_counter()
+    with open(path, "rb") as fh:
+        for raw in fh:
+            loads(raw)
+    return time.perf_counter() - start
+
+
+def validate_pass(path: Path) -> float:
     start = time.perf_counter()
     report = validate_file(path)
     seconds = time.perf_counter() - start
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
     assert report.ok, report.errors[:3]
-    return seconds, peak
+    return seconds
+
+
+def heap_peak(path: Path) -> int:
+    tracemalloc.start()
+    try:
+        assert validate_file(path).ok
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min": round(min(values), 3), "median": round(statistics.median(values), 3),
+            "runs": [round(v, 3) for v in values]}
+
+
+def measure(path: Path, n: int, runs: int) -> dict:
+    bare_pass(path, json.loads)  # the file into the page cache, the parsers warm
+    times = {"json_loads_s": [], "orjson_loads_s": [], "validate_s": []}
+    for _ in range(runs):  # interleaved: a drift in the machine's load hits all three alike
+        times["json_loads_s"].append(bare_pass(path, json.loads))
+        times["orjson_loads_s"].append(bare_pass(path, orjson.loads))
+        times["validate_s"].append(validate_pass(path))
+    out = {"examples": n, "file_mb": round(path.stat().st_size / 2**20, 1), **{k: _stats(v) for k, v in times.items()}}
+    v, j, o = times["validate_s"], times["json_loads_s"], times["orjson_loads_s"]
+    out["ratio_vs_json_loads"] = {"min": round(min(v) / min(j), 2),
+                                  "median": round(statistics.median(v) / statistics.median(j), 2)}
+    out["ratio_vs_orjson_loads"] = {"min": round(min(v) / min(o), 2),
+                                    "median": round(statistics.median(v) / statistics.median(o), 2)}
+    out["examples_per_s"] = round(n / min(v))
+    out["heap_peak_mb"] = round(heap_peak(path) / 2**20, 2)  # its own run, after the timed ones
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=50_000)
+    ap.add_argument("--runs", type=int, default=3, help="timed rounds (at least 3)")
     args = ap.parse_args()
-    result = {}
+    runs = max(3, args.runs)
+    result = {"python": platform.python_version(), "cpus": os.cpu_count(), "runs": runs,
+              "load_average_before": [round(x, 2) for x in os.getloadavg()], "files": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (5_000, args.examples):
-            path = Path(tmp) / f"{n}.jsonl"
-            write_file(path, n)
-            seconds, peak = measure(path)
-            result[str(n)] = {"file_mb": round(path.stat().st_size / 2**20, 1), "seconds": round(seconds, 2),
-                              "examples_per_s": round(n / seconds), "heap_peak_mb": round(peak / 2**20, 2)}
+        for kind in ("repeated_image", "distinct_images"):
+            result["files"][kind] = {}
+            for n in (5_000, args.examples):
+                path = Path(tmp) / f"{kind}_{n}.jsonl"
+                write_file(path, n, distinct_images=kind == "distinct_images")
+                r = result["files"][kind][str(n)] = measure(path, n, runs)
+                print(f"{kind:>15} {n:>7} examples ({r['file_mb']} MB): validate min {r['validate_s']['min']} s / "
+                      f"median {r['validate_s']['median']} s; json.loads {r['json_loads_s']['min']} / "
+                      f"{r['json_loads_s']['median']} s, orjson.loads {r['orjson_loads_s']['min']} / "
+                      f"{r['orjson_loads_s']['median']} s; validator / json.loads {r['ratio_vs_json_loads']['min']}x "
+                      f"(min) {r['ratio_vs_json_loads']['median']}x (median); {r['examples_per_s']}/s; "
+                      f"heap peak {r['heap_peak_mb']} MB", flush=True)
+                path.unlink()
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    big = result["files"]["repeated_image"][str(args.examples)]["ratio_vs_json_loads"]
+    distinct = result["files"]["distinct_images"][str(args.examples)]["ratio_vs_json_loads"]
+    result["goal"] = {"ratio_vs_json_loads_max": GOAL_RATIO, "examples": args.examples,
+                      "met_repeated_image": big["median"] <= GOAL_RATIO,
+                      "met_distinct_images": distinct["median"] <= GOAL_RATIO}
     disk.write_json(Path(__file__).parent / "results" / "jsonl.json", result)
-    for n, r in result.items():
-        print(f"{n:>7} examples: {r['file_mb']} MB in {r['seconds']} s ({r['examples_per_s']}/s), heap peak {r['heap_peak_mb']} MB")
+    print(f"load average (1, 5, 15 min) before {result['load_average_before']}, after {result['load_average_after']} "
+          f"on {result['cpus']} CPUs")
+    print(f"goal: validator <= {GOAL_RATIO}x json.loads at {args.examples} examples (median): "
+          f"repeated image {big['median']}x {'met' if result['goal']['met_repeated_image'] else 'NOT met'}, "
+          f"distinct images {distinct['median']}x {'met' if result['goal']['met_distinct_images'] else 'NOT met'}")
 
 
 if __name__ == "__main__":

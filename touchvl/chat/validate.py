@@ -6,6 +6,10 @@ line each duplicate repeats), accepts UTF-8 with BOM and CRLF line endings, and 
 warnings as ``{line, code, message}`` with 1-based line numbers.  Token counts: text by
 :class:`TokenCounter` (see its docstring for exactness), images by OpenAI's published formula using
 the real image size when it is known (decoded data URLs; fetched URLs with ``check_urls``).
+
+Speed (bench/jsonl.py): lines are parsed by orjson (Python's json for what orjson refuses, see
+:func:`parse_line_exact`), each distinct text is tokenized once and each distinct data-URL payload decoded once
+(bounded LRUs): the same findings as parsing, tokenizing and decoding every line, in bounded memory.
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ import io
 import json
 import math
 import re
+import struct
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+import orjson
 from PIL import Image
 
 from touchvl.chat.fetch import UrlFetcher, redact_urls
@@ -33,7 +39,9 @@ PART_TYPES = {"text", "image_url"}
 IMAGE_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MAX_IMAGES = 10
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
-DATA_URL = re.compile(r"^data:image/(?P<fmt>[a-zA-Z0-9.+-]+);base64,(?P<data>.*)$", re.DOTALL)
+DATA_URL = re.compile(r"^data:image/(?P<fmt>[a-zA-Z0-9.+-]+);base64,")  # the payload is what follows the match
+IMAGE_KEY_CHARS = 4096
+IMAGE_CACHE_ENTRIES = 1024  # outcomes of distinct data-URL payloads remembered per file (least recently used dropped)
 SHORT_ANSWER_WORDS = 3
 MIN_EXAMPLES = 10
 MAX_IMAGE_PIXELS = 40_000_000  # a header above this is image_too_large (prepare.max_image_pixels' default), whatever PIL's own bomb limit
@@ -55,10 +63,13 @@ class TokenCounter:
 
     def __init__(self):
         self._encode, self.source = None, "estimate: 1 token per 4 UTF-8 bytes"
+        self._len = None
         try:
             import quicktok
 
-            self._encode, self.source = quicktok.get_encoding("o200k_base").encode, "quicktok o200k_base"
+            tokenizer = quicktok.get_encoding("o200k_base")
+            self._encode, self.source = tokenizer.encode, "quicktok o200k_base"
+            self._len = tokenizer.count  # == len(encode(text)) without building the ids, when encode does not raise
         except Exception:  # not installed: try tiktoken, which needs its encoding file from the network
             try:
                 import tiktoken
@@ -68,11 +79,28 @@ class TokenCounter:
             except Exception:
                 pass
         self.exact = self._encode is not None
+        self._cache: OrderedDict[str | bytes, int] = OrderedDict()
+
+    CACHE_ENTRIES = 4096  # distinct texts remembered (least recently used dropped): system prompts, questions
+    CACHE_KEY_CHARS = 256  # a longer text is remembered by its 16-byte blake2b digest, not by itself
 
     def count(self, text: str) -> int:
-        if self._encode is not None:
-            return len(self._encode(text))
-        return estimate_tokens(text)
+        """Tokens of ``text``; each distinct text is encoded once while it stays among the CACHE_ENTRIES most
+        recently counted (a system prompt or a templated question repeats on every line)."""
+        if self._encode is None:
+            return estimate_tokens(text)
+        cache = self._cache
+        key = text if len(text) <= self.CACHE_KEY_CHARS else \
+            hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        n = cache.get(key)
+        if n is None:
+            # encode raises on a special token's text ("<|endoftext|>"), as it always has; count would not
+            n = cache[key] = self._len(text) if self._len is not None and "<|" not in text else len(self._encode(text))
+            if len(cache) > self.CACHE_ENTRIES:
+                cache.popitem(last=False)  # the least recently used
+        else:
+            cache.move_to_end(key)  # the most recently used
+        return n
 
 
 def estimate_tokens(text: str) -> int:
@@ -188,9 +216,65 @@ def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
             raise ValueError(type(exc).__name__) from None
 
 
+def image_outcome(data: bytes, declared: str | None) -> tuple[str | None, object]:
+    """``(None, (width, height))`` for image bytes the service takes, else ``(code, message)``: over 10 MB, not
+    decodable to its end (:func:`image_header`), too many pixels, a format other than JPEG/PNG/WEBP, or not
+    the ``declared`` one."""
+    if len(data) > MAX_IMAGE_BYTES:
+        return "image_too_large", f"{len(data) / 2**20:.1f} MB > 10 MB"
+    try:
+        actual, size = image_header(data)
+    except ImageTooLarge as exc:
+        return "image_too_large", str(exc)
+    except ValueError as exc:
+        return "image_data_corrupt", f"not a readable image ({exc})"
+    if actual not in IMAGE_FORMATS.values():
+        return "image_format_unsupported", f"{actual}; only JPEG, PNG and WEBP are accepted"
+    if declared and actual != declared:
+        return "image_data_corrupt", f"declared {declared} but the data is {actual}"
+    return None, size
+
+
+def data_url_outcome(payload: str, declared: str) -> tuple[str | None, object]:
+    """:func:`image_outcome` of a data URL's base64 payload (which must decode)."""
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return "image_data_corrupt", "base64 payload does not decode"
+    return image_outcome(data, declared)
+
+
+class ImageOutcomes:
+    """:func:`data_url_outcome`, once per distinct payload among the IMAGE_CACHE_ENTRIES most recently seen
+    (keyed by the declared format and the payload itself, or its 16-byte blake2b digest when it is over
+    IMAGE_KEY_CHARS: at most 1024 x 4 KB of keys are held): every line still gets the
+    finding of its own bytes -- the same bytes decode the same way -- but an image that repeats across
+    lines (one photo, several questions) is decoded once."""
+
+    def __init__(self, entries: int = IMAGE_CACHE_ENTRIES):
+        self.entries, self.cache = entries, OrderedDict()
+        self.decoded = self.hits = 0
+
+    def __call__(self, payload: str, declared: str) -> tuple[str | None, object]:
+        key = (declared, payload if len(payload) <= IMAGE_KEY_CHARS else
+               hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+        cache = self.cache
+        outcome = cache.get(key)
+        if outcome is None:
+            outcome = cache[key] = data_url_outcome(payload, declared)
+            self.decoded += 1
+            if len(cache) > self.entries:
+                cache.popitem(last=False)  # the least recently used
+        else:
+            cache.move_to_end(key)  # the most recently used
+            self.hits += 1
+        return outcome
+
+
 class _ExampleChecker:
-    def __init__(self, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch):
-        self.line, self.counter, self.check_urls, self.fetch = line, counter, check_urls, fetch
+    def __init__(self, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch,
+                 images: Callable[[str, str], tuple] = data_url_outcome):
+        self.line, self.counter, self.check_urls, self.fetch, self.data_url = line, counter, check_urls, fetch, images
         self.errors: list[Finding] = []
         self.images = 0
         self.image_tokens = 0
@@ -214,12 +298,7 @@ class _ExampleChecker:
             if fmt not in IMAGE_FORMATS:
                 self.error("image_format_unsupported", f"{where}: image/{fmt}; only JPEG, PNG and WEBP are accepted")
                 return
-            try:
-                data = base64.b64decode(match["data"], validate=True)
-            except (binascii.Error, ValueError):
-                self.error("image_data_corrupt", f"{where}: base64 payload does not decode")
-                return
-            self._image_bytes(where, data, IMAGE_FORMATS[fmt], detail)
+            self._outcome(where, self.data_url(url[match.end():], IMAGE_FORMATS[fmt]), detail)
         elif url.startswith(("http://", "https://")):
             suffix = Path(url.split("?", 1)[0]).suffix.lower().lstrip(".")
             if suffix and suffix not in IMAGE_FORMATS:
@@ -233,34 +312,24 @@ class _ExampleChecker:
             except Exception as exc:  # any network failure is the same finding for the user
                 self.error("image_unreachable", f"{where}: {url} could not be fetched ({type(exc).__name__}: {exc})")
                 return
-            self._image_bytes(where, data, None, detail)
+            self._outcome(where, image_outcome(data, None), detail)
         else:
             self.error("image_url_invalid", f"{where}: url must be https://… or a data:image/…;base64 URL, got {url[:40]!r}")
 
-    def _image_bytes(self, where: str, data: bytes, declared: str | None, detail: str) -> None:
-        if len(data) > MAX_IMAGE_BYTES:
-            self.error("image_too_large", f"{where}: {len(data) / 2**20:.1f} MB > 10 MB")
-            return
-        try:
-            actual, size = image_header(data)
-        except ImageTooLarge as exc:
-            self.error("image_too_large", f"{where}: {exc}")
-            return
-        except ValueError as exc:
-            self.error("image_data_corrupt", f"{where}: not a readable image ({exc})")
-            return
-        if actual not in IMAGE_FORMATS.values():
-            self.error("image_format_unsupported", f"{where}: {actual}; only JPEG, PNG and WEBP are accepted")
-            return
-        if declared and actual != declared:
-            self.error("image_data_corrupt", f"{where}: declared {declared} but the data is {actual}")
-            return
-        self.image_tokens += image_tokens(*size, detail)
+    def _outcome(self, where: str, outcome: tuple[str | None, object], detail: str) -> None:
+        code, value = outcome
+        if code is None:
+            self.image_tokens += image_tokens(*value, detail)
+        else:
+            self.error(code, f"{where}: {value}")
 
 
-def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int):
-    """Errors of one decoded line, plus (messages, images, tokens, roles, assistant words) for the summary."""
-    c = _ExampleChecker(line, counter, check_urls, fetch)
+def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int,
+                  images: Callable[[str, str], tuple] = data_url_outcome):
+    """Errors of one decoded line, plus (messages, images, tokens, roles: {role: count}, assistant words) for the
+    summary.
+    ``images``: the outcome of a data URL's payload (:func:`data_url_outcome`, or an :class:`ImageOutcomes`)."""
+    c = _ExampleChecker(line, counter, check_urls, fetch, images)
     if not isinstance(obj, dict):
         c.error("data_type", f"each line must be a JSON object, got {type(obj).__name__}")
         return c.errors, None
@@ -268,60 +337,75 @@ def check_example(obj, line: int, counter: TokenCounter, check_urls: bool, fetch
     if not isinstance(messages, list) or not messages:
         c.error("missing_messages_list", "'messages' must be a non-empty list")
         return c.errors, None
-    tokens, roles, assistant_words = 3, Counter(), []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+    tokens, roles, assistant_words = 3, {}, []
+    count, role_tokens = counter.count, _role_tokens(counter)
+    for i, message in enumerate(messages):  # the location ("messages[i]") is written only into a finding
         if not isinstance(message, dict):
-            c.error("data_type", f"{where} must be an object")
+            c.error("data_type", f"messages[{i}] must be an object")
             continue
-        for key in ("role", "content"):
-            if key not in message and not (key == "content" and message.get("tool_calls")):
-                c.error("message_missing_key", f"{where} has no '{key}'")
-        for key in sorted(set(message) - ALLOWED_MESSAGE_KEYS):
-            c.error("message_unrecognized_key", f"{where} has unrecognized key '{key}'")
+        has_role, has_content = "role" in message, "content" in message
+        if not has_role:
+            c.error("message_missing_key", f"messages[{i}] has no 'role'")
+        if not has_content and not message.get("tool_calls"):
+            c.error("message_missing_key", f"messages[{i}] has no 'content'")
+        if not ALLOWED_MESSAGE_KEYS.issuperset(message):
+            for key in sorted(set(message) - ALLOWED_MESSAGE_KEYS):
+                c.error("message_unrecognized_key", f"messages[{i}] has unrecognized key '{key}'")
         role = message.get("role")
         role = role if isinstance(role, str) or role is None else repr(role)
-        if "role" in message and role not in ALLOWED_ROLES:
-            c.error("unrecognized_role", f"{where} role {role!r} is not one of {sorted(ALLOWED_ROLES)}")
-        roles[role] += 1
-        tokens += 3 + counter.count(str(role))
+        if has_role and role not in ALLOWED_ROLES:
+            c.error("unrecognized_role", f"messages[{i}] role {role!r} is not one of {sorted(ALLOWED_ROLES)}")
+        roles[role] = roles.get(role, 0) + 1
+        n = role_tokens.get(role)
+        tokens += 3 + (n if n is not None else count(str(role)))
         content = message.get("content")
-        if "content" in message and (content is None or (isinstance(content, (str, list)) and not content)
-                                     or (isinstance(content, str) and not content.strip())):
-            c.error("missing_content", f"{where} content is empty")
-        elif isinstance(content, str):
-            tokens += counter.count(content)
-            if role == "assistant":
-                assistant_words.append(len(content.split()))
-        elif isinstance(content, list):
+        if isinstance(content, str):
+            if not content or content.isspace():
+                c.error("missing_content", f"messages[{i}] content is empty")
+            else:
+                tokens += count(content)
+                if role == "assistant":
+                    assistant_words.append(len(content.split()))
+        elif isinstance(content, list) and content:
             for j, part in enumerate(content):
-                part_where = f"{where}.content[{j}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind not in PART_TYPES:
-                    c.error("unknown_part_type", f"{part_where} type {kind!r} is not 'text' or 'image_url'")
+                    c.error("unknown_part_type", f"messages[{i}].content[{j}] type {kind!r} is not 'text' or 'image_url'")
                 elif kind == "text":
                     text = part.get("text")
-                    if not isinstance(text, str) or not text.strip():
-                        c.error("missing_content", f"{part_where} text is empty")
+                    if not isinstance(text, str) or not text or text.isspace():
+                        c.error("missing_content", f"messages[{i}].content[{j}] text is empty")
                     else:
-                        tokens += counter.count(text)
+                        tokens += count(text)
                         if role == "assistant":
                             assistant_words.append(len(text.split()))
                 elif role != "user":
                     c.images += 1
-                    c.error("image_in_non_user_message", f"{part_where}: images are only allowed in user messages, not {role!r}")
+                    c.error("image_in_non_user_message",
+                            f"messages[{i}].content[{j}]: images are only allowed in user messages, not {role!r}")
                 else:
-                    c.image(part_where, part)
-        elif "content" in message:
-            c.error("data_type", f"{where} content must be a string or a list of parts")
+                    c.image(f"messages[{i}].content[{j}]", part)
+        elif has_content:
+            if content is None or isinstance(content, list):  # None or []
+                c.error("missing_content", f"messages[{i}] content is empty")
+            else:
+                c.error("data_type", f"messages[{i}] content must be a string or a list of parts")
     if c.images > MAX_IMAGES:
         c.error("too_many_images", f"{c.images} images > {MAX_IMAGES} per example")
-    if not roles["assistant"]:
+    if not roles.get("assistant"):
         c.error("example_missing_assistant_message", "no assistant message: nothing to learn from this example")
     total = tokens + c.image_tokens
     if total > context:
         c.error("too_many_tokens", f"{total} tokens > the model's {context}-token training context")
     return c.errors, (len(messages), c.images, total, c.image_tokens, roles, assistant_words)
+
+
+def _role_tokens(counter: TokenCounter) -> dict[str, int]:
+    """Tokens of each allowed role's name, counted once per counter."""
+    cached = counter.__dict__.get("_role_tokens")
+    if cached is None:
+        cached = counter.__dict__["_role_tokens"] = {role: counter.count(role) for role in ALLOWED_ROLES}
+    return cached
 
 
 def iter_lines(path: Path) -> Iterable[tuple[int, bytes]]:
@@ -336,9 +420,31 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")  # Python's json reads NaN and Infinity; JSON (and the service) does not
 
 
+_DIGITS_TO_ZERO = bytes(48 if 48 <= b <= 57 else 120 for b in range(256))  # digits -> b"0", anything else -> b"x"
+_LONG_DIGITS = b"0" * 19  # an integer of 19+ digits may be beyond 64 bits: orjson would read it as a float
+
+
+def parse_line_exact(raw: bytes):
+    """``(value, via_json)``: the JSON value of one line, or ValueError saying why not.  orjson reads it (3x
+    faster than json); Python's json reads it instead -- with json's verdict and message -- when orjson refuses
+    it (so an invalid line's message is the one json gives) or when it holds 19 consecutive digits (orjson
+    reads an integer beyond 64 bits as a float; json keeps it exact).  ``via_json`` is True then."""
+    try:
+        value = orjson.loads(raw)
+    except ValueError:  # orjson.JSONDecodeError: json says why (or reads what orjson does not: \ud800, 1e400)
+        return _parse_line_json(raw), True
+    if _LONG_DIGITS in raw.translate(_DIGITS_TO_ZERO):
+        return _parse_line_json(raw), True
+    return value, False
+
+
 def parse_line(raw: bytes):
     """The JSON value of one line, or ValueError saying why not -- never another exception: not UTF-8, bad JSON,
     NaN/Infinity, an integer over Python's 4,300-digit limit, nesting deeper than the parser's stack."""
+    return parse_line_exact(raw)[0]
+
+
+def _parse_line_json(raw: bytes):
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
@@ -357,7 +463,7 @@ def structure_problem(obj, raw: bytes) -> tuple[str, str] | None:
     """``(code, message)`` when a parsed line is hostile in shape: nested deeper than MAX_DEPTH, or a string with
     a lone UTF-16 surrogate (valid JSON, not valid Unicode: it cannot be encoded, tokenized or written out).
     Iterative: no recursion, whatever the depth."""
-    surrogates = b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None  # only \uD800-\uDFFF escapes make them
+    surrogates = b"\\" in raw and b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None  # only \uD800-\uDFFF escapes make them
     if not surrogates and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:  # cannot nest deeper: no walk needed
         return None
     stack = [(obj, 1)]
@@ -395,8 +501,32 @@ def clean_findings(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def example_digest(obj) -> bytes:
-    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=16).digest()
+def example_digest(obj, via_json: bool = False) -> bytes:
+    """16 bytes naming a JSON value: orjson's sorted-key serialisation, or json's (prefixed, so the two never
+    meet) for what orjson cannot write or would write as another value: integers beyond 64 bits, lone
+    surrogates, deep nesting (it raises), infinities (it writes null; only json's parser makes them)."""
+    data = None
+    if not (via_json and _has_non_finite(obj)):
+        try:
+            data = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass
+    if data is None:
+        data = b"json:" + json.dumps(obj, sort_keys=True).encode()
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _has_non_finite(obj) -> bool:
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            return True
+    return False
 
 
 class DigestFilter:
@@ -409,13 +539,19 @@ class DigestFilter:
         self.bits = bytearray(self.BITS // 8)
 
     def check_and_add(self, digest: bytes) -> bool:
+        """Whether all 4 probes (the digest's four 32-bit little-endian words, mod BITS) were set; sets them."""
+        bits, mask = self.bits, self.BITS - 1  # BITS divides 2**32: word & mask == word % BITS
         present = True
-        for i in range(4):
-            bit = int.from_bytes(digest[4 * i:4 * i + 4], "little") % self.BITS
-            byte, mask = bit >> 3, 1 << (bit & 7)
-            present &= bool(self.bits[byte] & mask)
-            self.bits[byte] |= mask
+        for word in _WORDS.unpack(digest):
+            bit = word & mask
+            byte, bitmask = bit >> 3, 1 << (bit & 7)
+            if not bits[byte] & bitmask:
+                present = False
+                bits[byte] |= bitmask
         return present
+
+
+_WORDS = struct.Struct("<4I")
 
 
 def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[Finding]:
@@ -426,7 +562,7 @@ def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[
     first: dict[bytes, int] = {}
     for number, raw in iter_lines(path):
         try:
-            digest = example_digest(parse_line(raw))
+            digest = example_digest(*parse_line_exact(raw))
         except (ValueError, RecursionError):  # not an example the first pass counted
             continue
         if digest in wanted and digest not in first:
@@ -449,51 +585,56 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
     report.summary.text_tokens_source = counter.source
     context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
     seen = DigestFilter()
+    images = ImageOutcomes()
     candidates: list[tuple[int, bytes]] = []  # (line, digest) the filter has probably seen before
     last_content = 0
     pending_blank: list[int] = []
+    summary, errors_out, warnings_out = report.summary, report.errors, report.warnings
     for number, raw in iter_lines(path):
-        if not raw.strip():
+        if not raw or raw.isspace():  # what bytes.strip() would leave empty
             pending_blank.append(number)
             continue
-        report.errors += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
-        pending_blank = []
+        if pending_blank:
+            errors_out += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
+            pending_blank = []
         last_content = number
-        report.summary.examples += 1
+        summary.examples += 1
         try:
-            obj = parse_line(raw)
+            obj, via_json = parse_line_exact(raw)
         except ValueError as exc:
-            report.errors.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
+            errors_out.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
             continue
         problem = structure_problem(obj, raw)
         if problem:
-            report.errors.append(Finding(number, *problem))
+            errors_out.append(Finding(number, *problem))
             continue
         try:
-            errors, stats = check_example(obj, number, counter, check_urls, fetch, context)
+            errors, stats = check_example(obj, number, counter, check_urls, fetch, context, images)
             if isinstance(obj, dict):
-                errors += [Finding(number, code, message) for code, message in extra_checks(obj)]
+                extra = extra_checks(obj)
+                if extra:
+                    errors += [Finding(number, code, message) for code, message in extra]
         except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
-            report.errors.append(Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})"))
+            errors_out.append(Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})"))
             continue
-        report.errors += errors
+        if errors:
+            errors_out += errors
         if stats is None:
             continue
         n_messages, n_images, tokens, img_tokens, roles, assistant_words = stats
-        summary = report.summary
         summary.messages[n_messages] += 1
         summary.images[n_images] += 1
         summary.tokens[tokens] += 1
         summary.image_tokens += img_tokens
         summary.valid_examples += not errors
-        if not roles["system"]:
-            report.warnings.append(Finding(number, "no_system_message", "no system message"))
-        if not roles["user"]:
-            report.warnings.append(Finding(number, "no_user_message", "no user message"))
+        if not roles.get("system"):
+            warnings_out.append(Finding(number, "no_system_message", "no system message"))
+        if not roles.get("user"):
+            warnings_out.append(Finding(number, "no_user_message", "no user message"))
         if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
-            report.warnings.append(Finding(number, "short_assistant_message",
-                                           f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
-        digest = example_digest(obj)
+            warnings_out.append(Finding(number, "short_assistant_message",
+                                        f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
+        digest = example_digest(obj, via_json)
         if seen.check_and_add(digest):
             candidates.append((number, digest))
     report.warnings += duplicate_findings(path, candidates)
