@@ -67,17 +67,21 @@ def build_pipeline(tmp_path: Path, dataset: Path) -> Params:
 
     params = parse_params({
         "data": {"root": str(dataset)},
+        # every output under tmp_path: a default relative path would write into the project's own artifacts/
         "prepare": {"out_dir": str(tmp_path / "prepared"), "quarantine_csv": str(tmp_path / "q.csv"),
-                    "augment": {"copies": 1}},
+                    "headline": str(tmp_path / "metrics/data.json"), "augment": {"copies": 1}},
         # random weights: these tests are about plumbing (tests/test_smoke_encoder.py covers the pretrained encoder)
         "embed": {"random_weights": True, "out_dir": str(tmp_path / "emb"), "cache_dir": str(tmp_path / "emb/cache"),
-                  "summary": str(tmp_path / "emb/summary.json")},
+                  "summary": str(tmp_path / "emb/summary.json"), "metrics": str(tmp_path / "emb/encoder.json"),
+                  "headline": str(tmp_path / "metrics/encoder.json"), "text_search": str(tmp_path / "emb/text.json")},
         "projector": {"dim": 32, "depth": 1, "val_fraction": 0.3, "out_dir": str(tmp_path / "proj"),
                       "projected_dir": str(tmp_path / "emb/embeddings_tac_projected"),
-                      "metrics": str(tmp_path / "metrics/projector.json"), "history_dir": str(tmp_path / "metrics")},
+                      "metrics": str(tmp_path / "metrics/projector.json"), "history_dir": str(tmp_path / "metrics"),
+                      "headline": str(tmp_path / "metrics/retrieval.json")},
         "train_stage1": {"epochs": 2, "batch_size": 8},
         "train_stage2": {"epochs": 1, "batch_size": 8},
         "index": {"out_dir": str(tmp_path / "index"), "metrics": str(tmp_path / "metrics/index.json"),
+                  "build_report": str(tmp_path / "index/build.json"),
                   "gallery": str(tmp_path / "gallery.html"), "gallery_queries": 3,
                   "search": {"k": 3, "min_cos": -1.0}},
         "validation": {"reports_dir": str(tmp_path / "val"), "build_data_docs": False},

@@ -350,7 +350,8 @@ def _stage_params(tmp_path):
         "data": {"root": str(tmp_path / "no-dataset")},
         "prepare": {"out_dir": str(tmp_path)},  # manifest.csv; the images are under tmp_path/prepared
         "upload": {"local_dir": str(tmp_path / "files"), "mapping": str(tmp_path / "image_url_mapping.csv")},
-        "jsonl": {"out_dir": str(tmp_path / "jsonl"), "multimodal_limit": 60, "tactile_limit": 40},
+        "jsonl": {"out_dir": str(tmp_path / "jsonl"), "headline": str(tmp_path / "cost.json"), "multimodal_limit": 60,
+                  "tactile_limit": 40},
         "validation": {"reports_dir": str(tmp_path / "reports/validation"), "build_data_docs": False},
     })
 
