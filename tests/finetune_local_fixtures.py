@@ -6,6 +6,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
 # the answer depends on the image's colour, so the vision path carries signal the model can learn
@@ -40,3 +42,12 @@ def local_raw(root: Path, base_model: str, **local) -> dict:
             "finetune": {"provider": "local", "submit": True, "out_dir": str(root / "ft"),
                          "local": {"base_model": base_model, "device": "cpu", "lr": 5e-3, "batch_size": 2,
                                    "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_length": 256, **local}}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Imported (autouse) by the local fine-tuning tests. Tiny matrices: one thread is fastest, and two spin-waiting OpenMP threads crawl when the 2 cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,20 +30,12 @@ from touchvl.finetune.server import ChatModel, ModelServer
 from touchvl.params import LocalFinetuneParams, parse_params
 from touchvl.qa import TouchQAModel
 from touchvl.errors import StageError
-from tests.finetune_local_fixtures import data_url, example, local_raw, write_image_dataset
+from tests.finetune_local_fixtures import data_url, example, local_raw, one_thread, write_image_dataset  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and two spin-waiting OpenMP threads crawl when the 2 cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from touchvl.finetune.local.data import IGNORE, Example, convert_messages
 from touchvl.finetune.local.trainer import Events, Layout, Trainer
 from touchvl.finetune.server import ChatModel, ModelServer
 from touchvl.params import LocalFinetuneParams, parse_params
-from tests.finetune_local_fixtures import SURFACES, data_url, local_raw, write_image_dataset
+from tests.finetune_local_fixtures import SURFACES, data_url, local_raw, one_thread, write_image_dataset  # noqa: F401 (autouse fixture)
 from tests.vlm_families import FAMILIES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,14 +29,6 @@ RED, GREEN, BLUE = (color for color, _ in SURFACES)
 ROUGH, SOFT, SMOOTH = (answer for _, answer in SURFACES)
 NAMES = list(FAMILIES)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and two spin-waiting OpenMP threads crawl when the 2 cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=NAMES)
