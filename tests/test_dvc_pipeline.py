@@ -119,7 +119,7 @@ def test_repro_then_up_to_date_then_param_change(repo):
     shown = sh("dvc", "metrics", "show", cwd=repo)
     assert shown.returncode == 0 and "failed to load" not in shown.stdout + shown.stderr, shown.stderr
     assert max(len(line) for line in shown.stdout.splitlines()) <= 160, shown.stdout
-    for key in ("pairs", "quar_rate", "text_p5", "tac_cone", "raw_r1", "proj_r1", "adj_f1", "const_f1", "meteor"):
+    for key in ("pairs", "quar", "text_p5", "cone", "raw_r1", "proj_r1", "adj_f1", "const_f1", "meteor"):
         assert key in shown.stdout, key
     assert sh("dvc", "plots", "diff", "HEAD", "--json", cwd=repo).returncode == 0
 
