@@ -1,6 +1,7 @@
 """Shared fixtures: small real datasets on disk in SSVTP layout, and params pointing into tmp_path."""
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -10,6 +11,46 @@ from PIL import Image
 
 from touchvl.params import Params, parse_params
 from touchvl.data.sample import render_item
+
+ROOT = Path(__file__).resolve().parents[1]
+# What `make repro` built and DVC tracks: a test must never write there (DVC would then call stale or foreign
+# outputs fresh, or restore over them). tests/ and the sources are not watched: editing them is the point.
+WATCHED = ("artifacts", "data", "embeddings", "bench/results", "dvc.lock", "params.yaml")
+
+
+def _snapshot() -> dict[str, tuple[int, int]]:
+    files = {}
+    for top in WATCHED:
+        path = ROOT / top
+        walk = [(str(path.parent), [], [path.name])] if path.is_file() else os.walk(path)
+        for folder, _dirs, names in walk:
+            for name in names:
+                stat = os.stat(os.path.join(folder, name))
+                files[os.path.relpath(os.path.join(folder, name), ROOT)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def pytest_sessionstart(session):
+    session.config._project_before = _snapshot()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_project_before", None)
+    if before is None or hasattr(session.config, "workerinput"):
+        return
+    after = _snapshot()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    if changed:
+        shown = "\n  ".join(changed[:20]) + (f"\n  ... and {len(changed) - 20} more" if len(changed) > 20 else "")
+        print(f"\nFAILED: the tests wrote into the project's own outputs (point them into tmp_path):\n  {shown}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _run_outside_the_project(tmp_path_factory, monkeypatch):
+    """Every test starts in an empty directory: an output a test forgot to point into tmp_path (a headline or a
+    detail report: their defaults are relative paths) lands there, never in the project's artifacts/."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def write_pair(root: Path, item_id, size: int = 64) -> None:
