@@ -352,3 +352,27 @@ def test_dask_on_a_separately_started_scheduler_and_two_workers(tmp_path, datase
         for proc in procs:
             proc.wait(timeout=30)
         logs.close()
+
+
+def test_decoding_workers_outlive_a_process_that_ran_prefect(dataset):
+    """A process that has run a Prefect flow holds Prefect's log and event services in its threading-atexit
+    hooks. Forked decoding workers inherited them, all exited with code 1, and the DataLoader raised after the
+    last batch (the embed stage on a Prefect-Dask worker, a flow that embeds in-process)."""
+    from prefect import flow
+
+    from touchvl.imagebind.embedding import pair_loader
+    from touchvl.imagebind.preprocess import preprocess_image
+
+    @flow
+    def ping() -> int:
+        return 1
+
+    assert ping() == 1
+    rows = [(i, str(dataset / f"images_tac/image_{i}_tac.jpg"), str(dataset / f"images_rgb/image_{i}_rgb.jpg"))
+            for i in range(6)]
+    seen, errors = [], []
+    for uids, pixels, failed in pair_loader(rows, preprocess_image, batch_size=2, num_workers=2):
+        seen += uids
+        errors += failed
+        assert pixels.shape == (2 * len(uids), 3, 224, 224)
+    assert seen == list(range(6)) and errors == []

@@ -18,6 +18,7 @@ no longer decodes fails the stage with its path and uid and leaves the previous 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,12 +92,27 @@ def _stack(items):
     return [uid for uid, _ in good], torch.cat([pix for _, pix in good]) if good else None, errors
 
 
+def _worker_context():
+    """Decoding workers start from a fork server, not as forks of this process.
+
+    A forked worker inherits the parent's threading-atexit hooks. In a process that has run a Prefect flow or
+    task (a Prefect-Dask worker, the flows' own process, a notebook) those include Prefect's log and event
+    services, which assert at the worker's exit: every worker then ends with code 1 and the DataLoader raises
+    after the last batch. The fork server is a fresh interpreter that imported this module once (the preload),
+    so a worker still starts in milliseconds with torch and PIL already imported.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def pair_loader(rows: list[tuple[int, str, str]], preprocess: Preprocess, batch_size: int, num_workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """Batches of (uids, pixels tac0, rgb0, tac1, ..., errors) decoded by ``num_workers`` processes."""
     return DataLoader(_PairImages(rows, preprocess), batch_size=batch_size, num_workers=num_workers,
                       collate_fn=_stack, shuffle=False, pin_memory=pin_memory,
                       worker_init_fn=one_thread_worker if num_workers else None,
+                      multiprocessing_context=_worker_context() if num_workers else None,
                       prefetch_factor=4 if num_workers else None)  # a few batches ahead: decode never waits on the GPU
 
 
