@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from touchvl.finetune.local import job as local_job
 from touchvl.finetune.local import tiny as local_tiny
 from touchvl.finetune.local import trainer as local_trainer
 from touchvl.finetune.local.data import IGNORE, Encoder, Example, collate, load_examples
-from touchvl.finetune.local.trainer import Events, Layout, Trainer
+from touchvl.finetune.local.trainer import Events, Layout, LocalTrainer
 from touchvl.finetune.server import ChatModel, ModelServer
 from touchvl.params import LocalFinetuneParams, parse_params
 from touchvl.qa import TouchQAModel
@@ -86,7 +87,7 @@ def test_lora_on_a_repeated_batch_reduces_loss_and_the_job_succeeds(trained):
     assert (Path(model["adapter_dir"]) / "adapter_model.safetensors").is_file()
     events = local_trainer.read_events(root / "ft/local/events.jsonl")
     assert _metric_steps(events) == list(range(1, 31)) and model["val_loss"] is not None
-    assert [p.name for p in sorted((root / "ft/local/checkpoints").iterdir())] == ["step-20", "step-30"]  # keep 2
+    assert [p.name for p in sorted((root / "ft/local/checkpoints").iterdir())] == ["checkpoint-20", "checkpoint-30"]  # keep 2
 
 
 def test_assistant_only_labels(tiny):
@@ -136,18 +137,17 @@ def test_adapter_and_checkpoint_round_trips_reproduce_logits(tiny, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     root = _project(tmp_path, n_train=4, n_val=2)
-    cfg = parse_params(local_raw(root, str(tiny), batch_size=2, max_steps=3)).finetune.local
-    lay = Layout(tmp_path / "local")
+    cfg = parse_params(local_raw(root, str(tiny), batch_size=2, epochs=2, checkpoint_every=2)).finetune.local  # 4 steps
     train = load_examples(root / "jsonl/tactile_train.jsonl")
 
-    def trainer():
-        return Trainer(cfg, 0, str(tiny), train, train[:2], lay, "job", "fp", Events(lay.events, "job"))
+    def trainer(folder: str) -> LocalTrainer:
+        lay = Layout(tmp_path / folder)
+        return LocalTrainer(cfg, 0, str(tiny), train, train[:2], lay, "job", "fp", Events(lay.events, "job"))
 
-    t = trainer()
-    for _ in range(2):
-        t.train_step(t.step)
-        t.step += 1
-    t.save_checkpoint()
+    t = trainer("whole")
+    assert t.total_steps == 4 and t.run(lambda: False) == "succeeded" and t.step == 4
+    assert [p.name for p in local_trainer.list_checkpoints(t.lay, "job")] == ["checkpoint-2", "checkpoint-4"]
+    assert local_trainer.list_checkpoints(t.lay, "another-job") == []
     batch = t.batch([0, 1], train)
     t.model.eval()
     with torch.no_grad():
@@ -159,10 +159,24 @@ def test_adapter_and_checkpoint_round_trips_reproduce_logits(tiny, tmp_path):
         loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         assert torch.allclose(loaded(**batch).logits, logits, atol=1e-5)
         assert torch.allclose(loaded.merge_and_unload()(**batch).logits, logits, atol=1e-4)
-    # a resumed trainer continues exactly: same next-step loss as the uninterrupted one
-    resumed = trainer()
-    assert resumed.resume().name == "step-2" and resumed.step == 2
-    assert resumed.train_step(2)[0] == pytest.approx(t.train_step(2)[0], rel=1e-5)
+    # a trainer resumed from step 2 (a copy of that checkpoint, as a killed run leaves it, and a save that
+    # kill -9 cut short) continues exactly: the same losses at steps 3 and 4 and the same final weights
+    cut = trainer("cut")
+    shutil.copytree(t.lay.checkpoints / "checkpoint-2", cut.lay.checkpoints / "checkpoint-2")
+    (cut.lay.checkpoints / "checkpoint-3").mkdir()  # no trainer_state.json: incomplete
+    (cut.lay.checkpoints / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"cut")
+    assert cut.resume().name == "checkpoint-2" and cut.step == 2
+    assert not (cut.lay.checkpoints / "checkpoint-3").exists()
+    assert cut.run(lambda: False) == "succeeded" and cut.step == 4
+    losses = {lay: {e["data"]["step"]: e["data"]["train_loss"] for e in local_trainer.read_events(lay.events)
+                    if "train_loss" in (e.get("data") or {})} for lay in (t.lay, cut.lay)}
+    assert sorted(losses[cut.lay]) == [3, 4]
+    for step in (3, 4):
+        assert losses[cut.lay][step] == pytest.approx(losses[t.lay][step], rel=1e-5)
+    cut.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(cut.model(**batch).logits, logits, atol=1e-5)
+    assert cut.trained_tokens == t.trained_tokens > 0
 
 
 def test_unapproved_or_changed_data_is_refused_and_nothing_trains(tiny, tmp_path):
@@ -186,34 +200,35 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_last_checkpoint(tiny, t
     _approve(params)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     events_path = root / "ft/local/events.jsonl"
+    sub = local_job.LocalSubmission(params, contract.dataset_files(params))
+    lay = local_job.layout(params.finetune)
     with open(tmp_path / "first.log", "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tasks.finetune", "submit"], cwd=root, env=env, stdout=out, stderr=out)
         deadline = time.time() + 120
-        while time.time() < deadline and not (root / "ft/local/checkpoints/step-5").is_dir() and proc.poll() is None:
+        while time.time() < deadline and not local_trainer.list_checkpoints(lay, sub.job_id) and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     before = local_trainer.read_events(events_path)
     killed_at = max(_metric_steps(before))
     assert 5 <= killed_at < 72, (tmp_path / "first.log").read_text()[-2000:]
-    sub = local_job.LocalSubmission(params, contract.dataset_files(params))
     stale = local_job.status(sub)
     assert stale["status"] == "running" and not stale["trainer_alive"] and "resumes" in stale["note"]
-    checkpoint = max(int(p.name.split("-")[1]) for p in (root / "ft/local/checkpoints").glob("step-*"))
+    checkpoint = int(local_trainer.list_checkpoints(lay, sub.job_id)[-1].name.split("-")[1])
     rerun = subprocess.run([sys.executable, "-m", "tasks.finetune", "submit"], cwd=root, env=env, capture_output=True,
                            text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["status"] == "succeeded" and (root / "ft/model.json").is_file()
     after = local_trainer.read_events(events_path)[len(before):]
     resumed = [e for e in after if "resumed_from_step" in (e.get("data") or {})]
-    assert resumed[0]["data"]["resumed_from_step"] == checkpoint and f"checkpoint step-{checkpoint}" in resumed[0]["message"]
+    assert resumed[0]["data"]["resumed_from_step"] == checkpoint and f"from checkpoint-{checkpoint}:" in resumed[0]["message"]
     assert _metric_steps(after) == list(range(checkpoint + 1, 73))  # continues; no step from 0
     # the steps trained twice (after the checkpoint, before the kill) give the same loss: an exact resume
     first = {e["data"]["step"]: e["data"]["train_loss"] for e in before if "train_loss" in (e.get("data") or {})}
     again = {e["data"]["step"]: e["data"]["train_loss"] for e in after if "train_loss" in (e.get("data") or {})}
     for step in set(first) & set(again):
         assert again[step] == pytest.approx(first[step], rel=1e-4)
-    assert f"Resumed from checkpoint step-{checkpoint}" in rerun.stderr
+    assert f"Resumed from checkpoint-{checkpoint}" in rerun.stderr
 
 
 def test_cancel_stops_the_trainer_and_records_it(tiny, tmp_path):
@@ -252,8 +267,8 @@ def test_changed_settings_start_a_new_job_instead_of_resuming_another_ones_check
     events = local_trainer.read_events(root / "ft/local/events.jsonl")
     assert {e["job_id"] for e in events} == {job_b["job_id"]} and _metric_steps(events) == [1, 2]
     assert events[0]["message"].startswith("Training 4 examples")
-    states = [json.loads((p / "trainer_state.json").read_text()) for p in (root / "ft/local/checkpoints").iterdir()]
-    assert {s["job_id"] for s in states} == {job_b["job_id"]}
+    owners = [local_trainer.checkpoint_job(p)[0] for p in (root / "ft/local/checkpoints").iterdir()]
+    assert owners and set(owners) == {job_b["job_id"]}
 
 
 def test_cancel_without_a_live_trainer_marks_the_job_at_once(tmp_path):

@@ -41,7 +41,7 @@ from touchvl.errors import StageError
 from touchvl.finetune.contract import TERMINAL, TRAINING_KEYS, DatasetFiles, local_hyperparameters
 from touchvl.finetune.local.data import load_examples
 from touchvl.finetune.local.tiny import build_tiny_vlm, dataset_texts
-from touchvl.finetune.local.trainer import Events, Layout, Trainer, read_events
+from touchvl.finetune.local.trainer import Events, Layout, LocalTrainer, checkpoint_job, read_events
 from touchvl.finetune.remote import Submission
 from touchvl.params import FinetuneParams, LocalFinetuneParams, Params
 
@@ -159,8 +159,8 @@ class LocalSubmission(Submission):
         request = disk.read_json(self.lay.cancel_request, {})
         if request and request.get("job_id") != self.job_id:
             self.lay.cancel_request.unlink()
-        stale = [p for p in self.lay.checkpoints.glob("*step-*")
-                 if disk.read_json(p / "trainer_state.json", {}).get("job_id") != self.job_id]
+        # (a folder of no job, a save cut by kill -9, is LocalTrainer.resume's to remove)
+        stale = [p for p in self.lay.checkpoints.glob("checkpoint-*") if checkpoint_job(p)[0] not in (None, self.job_id)]
         events = read_events(self.lay.events)
         others = {e.get("job_id") for e in events} - {self.job_id}
         if stale or others:
@@ -180,10 +180,10 @@ class LocalSubmission(Submission):
         try:
             base = base_model_path(self.cfg, self.lay, self.files)
             train, val = load_examples(self.files.train), load_examples(self.files.val)
-            trainer = Trainer(self.cfg, self.p.seed, base, train, val, self.lay, self.job_id, self.fingerprint, events)
+            trainer = LocalTrainer(self.cfg, self.p.seed, base, train, val, self.lay, self.job_id, self.fingerprint, events)
             ckpt = trainer.resume()
             if ckpt is not None:
-                events.add(f"Resumed from checkpoint {ckpt.name}: steps {trainer.step + 1}..{trainer.total_steps} remain",
+                events.add(f"Resumed from {ckpt.name}: steps {trainer.step + 1}..{trainer.total_steps} remain",
                            data={"resumed_from_step": trainer.step})
             elif attempted:
                 events.add("An earlier attempt stopped before its first checkpoint: starting again at step 0",

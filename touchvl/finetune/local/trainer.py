@@ -1,28 +1,29 @@
-"""LoRA training of one local job, checkpointed so that any step can be the last one this process runs.
+"""LoRA training of one local job on ``transformers.Trainer``, checkpointed so that any step can be the last one
+this process runs.
 
-Per-step loss events in ``local/events.jsonl`` (OpenAI's job-event shape), an atomic checkpoint (adapter,
-optimizer, scheduler, RNG, step) every ``checkpoint_every`` steps, exact resume from the newest complete one,
-and at the end the adapter plus base+adapter merged (what ``touchvl finetune serve`` serves).
-torch, transformers and peft are imported inside the functions that need them.
+Per-step loss events in ``local/events.jsonl`` (OpenAI's job-event shape), a checkpoint (adapter, optimizer,
+scheduler, RNG, data position: the library's ``checkpoint-N``) every ``checkpoint_every`` steps, exact resume from
+the newest complete one of this job, and at the end the adapter plus base+adapter merged (what ``touchvl finetune
+serve`` serves).  torch, transformers and peft are imported inside the functions that need them.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import functools
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from touchvl import disk
 from touchvl.devices import resolve_device
 from touchvl.errors import StageError
-from touchvl.finetune.local.data import IGNORE, Encoder, Example, collate
+from touchvl.finetune.local.data import Encoder, Example, collate
 from touchvl.params import LocalFinetuneParams
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,12 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-class Trainer:
-    """LoRA training of one job, checkpointed so that any step can be the last one this process runs."""
+class LocalTrainer:
+    """LoRA training of one job on ``transformers.Trainer``: checkpoints, exact resume (optimizer, scheduler, RNG,
+    data order), ``save_total_limit``, gradient accumulation, bf16/fp16, gradient checkpointing and DDP under
+    ``accelerate launch`` / ``torchrun`` come from the library.  Ours: the data (examples rendered by the model's
+    own chat template, assistant-only labels: :class:`Encoder`), the job's events, cancel, and which checkpoint
+    belongs to which job (:class:`JobCallback`)."""
 
     def __init__(self, cfg: LocalFinetuneParams, seed: int, base: str, train: list[Example], val: list[Example],
                  lay: Layout, job_id: str, fingerprint: str, events: Events):
@@ -98,7 +103,7 @@ class Trainer:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.cfg, self.seed, self.base, self.train_set, self.val_set = cfg, seed, base, train, val
+        self.cfg, self.seed, self.base = cfg, seed, base
         self.lay, self.job_id, self.fingerprint, self.events = lay, job_id, fingerprint, events
         self.device = resolve_device(cfg.device, "finetune.local.device")
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -106,7 +111,7 @@ class Trainer:
         kwargs: dict = {"dtype": self.dtype}
         check_hardware(cfg, self.device)
         if cfg.quantization != "none":
-            kwargs.update(quantization_config=_bnb_config(cfg.quantization, self.dtype), device_map={"": self.device})
+            kwargs.update(quantization_config=_bnb_config(cfg.quantization, self.dtype), device_map={"": _local_cuda()})
         if cfg.device_map == "auto":
             kwargs["device_map"] = "auto"
         try:
@@ -119,17 +124,14 @@ class Trainer:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        elif cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
         try:
-            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                     target_modules=targets, exclude_modules=cfg.exclude_modules))
+            self.model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                          lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                          exclude_modules=cfg.exclude_modules))
         except ValueError as exc:
             raise StageError(f"finetune.local.target_modules {targets}: {exc}") from None
-        # quantized or device_map-placed models are already where accelerate put them
-        self.model = model.to(self.device) if cfg.quantization == "none" and cfg.device_map == "none" else model
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         config = self.model.get_base_model().config
@@ -138,171 +140,109 @@ class Trainer:
         eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.encoder = Encoder(self.processor, image_token if image_token is not None else getattr(config, "image_token_index", None),
                                cfg.max_length, eos_ids)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n_batches = math.ceil(len(train) / cfg.batch_size)
+        # Examples that cannot fit max_length are dropped before training (named in a warning), not per batch:
+        # transformers.Trainer needs every batch non-empty and the number of steps known in advance.
+        self.train_set = self._fitting(train, 0, "training")
+        self.val_set = self._fitting(val, VAL_KEYS, "validation")
+        if not self.train_set:
+            raise StageError(f"no training example fits finetune.local.max_length={cfg.max_length}")
+        n_batches = math.ceil(len(self.train_set) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
-        self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
-        from transformers import get_scheduler
+        self.total_steps = int(min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf))
+        self.step, self.trained_tokens, self._resume_from = 0, 0, None
+        self.callback = callbacks().JobCallback(self)
+        self.hf = self._hf_trainer()
 
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
-                                       num_training_steps=self.total_steps)
-        self.scaler = torch.amp.GradScaler(self.device, enabled=self.precision == "fp16")
-        self.step, self.trained_tokens = 0, 0
+    def _fitting(self, examples: list[Example], key_offset: int, what: str) -> list[tuple[int, Example]]:
+        """(cache key, example) of the examples that fit max_length: each is encoded once here (its label spans
+        stay cached in the encoder for training)."""
+        from tqdm.auto import tqdm
 
-    # -- data order: a pure function of (seed, epoch), so a resumed run sees the same batches
-    def micro_batches(self, step: int) -> list[list[int]]:
-        import torch
+        kept = [(key_offset + i, ex) for i, ex in enumerate(tqdm(examples, desc=f"checking {what} examples",
+                                                                  unit="ex", leave=False, disable=len(examples) < 200))
+                if self.encoder(key_offset + i, ex) is not None]
+        return kept
 
-        epoch, group = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        bs, ga = self.cfg.batch_size, self.cfg.grad_accum
-        batches = [order[k:k + bs] for k in range(0, len(order), bs)]
-        return batches[group * ga:(group + 1) * ga]
+    def _hf_trainer(self):
+        from transformers import ProgressCallback, Trainer, TrainingArguments
+
+        cfg = self.cfg
+        args = TrainingArguments(
+            output_dir=str(self.lay.checkpoints), seed=self.seed, data_seed=self.seed, max_steps=self.total_steps,
+            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+            optim="adamw_torch", bf16=self.precision == "bf16", fp16=self.precision == "fp16",
+            use_cpu=self.device == "cpu",
+            # k-bit models had gradient checkpointing switched on by prepare_model_for_kbit_training
+            activation_checkpointing=cfg.gradient_checkpointing and cfg.quantization == "none",
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            logging_strategy="steps", logging_steps=1, eval_strategy="no",  # JobCallback asks for evaluations
+            save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints,
+            restore_callback_states_from_checkpoint=False, include_num_input_tokens_seen="non_padding",
+            remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
+            dataloader_pin_memory=self.device == "cuda", report_to="none", disable_tqdm=False)
+        hf = Trainer(model=self.model, args=args, train_dataset=EncodedExamples(self.encoder, self.train_set),
+                     eval_dataset=EncodedExamples(self.encoder, self.val_set) if self.val_set else None,
+                     data_collator=self.collate, callbacks=[self.callback])
+        # the library's bar also prints every log dict to stdout, which carries the stage's JSON answer
+        hf.remove_callback(ProgressCallback)
+        hf.add_callback(callbacks().QuietProgress)
+        return hf
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate(items, self.pad_id)
 
     def batch(self, indices: list[int], examples: list[Example], key_offset: int = 0) -> dict | None:
+        """The collated batch of ``examples[indices]`` on the model's device (None when none of them fits)."""
         items = [it for it in (self.encoder(key_offset + i, examples[i]) for i in indices) if it is not None]
         if not items:
             return None
-        return {k: v.to(self.device) for k, v in collate(items, self.pad_id).items()}
-
-    def autocast(self):
-        import torch
-
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device, dtype=self.dtype)
-
-    def train_step(self, step: int) -> tuple[float | None, int]:
-        """One optimizer step over ``grad_accum`` micro-batches; the loss is the mean over their label tokens."""
-        import torch
-
-        self.model.train()
-        batches = [b for b in (self.batch(ix, self.train_set) for ix in self.micro_batches(step)) if b is not None]
-        counts = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]  # the model shifts labels by one
-        total = sum(counts)
-        loss_sum = 0.0
-        for b, n in zip(batches, counts):
-            if n == 0:
-                continue
-            with self.autocast():
-                loss = self.model(**b).loss * (n / total)  # token-weighted across micro-batches
-            self.scaler.scale(loss).backward()
-            loss_sum += float(loss.detach())
-        if total:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return (loss_sum if total else None), total
-
-    def evaluate(self, examples: list[Example]) -> float | None:
-        import torch
-
-        self.model.eval()
-        loss_sum, total = 0.0, 0
-        with torch.no_grad():
-            for k in range(0, len(examples), self.cfg.batch_size):
-                b = self.batch(list(range(k, min(k + self.cfg.batch_size, len(examples)))), examples, key_offset=1 << 30)
-                n = 0 if b is None else int((b["labels"][:, 1:] != IGNORE).sum())
-                if n:
-                    with self.autocast():
-                        loss_sum += float(self.model(**b).loss) * n
-                    total += n
-        return loss_sum / total if total else None
-
-    # -- checkpoints: written to a temp folder, renamed into place, so a listed step-N is always complete
-    def save_checkpoint(self) -> Path:
-        import torch
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        final = self.lay.checkpoints / f"step-{self.step}"
-        tmp = self.lay.checkpoints / f".step-{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()},
-                  tmp / "adapter.safetensors")
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if self.device == "cuda" else None}
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(), "rng": rng}, tmp / "state.pt")
-        disk.write_json(tmp / "trainer_state.json", {
-            "job_id": self.job_id, "fingerprint": self.fingerprint, "step": self.step, "total_steps": self.total_steps,
-            "epoch": self.step / self.steps_per_epoch, "trained_tokens": self.trained_tokens,
-            "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-        for path in tmp.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_dir(self.lay.checkpoints)
-        for old in list_checkpoints(self.lay, self.job_id)[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-        write_loss_csv(self.lay)
-        return final
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in self.collate(items).items()}
 
     def resume(self) -> Path | None:
-        """Load the newest complete checkpoint of this job; None when there is none (start at step 0)."""
-        import torch
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        found = list_checkpoints(self.lay, self.job_id)
-        if not found:
+        """The newest complete checkpoint of this job, which :meth:`run` resumes from; None: start at step 0.
+        Folders that are not a complete checkpoint of this job (a save cut by kill -9) are removed first."""
+        complete = list_checkpoints(self.lay, self.job_id)
+        for path in self.lay.checkpoints.glob("checkpoint-*"):
+            if path not in complete:
+                log.warning("%s: not a complete checkpoint of job %s, removed", path, self.job_id)
+                shutil.rmtree(path, ignore_errors=True)
+        if not complete:
             return None
-        ckpt = found[-1]
-        meta = json.loads((ckpt / "trainer_state.json").read_text())
-        set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in load_file(ckpt / "adapter.safetensors").items()})
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and self.device == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step, self.trained_tokens = meta["step"], meta["trained_tokens"]
-        return ckpt
+        self._resume_from = complete[-1]
+        state = json.loads((self._resume_from / "trainer_state.json").read_text())
+        self.step, self.trained_tokens = state["global_step"], state.get("num_input_tokens_seen", 0)
+        return self._resume_from
 
     def run(self, cancelled) -> str:
-        """Train from ``self.step`` to the end: 'succeeded', or 'cancelled' when ``cancelled()`` turns true."""
-        from tqdm.auto import tqdm
+        """Train from the resumed step to the end: 'succeeded', or 'cancelled' when ``cancelled()`` turns true."""
+        if cancelled():
+            return "cancelled"
+        self.callback.cancelled = cancelled
+        self.hf.train(resume_from_checkpoint=str(self._resume_from) if self._resume_from else None)
+        self.step, self.trained_tokens = self.hf.state.global_step, self.hf.state.num_input_tokens_seen
+        return "cancelled" if self.callback.stopped else "succeeded"
 
-        with tqdm(total=self.total_steps, initial=self.step, desc=self.job_id, unit="step", dynamic_ncols=True) as bar:
-            while self.step < self.total_steps:
-                if cancelled():
-                    return "cancelled"
-                lr = self.scheduler.get_last_lr()[0]
-                loss, tokens = self.train_step(self.step)
-                self.step += 1
-                self.trained_tokens += tokens
-                epoch = self.step / self.steps_per_epoch
-                self.events.add(f"Step {self.step}/{self.total_steps}: training loss={_fmt(loss)}", data={
-                    "step": self.step, "epoch": round(epoch, 4), "train_loss": loss, "lr": lr, "tokens": tokens})
-                bar.update(1)
-                bar.set_postfix(loss=_fmt(loss))
-                if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
-                    val = self.evaluate(self.val_set)
-                    self.events.add(f"Epoch {math.ceil(epoch)} done at step {self.step}: validation loss={_fmt(val)}",
-                                    data={"step": self.step, "epoch": round(epoch, 4), "val_loss": val})
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                    self.events.add(f"Checkpoint {self.save_checkpoint().name} saved")
-        return "succeeded"
+    def evaluate(self) -> float | None:
+        """Mean validation loss (None without validation examples)."""
+        return self.hf.evaluate()["eval_loss"] if self.val_set else None
 
     def save_outputs(self) -> None:
-        """The adapter, then base + adapter merged (reloaded unquantised in the base's own dtype)."""
+        """The adapter, then base + adapter merged (reloaded unquantised in the base's own dtype); the main process
+        only, under DDP."""
         import gc
 
         from peft import PeftModel
         from transformers import AutoModelForImageTextToText
 
+        if not self.hf.is_world_process_zero():
+            return
         with disk.replace_dir(self.lay.adapter) as staging:
             self.model.save_pretrained(staging)
             self.processor.save_pretrained(staging)
-        del self.model, self.optimizer
+        del self.model, self.hf
         gc.collect()
         base = AutoModelForImageTextToText.from_pretrained(self.base, dtype="auto")
         merged = PeftModel.from_pretrained(base, self.lay.adapter).merge_and_unload()
@@ -311,6 +251,94 @@ class Trainer:
             merged.save_pretrained(staging)
             self.processor.save_pretrained(staging)
         write_loss_csv(self.lay)
+
+
+VAL_KEYS = 1 << 30  # the encoder's cache keys of validation examples start here (training's at 0)
+
+
+class EncodedExamples:
+    """A map-style dataset: index -> the encoded example (tensors with a batch dimension of 1)."""
+
+    def __init__(self, encoder: Encoder, items: list[tuple[int, Example]]):
+        self.encoder, self.items = encoder, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        key, ex = self.items[i]
+        return self.encoder(key, ex)
+
+
+@functools.cache
+def callbacks() -> types.SimpleNamespace:
+    """JobCallback and QuietProgress, built on first use: they subclass transformers' classes, whose import pulls
+    torch in, and ``status`` / ``events`` / ``cancel`` import this module without training anything."""
+    from transformers import ProgressCallback, TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class JobCallback(TrainerCallback, ExportableState):
+        """Our events, cancel and evaluation points on the library's loop.  Its state (job id, fingerprint) is
+        written into each checkpoint's ``trainer_state.json`` -- the file transformers writes last -- so a
+        checkpoint is known complete and known to be this job's (``list_checkpoints``)."""
+
+        def __init__(self, owner: LocalTrainer | None = None):
+            self.owner, self.cancelled, self.stopped, self._tokens = owner, (lambda: False), False, None
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"job_id": self.owner.job_id, "fingerprint": self.owner.fingerprint}}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._tokens = state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            o, step = self.owner, state.global_step
+            o.step = step
+            if o.val_set and (step % o.steps_per_epoch == 0 or step == state.max_steps):
+                control.should_evaluate = True  # each epoch's end, and the last step
+            if step == state.max_steps:
+                control.should_save = True
+            if self.cancelled():
+                self.stopped = control.should_training_stop = True
+                control.should_save = control.should_evaluate = False
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" not in (logs or {}) or not state.is_world_process_zero:
+                return
+            o, step = self.owner, state.global_step
+            tokens = state.num_input_tokens_seen - (self._tokens or 0)
+            self._tokens = state.num_input_tokens_seen
+            o.events.add(f"Step {step}/{state.max_steps}: training loss={_fmt(logs['loss'])}", data={
+                "step": step, "epoch": round(step / o.steps_per_epoch, 4), "train_loss": logs["loss"],
+                "lr": logs.get("learning_rate"), "tokens": tokens})
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if not state.is_world_process_zero or "eval_loss" not in (metrics or {}):
+                return
+            o, step = self.owner, state.global_step
+            epoch = step / o.steps_per_epoch
+            o.events.add(f"Epoch {math.ceil(epoch)} done at step {step}: validation loss={_fmt(metrics['eval_loss'])}",
+                         data={"step": step, "epoch": round(epoch, 4), "val_loss": metrics["eval_loss"]})
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.owner.events.add(f"Checkpoint checkpoint-{state.global_step} saved")
+                write_loss_csv(self.owner.lay)
+
+    class QuietProgress(ProgressCallback):
+        """The library's progress bar without its per-step print of the log dict (our events carry it)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=_fmt(logs["loss"]), refresh=False)
+
+    return types.SimpleNamespace(JobCallback=JobCallback, QuietProgress=QuietProgress)
+
+
+def _local_cuda() -> int:
+    """This process's GPU: its LOCAL_RANK under torchrun / accelerate launch (one GPU per process), else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def check_hardware(cfg: LocalFinetuneParams, device: str) -> None:
@@ -341,21 +369,23 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def checkpoint_job(path: Path) -> tuple[str | None, int | None]:
+    """(job id, step) of a complete checkpoint folder; (None, None) for anything else (a save cut by kill -9 has
+    no readable ``trainer_state.json``: transformers writes that file last)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        return state["stateful_callbacks"]["JobCallback"]["attributes"]["job_id"], int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
 
 
 def list_checkpoints(lay: Layout, job_id: str) -> list[Path]:
-    """Complete checkpoints of ``job_id``, oldest first (a temp folder of a killed save is not listed)."""
+    """Complete checkpoints of ``job_id``, oldest first."""
     found = []
-    for path in lay.checkpoints.glob("step-*"):
-        meta = disk.read_json(path / "trainer_state.json", {})
-        if meta.get("job_id") == job_id:
-            found.append((meta["step"], path))
+    for path in lay.checkpoints.glob("checkpoint-*"):
+        owner, step = checkpoint_job(path)
+        if owner == job_id:
+            found.append((step, path))
     return [path for _, path in sorted(found)]
 
 
