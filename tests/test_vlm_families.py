@@ -16,7 +16,7 @@ import torch
 from tasks import finetune as finetune_stage
 from touchvl.finetune import contract, providers
 from touchvl.finetune.local.data import IGNORE, Example, convert_messages
-from touchvl.finetune.local.trainer import Events, Layout, Trainer
+from touchvl.finetune.local.trainer import Events, Layout, LocalTrainer, read_events
 from touchvl.finetune.server import ChatModel, ModelServer
 from touchvl.params import LocalFinetuneParams, parse_params
 from tests.finetune_local_fixtures import SURFACES, data_url, local_raw, one_thread, write_image_dataset  # noqa: F401 (autouse fixture)
@@ -48,11 +48,11 @@ def _example(raw: list[dict], where: str = "t:1") -> Example:
     return Example(*convert_messages(raw, where), where)
 
 
-def _trainer(base: Path, root: Path, train: list[Example], **cfg) -> Trainer:
+def _trainer(base: Path, root: Path, train: list[Example], **cfg) -> LocalTrainer:
     settings = dict(device="cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=512, batch_size=len(train))
     cfg = LocalFinetuneParams(**{**settings, **cfg})
     lay = Layout(root / "local")
-    return Trainer(cfg, 0, str(base), train, train, lay, "local-test", "fp", Events(lay.events, "local-test"))
+    return LocalTrainer(cfg, 0, str(base), train, train, lay, "local-test", "fp", Events(lay.events, "local-test"))
 
 
 def _runs(mask: torch.Tensor) -> list[slice]:
@@ -102,7 +102,7 @@ def test_mixed_batch_collates_and_gives_a_finite_loss(family, tmp_path):
     spec, base = family
     examples = [_example(TEXT_ONLY, "t:1"), _example(ONE_IMAGE, "t:2"), _example(TWO_IMAGES, "t:3")]
     assert [len(ex.images) for ex in examples] == [0, 1, 2]
-    trainer = _trainer(base, tmp_path, examples)
+    trainer = _trainer(base, tmp_path, examples, max_steps=1)
     batch = trainer.batch([0, 1, 2], examples)
     assert batch["input_ids"].shape[0] == 3 and batch["labels"].shape == batch["input_ids"].shape
     pad = batch["attention_mask"] == 0
@@ -116,8 +116,12 @@ def test_mixed_batch_collates_and_gives_a_finite_loss(family, tmp_path):
             alone = trainer.batch([i], examples)
             n = alone["input_ids"].shape[1]
             assert torch.allclose(out.logits[i, :n], trainer.model(**alone).logits[0], atol=1e-4), (spec.name, i)
-    loss, tokens = trainer.train_step(0)  # the trainer's own step over the same three
-    assert loss is not None and torch.isfinite(torch.tensor(loss)) and tokens == int((batch["labels"][:, 1:] != IGNORE).sum())
+    # transformers.Trainer's own step over the same three (one batch): the loss is the mean over their label
+    # tokens, as one forward of the padded batch gives it, and it counts their non-padding tokens
+    assert trainer.run(lambda: False) == "succeeded" and trainer.step == 1
+    step = next(e["data"] for e in read_events(trainer.lay.events) if "train_loss" in (e.get("data") or {}))
+    assert step["train_loss"] == pytest.approx(float(out.loss), rel=1e-4)
+    assert step["tokens"] == trainer.trained_tokens == int(batch["attention_mask"].sum())
 
 
 @pytest.mark.parametrize("targets", ["default", "all-linear"])
