@@ -271,6 +271,36 @@ def test_changed_settings_start_a_new_job_instead_of_resuming_another_ones_check
     assert owners and set(owners) == {job_b["job_id"]}
 
 
+def test_ddp_with_torchrun_on_cpu_trains_each_example_once_per_epoch_and_writes_one_record(tmp_path):
+    """Two processes (gloo on CPU, as on GPUs with NCCL): the tiny base is built once (main process first), each
+    step takes a batch in each process, one process writes job.json, the events and model.json."""
+    from transformers import AutoProcessor
+
+    root = _project(tmp_path, n_train=8, n_val=2)
+    raw = local_raw(root, "tiny", batch_size=2, epochs=2, checkpoint_every=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    params = parse_params(raw)
+    _approve(params)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--local-ranks-filter", "0",
+                          "-m", "touchvl", "finetune", "submit"], cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    job = json.loads((root / "ft/job.json").read_text())
+    assert job["status"] == "succeeded" and json.loads(run.stdout)["job_id"] == job["job_id"]
+    assert job["total_steps"] == job["step"] == 4  # 8 examples / (2 per process x 2 processes) x 2 epochs
+    events = local_trainer.read_events(root / "ft/local/events.jsonl")
+    assert _metric_steps(events) == [1, 2, 3, 4] and _metric_steps(events, "val_loss") == [2, 4]  # written once
+    assert len({e["id"] for e in events}) == len(events)
+    assert (Path(json.loads((root / "ft/model.json").read_text())["model_dir"]) / "model.safetensors").is_file()
+    # every example trained once per epoch across the two processes: the tokens seen are the dataset's, twice
+    processor = AutoProcessor.from_pretrained(root / "ft/local/base-tiny")
+    encoder = Encoder(processor, processor.tokenizer.convert_tokens_to_ids("<image>"), 256)
+    per_epoch = sum(int(encoder(i, ex)["attention_mask"].sum())
+                    for i, ex in enumerate(load_examples(root / "jsonl/tactile_train.jsonl")))
+    assert job["trained_tokens"] == 2 * per_epoch
+
+
 def test_cancel_without_a_live_trainer_marks_the_job_at_once(tmp_path):
     root = _project(tmp_path, n_train=4, n_val=2)
     params = parse_params(local_raw(root, "tiny"))

@@ -2,13 +2,14 @@
 
 The same contract as the remote providers (:mod:`tasks.finetune`): the approval gate keyed by the
 dataset's sha256, ``job.json`` (queued -> running -> succeeded | failed | cancelled), events,
-``cancel`` and, on success, ``model.json`` -- with our own training loop in place of the service:
+``cancel`` and, on success, ``model.json`` -- with ``transformers.Trainer`` (:mod:`.trainer`) in place of
+the service:
 
 * data: exactly the approved JSONL files (OpenAI chat format; ``image_url`` parts as base64 data
   URLs, ``file://`` or http(s) URLs), rendered with the processor's own chat template; the loss is on
   assistant tokens only (``weight: 0`` assistant turns excluded, as OpenAI does);
-* state: per-step loss events in ``local/events.jsonl``, an atomic checkpoint (adapter, optimizer,
-  scheduler, RNG, step) every ``checkpoint_every`` steps; a rerun -- after kill -9, a crash or a
+* state: per-step loss events in ``local/events.jsonl``, a checkpoint (adapter, optimizer, scheduler,
+  RNG, data position) every ``checkpoint_every`` steps; a rerun -- after kill -9, a crash or a
   ``failed`` -- resumes from the newest complete checkpoint and says so in the events, never
   silently from zero; a cancel request is honoured between steps;
 * outputs under ``<out_dir>/local/``: ``adapter/`` (peft), ``merged/`` (base + adapter merged, with
@@ -41,7 +42,7 @@ from touchvl.errors import StageError
 from touchvl.finetune.contract import TERMINAL, TRAINING_KEYS, DatasetFiles, local_hyperparameters
 from touchvl.finetune.local.data import load_examples
 from touchvl.finetune.local.tiny import build_tiny_vlm, dataset_texts
-from touchvl.finetune.local.trainer import Events, Layout, LocalTrainer, checkpoint_job, read_events
+from touchvl.finetune.local.trainer import Events, Layout, LocalTrainer, checkpoint_job, is_main_process, read_events
 from touchvl.finetune.remote import Submission
 from touchvl.params import FinetuneParams, LocalFinetuneParams, Params
 
@@ -59,6 +60,21 @@ def base_model_path(cfg: LocalFinetuneParams, lay: Layout, files: DatasetFiles) 
         log.info("building the tiny random-weight model in %s (tests the path, answers nothing)", lay.tiny)
         build_tiny_vlm(lay.tiny, dataset_texts(files.train))
     return str(lay.tiny)
+
+
+@contextlib.contextmanager
+def _main_process_first(cfg: LocalFinetuneParams) -> Iterator[None]:
+    """Under DDP, the main process runs the block first and the others wait for it (accelerate's barrier; on CPU
+    accelerate forms the gloo group only when told ``cpu=True``, as transformers.Trainer's ``use_cpu`` does)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    from touchvl.devices import resolve_device
+
+    with PartialState(cpu=resolve_device(cfg.device, "finetune.local.device") == "cpu").main_process_first():
+        yield
 
 
 def fingerprint(p: FinetuneParams, dataset_sha256: str) -> str:
@@ -125,7 +141,8 @@ class LocalSubmission(Submission):
                "created_at": int(time.time()), "finished_at": None, "trained_tokens": None, "error": None,
                "dataset_sha256": self.sha, "provider": "local", "hyperparameters": local_hyperparameters(self.p),
                **self.job(), **changes}
-        disk.write_json(self.job_path, job)
+        if is_main_process():
+            disk.write_json(self.job_path, job)
         return job
 
     def run(self, wait: bool = True) -> dict:
@@ -139,7 +156,8 @@ class LocalSubmission(Submission):
             return job
         if not wait:
             return self.start_in_background()
-        with trainer_lock(self.lay):
+        # under DDP (torchrun / accelerate launch) the main process holds the lock for all of them
+        with trainer_lock(self.lay) if is_main_process() else contextlib.nullcontext():
             return self.train()
 
     def start_in_background(self) -> dict:
@@ -173,12 +191,14 @@ class LocalSubmission(Submission):
                 self.lay.loss_csv.unlink(missing_ok=True)
 
     def train(self) -> dict:
-        self.remove_other_jobs_state()
+        if is_main_process():
+            self.remove_other_jobs_state()
         events = Events(self.lay.events, self.job_id)
         attempted = bool(read_events(self.lay.events))  # only this job's events are left
         self.update_job(status="queued", finished_at=None, error=None)
         try:
-            base = base_model_path(self.cfg, self.lay, self.files)
+            with _main_process_first(self.cfg):  # the tiny base model is built once, by the main process
+                base = base_model_path(self.cfg, self.lay, self.files)
             train, val = load_examples(self.files.train), load_examples(self.files.val)
             trainer = LocalTrainer(self.cfg, self.p.seed, base, train, val, self.lay, self.job_id, self.fingerprint, events)
             ckpt = trainer.resume()
@@ -201,6 +221,8 @@ class LocalSubmission(Submission):
             name = model_name(self.p, self.job_id)
             val_loss = next((e["data"]["val_loss"] for e in reversed(read_events(self.lay.events))
                              if "val_loss" in (e.get("data") or {})), None)
+            if not is_main_process():
+                return self.job()
             disk.write_json(self.p.out_dir / "model.json", {
                 "fine_tuned_model": name, "job_id": self.job_id, "base_model": self.cfg.base_model, "provider": "local",
                 "model_dir": str(self.lay.merged), "adapter_dir": str(self.lay.adapter), "val_loss": val_loss})

@@ -57,6 +57,8 @@ class Events:
     _count: int = field(default=-1, repr=False)
 
     def add(self, message: str, level: str = "info", data: dict | None = None) -> None:
+        if not is_main_process():  # under DDP every process trains; one writes the job's record
+            return
         if self._count < 0:
             self._count = len(read_events(self.path))
         self._count += 1
@@ -69,6 +71,11 @@ class Events:
         # per-step losses are on the progress bar; the log keeps the milestones
         level_fn = log.warning if level in ("warn", "error") else log.debug if data and "train_loss" in data else log.info
         level_fn("%s %s", self.job_id, message)
+
+
+def is_main_process() -> bool:
+    """True except in the processes of rank > 0 that ``torchrun`` / ``accelerate launch`` start (RANK is theirs)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def read_events(path: Path) -> list[dict]:
@@ -146,7 +153,9 @@ class LocalTrainer:
         self.val_set = self._fitting(val, VAL_KEYS, "validation")
         if not self.train_set:
             raise StageError(f"no training example fits finetune.local.max_length={cfg.max_length}")
-        n_batches = math.ceil(len(self.train_set) / cfg.batch_size)
+        # under DDP each optimizer step takes batch_size examples in every process
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        n_batches = math.ceil(len(self.train_set) / (cfg.batch_size * world))
         self.steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
         self.total_steps = int(min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf))
         self.step, self.trained_tokens, self._resume_from = 0, 0, None
@@ -205,7 +214,7 @@ class LocalTrainer:
         """The newest complete checkpoint of this job, which :meth:`run` resumes from; None: start at step 0.
         Folders that are not a complete checkpoint of this job (a save cut by kill -9) are removed first."""
         complete = list_checkpoints(self.lay, self.job_id)
-        for path in self.lay.checkpoints.glob("checkpoint-*"):
+        for path in self.lay.checkpoints.glob("checkpoint-*") if is_main_process() else ():
             if path not in complete:
                 log.warning("%s: not a complete checkpoint of job %s, removed", path, self.job_id)
                 shutil.rmtree(path, ignore_errors=True)
