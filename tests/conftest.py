@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # What `make repro` built and DVC tracks: a test must never write there (DVC would then call stale or foreign
 # outputs fresh, or restore over them). tests/ and the sources are not watched: editing them is the point.
 WATCHED = ("artifacts", "data", "embeddings", "bench/results", "dvc.lock", "params.yaml")
+TESTS_OWN = "artifacts/tests"  # what tests leave for a person to look at (the chat page's screenshot): not DVC's
+OUTPUT_ROOTS = ("artifacts", "embeddings", "data")
 
 
 def _snapshot() -> dict[str, tuple[int, int]]:
@@ -25,8 +27,10 @@ def _snapshot() -> dict[str, tuple[int, int]]:
         walk = [(str(path.parent), [], [path.name])] if path.is_file() else os.walk(path)
         for folder, _dirs, names in walk:
             for name in names:
-                stat = os.stat(os.path.join(folder, name))
-                files[os.path.relpath(os.path.join(folder, name), ROOT)] = (stat.st_size, stat.st_mtime_ns)
+                rel = os.path.relpath(os.path.join(folder, name), ROOT)
+                if not rel.startswith(TESTS_OWN + os.sep):
+                    stat = os.stat(os.path.join(folder, name))
+                    files[rel] = (stat.st_size, stat.st_mtime_ns)
     return files
 
 
@@ -94,6 +98,35 @@ def make_params(tmp_path: Path, root: Path, **prepare) -> Params:
                        "data_docs_dir": str(tmp_path / "reports/data_docs")},
     }
     return parse_params(raw)
+
+
+def outputs_under(tmp: Path, **sections) -> dict:
+    """Raw params with every path that defaults into the project's outputs (artifacts/, embeddings/, data/)
+    moved under ``tmp``, then ``sections`` merged over them (what a test sets itself wins).  A stage a test runs
+    can then write nowhere else, even through a key the test did not think of (a headline, a build report)."""
+    from touchvl.params import parse_params
+
+    raw: dict = {}
+
+    def walk(value, keys: tuple[str, ...]) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(sub, keys + (key,))
+        elif isinstance(value, Path) and value.parts and value.parts[0] in OUTPUT_ROOTS:
+            node = raw
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = str(tmp / value)
+
+    walk(parse_params({}).model_dump(), ())
+    return _merged(raw, sections)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 @pytest.fixture

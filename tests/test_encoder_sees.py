@@ -14,6 +14,7 @@ from touchvl.data.sample import generate, render_item, write_dataset
 from touchvl.params import parse_params
 from touchvl.retrieval.index import Retriever, load_index, search_params
 from touchvl.retrieval.query import QueryEncoder
+from tests.conftest import outputs_under
 
 N_IDS, SIZE = 150, 64
 
@@ -21,23 +22,15 @@ N_IDS, SIZE = 150, 64
 @pytest.fixture(scope="module")
 def seeing(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sees")
-    params = parse_params({
-        "data": {"root": str(tmp / "sample")},
-        "sample": {"out_dir": str(tmp / "sample"), "n_ids": N_IDS, "image_size": SIZE},
-        "prepare": {"out_dir": str(tmp / "prepared"), "quarantine_csv": str(tmp / "q.csv")},
-        "pretrain_smoke": {"epochs": 20, "batch_size": 48, "metrics": str(tmp / "m/pretrain.json"),
-                           "curves_dir": str(tmp / "m/pretrain")},
-        "embed": {"smoke_dir": str(tmp / "encoder"), "out_dir": str(tmp / "emb"), "cache_dir": str(tmp / "emb/cache"),
-                  "summary": str(tmp / "emb/summary.json"), "metrics": str(tmp / "m/encoder.json"),
-                  "text_search": str(tmp / "emb/text_search.json")},
-        "projector": {"val_fraction": 0.2, "out_dir": str(tmp / "proj"),
-                      "projected_dir": str(tmp / "emb/embeddings_tac_projected"),
-                      "metrics": str(tmp / "m/projector.json"), "history_dir": str(tmp / "m")},
-        "train_stage1": {"epochs": 40},
-        "index": {"out_dir": str(tmp / "index"), "metrics": str(tmp / "m/index.json"),
-                  "gallery": str(tmp / "gallery.html"), "gallery_queries": 6, "search": {"k": 5, "min_cos": -1.0}},
-        "validation": {"reports_dir": str(tmp / "val"), "build_data_docs": False},
-    })
+    params = parse_params(outputs_under(  # every output under tmp
+        tmp,
+        sample={"n_ids": N_IDS, "image_size": SIZE},
+        pretrain_smoke={"epochs": 20, "batch_size": 48},
+        projector={"val_fraction": 0.2},
+        train_stage1={"epochs": 40},
+        index={"gallery_queries": 6, "search": {"k": 5, "min_cos": -1.0}},
+        validation={"build_data_docs": False},
+    ))
     write_dataset(*generate(params.sample), params.sample.out_dir)
     prepare.run(params)
     pretrain_smoke.run(params)
