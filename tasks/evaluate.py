@@ -17,7 +17,7 @@ from touchvl import disk, headline
 from touchvl.devices import apply_threads
 from touchvl.errors import StageError
 from touchvl.evaluation import (constant_answer, judge, neighbour_answers, paired_comparison, retrieval_answer, score_all,
-                                validation_tables, words)
+                                tune_prior_weight, validation_tables, word_prior, words)
 from touchvl.finetune.remote import KEY_VARS, api_errors
 from touchvl.logs import run_stage
 from touchvl.params import Params
@@ -39,11 +39,16 @@ def run(params: Params) -> dict:
     qa = TouchQAModel(params)
     if p.answerer == "chat":
         qa.model = params.qa.base_model
+    def neighbour_captions(row) -> list[str]:
+        # the query's own pair is in the database: leave it out, or the answer would be read off it
+        return [h.caption for h in qa.retrieve(row.tac_path, row.sensor_id, p.retrieval_k, exclude_source=row.source_id)]
+
+    originals = manifest[(manifest["split"] == "train") & (manifest["copy"] == 0)]
+    prior = word_prior(originals["caption"].astype(str).tolist())
+    weight, curve = prior_weight(params, originals, vocabulary, prior, neighbour_captions)
     predictions, retrieved = [], []
     for row in test.itertuples():
-        # the query's own pair is in the database: leave it out, or the answer would be read off it
-        hits = qa.retrieve(row.tac_path, row.sensor_id, p.retrieval_k, exclude_source=row.source_id)
-        retrieved.append(retrieval_answer([h.caption for h in hits], p.retrieval_k))
+        retrieved.append(retrieval_answer(neighbour_captions(row), p.retrieval_k, prior, weight))
         if p.answerer == "retrieval":
             predictions.append(retrieved[-1])
         else:
@@ -53,7 +58,8 @@ def run(params: Params) -> dict:
                          p.wordnet_dir)
 
     metrics = {"answerer": p.answerer, "model": None if p.answerer == "retrieval" else qa.model, "prompt": p.prompt,
-               **score(predictions)}
+               **score(predictions), "retrieval_prior_weight": weight,
+               "retrieval_prior_curve": None if curve is None else {str(w): f1 for w, f1 in curve.items()}}
     metrics["baselines"] = baselines(params, manifest, test, score)
     if p.judge == "auto" and os.environ.get(KEY_VARS[params.finetune.provider]):
         answerers = {p.answerer: predictions}
@@ -78,6 +84,25 @@ def run(params: Params) -> dict:
     disk.write_json(p.headline, headline.answers(metrics))
     disk.write_csv(p.metrics.with_name("eval_predictions.csv"), frame)
     return metrics
+
+
+def prior_weight(params: Params, train_originals, vocabulary: set[str], prior: dict[str, float], neighbour_captions):
+    """``evaluate.prior_weight``, or with ``auto`` the weight that scores best on the train source ids the projector
+    held out (``projector.val_fraction``): chosen on held-out training items, never on the test split."""
+    from touchvl.projector.pairs import validation_holdout
+
+    p = params.evaluate
+    if p.prior_weight != "auto":
+        return float(p.prior_weight), None
+    held = train_originals[validation_holdout(train_originals["source_id"].to_numpy(), params.projector.val_fraction)]
+    if held.empty:
+        log.warning("evaluate.prior_weight=auto: no held-out training item to choose it on; using 0 (neighbours only)")
+        return 0.0, None
+    captions = [neighbour_captions(row) for row in held.itertuples()]
+    weight, curve = tune_prior_weight(captions, held["caption"].astype(str).tolist(), p.retrieval_k, prior, vocabulary)
+    log.info("retrieval answerer: prior weight %.1f (adjective F1 on %d held-out training items by weight: %s)",
+             weight, len(held), curve)
+    return weight, curve
 
 
 BASELINE_SCORES = ("adjective_f1", "bertscore_f1", "meteor", "bleu")

