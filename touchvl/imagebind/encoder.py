@@ -272,7 +272,7 @@ class ImageBindEncoder:
             load_state(model, torch.load(self._checkpoint, map_location="cpu", weights_only=True))
         return model.eval().to(self.device)
 
-    @property
+    @functools.cached_property  # like device and model: an attribute a subclass (bench/gpu_embed.py) may set
     def preprocess(self) -> Preprocess:
         """PIL image -> [3, 224, 224]: every image this encoder embeds (gallery and queries) goes through it."""
         return preprocess_fn(self.spec.fast_decode)
