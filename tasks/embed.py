@@ -8,41 +8,50 @@ from __future__ import annotations
 
 import logging
 
-from touchvl import disk, headline
+from touchvl import checks, disk, headline
 from touchvl.devices import apply_threads
 from touchvl.imagebind.cache import VectorCache
-from touchvl.imagebind.embedding import (EmbeddingSet, compute_embeddings, default_batch_size, default_num_workers,
-                                         validation_tables, write_embeddings)
+from touchvl.imagebind.embedding import (EmbeddingSet, cached_text_vectors, compute_embeddings, default_batch_size,
+                                         default_num_workers, embed_pairs, validation_tables, write_embeddings)
 from touchvl.imagebind.encoder import ImageBindEncoder, encoder_spec
 from touchvl.imagebind.quality import encoder_metrics
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
 log = logging.getLogger(__name__)
+VALIDATION_RECORDS = "validation"  # under embed.cache_dir (persisted by DVC): passing validations to replay
 
 
 def run(params: Params) -> EmbeddingSet:
-    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
-
+    # A fully cached rerun imports neither torch nor Great Expectations (seconds each, more than the work): the
+    # encoder is lazy (its fingerprint needs no model), images are embedded only on a cache miss, the text
+    # queries of the metrics are cached like captions, and a validation of identical vectors is replayed.
     p = params.embed
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
-    encoder = ImageBindEncoder(encoder_spec(p))
+    encoder = ImageBindEncoder(encoder_spec(p), lazy=True)
     if encoder.is_smoke:
         log.warning("embed.encoder=imagebind_tiny: smoke encoder, embeddings are for smoke runs only")
     cache = VectorCache(p.cache_dir, encoder.fingerprint)
-    workers = default_num_workers(encoder.device) if p.num_workers is None else p.num_workers
-    batch_size = p.batch_size or default_batch_size(encoder.device)
-    apply_threads(p.threads, workers)  # the decoding workers run one thread each (one_thread_worker)
-    embed_fn = None
-    if p.runner == "dask":
-        from touchvl.imagebind.sharded import sharded_embedder  # prefect-dask is needed only for this runner
+    # OMP_NUM_THREADS for torch if it gets imported (no decoding workers assumed: resolving the default needs the
+    # device, hence torch); embed_missing resizes the pool once it knows the workers
+    apply_threads(p.threads, p.num_workers or 0)
 
-        embed_fn = sharded_embedder(encoder_spec(p), batch_size, address=p.dask_address,
-                                    n_workers=p.dask_workers, shards=p.shards)
-    result = compute_embeddings(manifest, encoder, cache, batch_size, workers, embed_fn)
-    checks.run_validation("embed", validation_tables(result, manifest), params.validation).raise_if_failed()
+    def embed_missing(rows):  # only on a cache miss: the device, the model and any Dask cluster start here
+        workers = default_num_workers(encoder.device) if p.num_workers is None else p.num_workers
+        batch_size = p.batch_size or default_batch_size(encoder.device)
+        apply_threads(p.threads, workers)  # the decoding workers run one thread each (one_thread_worker)
+        if p.runner == "dask":
+            from touchvl.imagebind.sharded import sharded_embedder  # prefect-dask is needed only for this runner
+
+            return sharded_embedder(encoder_spec(p), batch_size, address=p.dask_address,
+                                    n_workers=p.dask_workers, shards=p.shards)(rows)
+        return embed_pairs(encoder, rows, batch_size, workers)
+
+    result = compute_embeddings(manifest, encoder, cache, embed_fn=embed_missing)
+    checks.run_validation("embed", validation_tables(result, manifest), params.validation,
+                          replay_dir=p.cache_dir / VALIDATION_RECORDS).raise_if_failed()
     write_embeddings(result, p.out_dir)
-    seen, detail = quality(result, manifest, encoder)
+    seen, detail = quality(result, manifest, encoder, cache)
     disk.write_json(p.metrics, seen)
     disk.write_json(p.headline, headline.encoder(seen))
     disk.write_json(p.text_search, detail)
@@ -54,7 +63,7 @@ def run(params: Params) -> EmbeddingSet:
     return result
 
 
-def quality(result: EmbeddingSet, manifest, encoder: ImageBindEncoder) -> tuple[dict, dict]:
+def quality(result: EmbeddingSet, manifest, encoder: ImageBindEncoder, cache: VectorCache) -> tuple[dict, dict]:
     """Encoder metrics on the test originals (what the encoder sees before any projector)."""
     test = disk.evaluation_rows(manifest)
     if test.empty:
@@ -63,7 +72,7 @@ def quality(result: EmbeddingSet, manifest, encoder: ImageBindEncoder) -> tuple[
     pick = [row[int(u)] for u in test["uid"]]
     v = result.vectors
     return encoder_metrics(v["tac"][pick], v["rgb"][pick], v["text"][pick], test["caption"].tolist(),
-                           lambda texts: encoder.encode_texts(texts).numpy())
+                           lambda texts: cached_text_vectors(encoder, cache, texts))
 
 
 def main(argv: list[str] | None = None) -> None:

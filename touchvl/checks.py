@@ -12,14 +12,28 @@ under ``artifacts/reports/data_docs/<stage>/`` and writes
 
 A failed critical expectation raises :class:`ValidationFailed` naming the expectation and the
 first offending rows (by id column).
+
+Replay (``run_validation(..., replay_dir=...)``): importing GX costs seconds, more than a fully cached stage
+rerun does. When every expectation is declared as plain data (:data:`expect`, built into GX objects only when GX
+really runs), a run is keyed by the content hash of exactly what is validated (each table's frame, and the
+arrays it was derived from) and the hash of the suite (expectations, id columns, GX/pandas/numpy versions and
+this module's source). A *passing* run stores its report under that key; a later run with the same key writes
+the same report, marked ``"replayed_from": <content hash>``, without importing GX. Failures are never stored,
+so never replayed; any changed byte or expectation changes the key and GX runs for real.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
+import json
 import logging
 import functools
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from touchvl import disk
@@ -54,14 +68,47 @@ def __getattr__(name: str):
 
 
 MAX_EXAMPLES = 5
+REPLAY_FORMAT = 1  # bump when what a stored record means changes
+REPLAY_KEEP = 8  # passing records kept per stage: enough for a few alternating datasets, bounded on disk
+
+
+@dataclass
+class Expect:
+    """A GX expectation as plain data (class name and arguments); :meth:`build` makes the GX object, importing
+    GX, only when the validation really runs. A suite of these can be hashed without GX (the replay key)."""
+
+    type: str  # the class name in great_expectations.expectations, e.g. "ExpectColumnValuesToBeUnique"
+    kwargs: dict
+
+    def build(self):
+        return getattr(_gx().expectations, self.type)(**self.kwargs)
+
+    def definition(self) -> dict:
+        return {"type": self.type, "kwargs": _jsonable(self.kwargs)}
+
+
+class _Declare:
+    """``checks.expect.ExpectColumnValuesToBeUnique(column="uid", severity="critical")``: spelt as with
+    ``checks.gxe``, but an :class:`Expect` (no GX import); a misspelt class fails when GX builds it."""
+
+    def __getattr__(self, name: str):
+        if not name.startswith("Expect"):
+            raise AttributeError(name)
+        return lambda **kwargs: Expect(name, kwargs)
+
+
+expect = _Declare()
 
 
 @dataclass
 class Table:
     name: str
     frame: pd.DataFrame
-    expectations: list  # great_expectations.expectations.Expectation
+    expectations: list  # great_expectations.expectations.Expectation, or Expect (replayable)
     id_column: str | None = None  # how unexpected rows are named in messages
+    derived_from: tuple = ()
+    """Arrays the frame was computed from (e.g. the vectors behind a norm column): hashed into the replay key
+    with the frame, so a changed byte the frame's summary cannot show (same norm) still re-validates."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +140,8 @@ class ValidationFailed(StageError):
 class ValidationReport:
     stage: str
     results: list[ExpectationOutcome]
+    content_hash: str | None = None  # of what was validated; set when the run was replayable
+    replayed_from: str | None = None  # the content hash of the passing run this report replays
 
     @property
     def blocking_failures(self) -> list[ExpectationOutcome]:
@@ -107,9 +156,12 @@ class ValidationReport:
         return not self.blocking_failures
 
     def to_dict(self) -> dict:
-        return {"stage": self.stage, "success": self.success,
-                "blocking_failures": len(self.blocking_failures), "warnings": len(self.warnings),
-                "results": [asdict(r) for r in self.results]}
+        out = {"stage": self.stage, "success": self.success,
+               "blocking_failures": len(self.blocking_failures), "warnings": len(self.warnings)}
+        if self.content_hash:  # only replayable runs carry these: other stages' reports keep their shape
+            out.update(content_hash=self.content_hash, replayed_from=self.replayed_from)
+        out["results"] = [asdict(r) for r in self.results]
+        return out
 
     def raise_if_failed(self) -> None:
         if self.success:
@@ -138,8 +190,41 @@ def _jsonable(value):
     return value
 
 
-def run_validation(stage: str, tables: list[Table], params: ValidationParams) -> ValidationReport:
-    """Run each table's expectations in one ephemeral GX context; write JSON report and Data Docs."""
+def run_validation(stage: str, tables: list[Table], params: ValidationParams,
+                   replay_dir: Path | None = None) -> ValidationReport:
+    """Run each table's expectations in one ephemeral GX context; write JSON report and Data Docs.
+
+    With ``replay_dir`` and every expectation an :class:`Expect`, a passing result is stored there, and a later
+    run on identical content and suite replays it without importing GX (not when Data Docs are wanted: those
+    are GX's own rendering of a real run).
+    """
+    key = replay_key(stage, tables) if replay_dir is not None else None
+    if key and not params.build_data_docs:
+        report = _replayed(Path(replay_dir), stage, key)
+        if report is not None:
+            _write_report(report, params)
+            log.info("validation %s: replayed the passing run for content hash %s (%d expectations, %d warnings; "
+                     "Great Expectations not run) -> %s", stage, report.content_hash, len(report.results),
+                     len(report.warnings), params.reports_dir / f"{stage}.json")
+            return report
+    report = ValidationReport(stage, _run_gx(stage, tables, params), content_hash=key["content"] if key else None)
+    _write_report(report, params)
+    log.info("validation %s: %d expectations, %d blocking failures, %d warnings -> %s",
+             stage, len(report.results), len(report.blocking_failures), len(report.warnings),
+             params.reports_dir / f"{stage}.json")
+    if key and report.success:  # never a failure: a failing run must fail again, for real, next time
+        _store(Path(replay_dir), stage, key, report)
+    return report
+
+
+def _write_report(report: ValidationReport, params: ValidationParams) -> None:
+    disk.write_json(params.reports_dir / f"{report.stage}.json", report.to_dict())
+    disk.write_text(params.reports_dir / f"{report.stage}.html", report_html(report))
+    for w in report.warnings:
+        log.warning("validation warning: %s", w.describe())
+
+
+def _run_gx(stage: str, tables: list[Table], params: ValidationParams) -> list[ExpectationOutcome]:
     gx = _gx()
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -161,7 +246,7 @@ def run_validation(stage: str, tables: list[Table], params: ValidationParams) ->
         batch_definition = source.add_dataframe_asset(name=table.name).add_batch_definition_whole_dataframe(table.name)
         suite = context.suites.add(gx.ExpectationSuite(name=f"{stage}.{table.name}"))
         for expectation in table.expectations:
-            suite.add_expectation(expectation)
+            suite.add_expectation(expectation.build() if isinstance(expectation, Expect) else expectation)
         definition = context.validation_definitions.add(
             gx.ValidationDefinition(name=f"{stage}.{table.name}", data=batch_definition, suite=suite))
         result_format = {"result_format": "COMPLETE"}
@@ -183,14 +268,98 @@ def run_validation(stage: str, tables: list[Table], params: ValidationParams) ->
                     unexpected_count=res.get("unexpected_count"),
                     unexpected_examples=_jsonable(_examples(res, table.frame, table.id_column)),
                 ))
-    report = ValidationReport(stage, outcomes)
-    disk.write_json(params.reports_dir / f"{stage}.json", report.to_dict())
-    disk.write_text(params.reports_dir / f"{stage}.html", report_html(report))
-    for w in report.warnings:
-        log.warning("validation warning: %s", w.describe())
-    log.info("validation %s: %d expectations, %d blocking failures, %d warnings -> %s",
-             stage, len(outcomes), len(report.blocking_failures), len(report.warnings),
-             params.reports_dir / f"{stage}.json")
+    return outcomes
+
+
+# --- replay ---------------------------------------------------------------------------------------------------
+
+def _feed(h, tag: str, data: bytes) -> None:
+    h.update(f"{tag}:{len(data)}:".encode())  # length-prefixed: no two different inputs feed the same bytes
+    h.update(data)
+
+
+def _feed_values(h, tag: str, values) -> None:
+    values = np.asarray(values)
+    _feed(h, f"{tag}/{values.dtype.str}/{values.shape}", b"")
+    if values.dtype.kind in "biufcmMSU":  # fixed-size values: the raw bytes are the content
+        _feed(h, tag, np.ascontiguousarray(values).tobytes())
+    else:  # objects (strings, mixed): repr keeps type and value (1 != "1" != 1.0); an address in a repr only misses
+        _feed(h, tag, json.dumps([repr(v) for v in values.ravel().tolist()]).encode())
+
+
+def content_hash(tables: list[Table]) -> str:
+    """sha256 of exactly what GX would see: each table's name, columns, dtypes, index and values, and the
+    arrays it was derived from."""
+    h = hashlib.sha256()
+    for table in tables:
+        frame = table.frame
+        _feed(h, "table", json.dumps([table.name, [repr(c) for c in frame.columns],
+                                      [str(t) for t in frame.dtypes]]).encode())
+        _feed_values(h, "index", frame.index.to_numpy())
+        for i in range(frame.shape[1]):
+            _feed_values(h, "column", frame.iloc[:, i].to_numpy())
+        for j, array in enumerate(table.derived_from):
+            _feed_values(h, f"source{j}", array)
+    return h.hexdigest()
+
+
+def suite_hash(stage: str, tables: list[Table]) -> str | None:
+    """sha256 of the suite definition and what interprets it (None when an expectation is a GX object: hashing
+    that needs GX). The versions and this module's source are in: another GX or another report format
+    re-validates."""
+    if not all(isinstance(e, Expect) for t in tables for e in t.expectations):
+        return None
+    definition = {
+        "format": REPLAY_FORMAT, "stage": stage,
+        "versions": {"great_expectations": importlib.metadata.version("great_expectations"),
+                     "pandas": pd.__version__, "numpy": np.__version__},
+        "checks_source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "tables": [{"name": t.name, "id_column": t.id_column, "expectations": [e.definition() for e in t.expectations]}
+                   for t in tables],
+    }
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def replay_key(stage: str, tables: list[Table]) -> dict | None:
+    suite = suite_hash(stage, tables)
+    if suite is None:
+        return None
+    content = content_hash(tables)
+    return {"content": content, "suite": suite, "key": hashlib.sha256(f"{content}:{suite}".encode()).hexdigest()}
+
+
+def _record_path(replay_dir: Path, stage: str, key: dict) -> Path:
+    return replay_dir / f"{stage}-{key['key'][:32]}.json"
+
+
+def _store(replay_dir: Path, stage: str, key: dict, report: ValidationReport) -> None:
+    disk.write_json(_record_path(replay_dir, stage, key),
+                    {"format": REPLAY_FORMAT, "key": key["key"], "content_hash": key["content"],
+                     "suite_hash": key["suite"], "report": report.to_dict()})
+    records = sorted(replay_dir.glob(f"{stage}-*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in records[REPLAY_KEEP:]:
+        old.unlink(missing_ok=True)
+
+
+def _replayed(replay_dir: Path, stage: str, key: dict) -> ValidationReport | None:
+    """The stored passing report for ``key``, or None (no record, another key, unreadable, or not a pass)."""
+    path = _record_path(replay_dir, stage, key)
+    try:
+        record = disk.read_json(path)
+        if not record or (record.get("format"), record.get("key"), record.get("content_hash"),
+                          record.get("suite_hash")) != (REPLAY_FORMAT, key["key"], key["content"], key["suite"]):
+            return None
+        stored = record["report"]
+        report = ValidationReport(stage, [ExpectationOutcome(**r) for r in stored["results"]],
+                                  content_hash=key["content"], replayed_from=key["content"])
+    except (StageError, OSError, KeyError, TypeError) as exc:  # a damaged record is a miss, never a stage failure
+        log.warning("validation %s: ignoring replay record %s (%s)", stage, path, exc)
+        return None
+    # the results themselves must pass, whatever the record's "success" says: a failure is never replayed
+    if not report.success or stored.get("success") is not True or stored.get("stage") != stage:
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: pruning (REPLAY_KEEP, by mtime) drops the records nobody replays
     return report
 
 
@@ -209,12 +378,15 @@ def report_html(report: ValidationReport) -> str:
                     f"<td>{r.severity}</td><td>{verdict}</td><td>{r.unexpected_count if r.unexpected_count is not None else ''}</td>"
                     f"<td>{html.escape(str(r.unexpected_examples)[:300])}</td></tr>")
     verdict = "passed" if report.success else f"FAILED: {len(report.blocking_failures)} blocking"
+    replayed = (f"<p>Replayed from the passing run for content hash <code>{html.escape(report.replayed_from)}</code> "
+                "(identical data and expectations; Great Expectations was not run again).</p>"
+                if report.replayed_from else "")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>validation: {html.escape(report.stage)}</title>
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
 tr.critical td{{background:#fdd}} tr.warning td{{background:#ffd}} .passed{{color:#2a2}} .failed{{color:#c22}}</style></head><body>
 <h1>Validation of stage <code>{html.escape(report.stage)}</code>: <span class="{"passed" if report.success else "failed"}">{verdict}</span></h1>
-<p>{len(report.results)} expectations, {len(report.warnings)} warnings (Great Expectations).</p>
+<p>{len(report.results)} expectations, {len(report.warnings)} warnings (Great Expectations).</p>{replayed}
 <table><tr><th>table</th><th>column</th><th>expectation</th><th>arguments</th><th>severity</th><th>result</th>
 <th>unexpected</th><th>examples</th></tr>{"".join(rows)}</table></body></html>
 """

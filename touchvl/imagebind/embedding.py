@@ -14,6 +14,9 @@ Writes, in the layout the original toolkit's tools read (row i of every file is 
 Vectors are cached under ``embeddings/cache/<fingerprint>/`` keyed by content hash, so a rerun
 embeds only new or changed images.  Everything is computed before anything is written: a file that
 no longer decodes fails the stage with its path and uid and leaves the previous outputs in place.
+
+torch is imported only where images or texts are really embedded: a rerun whose every vector is cached hashes
+the files, reads the cache and assembles the arrays with numpy alone (the encoder is built lazily, too).
 """
 from __future__ import annotations
 
@@ -24,13 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from touchvl import disk
@@ -39,6 +40,10 @@ from touchvl.imagebind.encoder import ImageBindEncoder, smoke_note
 from touchvl.imagebind.preprocess import Preprocess, preprocess_image
 from touchvl.errors import StageError
 from touchvl.imagebind.cache import VectorCache, image_key, text_key
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 MODALITIES = ("tac", "rgb", "text")
@@ -59,8 +64,11 @@ class EmbeddingSet:
     embedded_now: int = 0  # pairs this run computed rather than took from the cache
 
 
-class _PairImages(Dataset):
-    """Decodes and preprocesses the tactile and RGB image of each pair (in DataLoader workers)."""
+class _PairImages:
+    """Decodes and preprocesses the tactile and RGB image of each pair (in DataLoader workers).
+
+    A plain map-style dataset (``__len__`` + ``__getitem__`` is all DataLoader asks), not a torch ``Dataset``
+    subclass, so defining it does not import torch."""
 
     def __init__(self, rows: list[tuple[int, str, str]], preprocess: Preprocess = preprocess_image):
         self.rows = rows
@@ -70,6 +78,8 @@ class _PairImages(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
+        import torch
+
         uid, tac_path, rgb_path = self.rows[i]
         tensors = []
         for path in (tac_path, rgb_path):
@@ -87,6 +97,8 @@ def _stack(items):
     Stacking here, not in the main process, keeps a 77 MB copy per GPU batch off the loop that feeds the
     GPU, and one tensor can be pinned and copied to the device asynchronously.
     """
+    import torch
+
     good = [(uid, pix) for uid, pix, err in items if err is None]
     errors = [(uid, err) for uid, pix, err in items if err is not None]
     return [uid for uid, _ in good], torch.cat([pix for _, pix in good]) if good else None, errors
@@ -99,16 +111,19 @@ def _worker_context():
     task (a Prefect-Dask worker, the flows' own process, a notebook) those include Prefect's log and event
     services, which assert at the worker's exit: every worker then ends with code 1 and the DataLoader raises
     after the last batch. The fork server is a fresh interpreter that imported this module once (the preload),
-    so a worker still starts in milliseconds with torch and PIL already imported.
+    so a worker still starts in milliseconds with torch and PIL already imported (named here: this module
+    imports torch only when it embeds, and preprocessing imports torchvision on first use).
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload(["torch", "torchvision.transforms", __name__])
     return context
 
 
 def pair_loader(rows: list[tuple[int, str, str]], preprocess: Preprocess, batch_size: int, num_workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """Batches of (uids, pixels tac0, rgb0, tac1, ..., errors) decoded by ``num_workers`` processes."""
+    from torch.utils.data import DataLoader
+
     return DataLoader(_PairImages(rows, preprocess), batch_size=batch_size, num_workers=num_workers,
                       collate_fn=_stack, shuffle=False, pin_memory=pin_memory,
                       worker_init_fn=one_thread_worker if num_workers else None,
@@ -151,11 +166,13 @@ PairEmbedder = Callable[[list[tuple[int, str, str]]], tuple[dict[int, tuple[np.n
 
 
 def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache: VectorCache,
-                       batch_size: int, num_workers: int, embed_fn: PairEmbedder | None = None) -> EmbeddingSet:
+                       batch_size: int | None = None, num_workers: int | None = None,
+                       embed_fn: PairEmbedder | None = None) -> EmbeddingSet:
     """Look every image and caption up in the cache, embed the misses, assemble manifest-ordered arrays.
 
-    ``embed_fn`` embeds the missing pairs (default: :func:`embed_pairs` in this process; the Dask
-    runner shards them over a cluster and returns the same mapping).
+    ``embed_fn`` embeds the missing pairs (default: :func:`embed_pairs` in this process, ``None`` sizes chosen
+    for the encoder's device; the Dask runner shards them over a cluster and returns the same mapping). Neither
+    is called, nor the encoder's model built, when every vector is cached.
     """
     paths = sorted(set(manifest["tac_path"]) | set(manifest["rgb_path"]))
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -174,8 +191,11 @@ def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache:
         todo.append((int(r.uid), r.tac_path, r.rgb_path))
     log.info("images: %d pairs, %d to embed (%d cached vectors)", len(manifest), len(todo), len(cache))
     if todo:
-        embedded, errors = (embed_fn or partial(embed_pairs, encoder, batch_size=batch_size,
-                                                num_workers=num_workers))(todo)
+        if embed_fn is None:
+            embed_fn = partial(embed_pairs, encoder,
+                               batch_size=batch_size or default_batch_size(encoder.device),
+                               num_workers=default_num_workers(encoder.device) if num_workers is None else num_workers)
+        embedded, errors = embed_fn(todo)
         for uid, tac_path, rgb_path in todo:
             if uid in embedded:
                 cache.put(keys[tac_path], embedded[uid][0])
@@ -184,13 +204,7 @@ def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache:
         if errors:
             raise EmbedError(f"{len(errors)} image(s) failed to decode (changed since prepare?):\n  "
                              + "\n  ".join(errors[:20]))
-    captions = sorted(set(manifest["caption"].astype(str)))
-    new_captions = [c for c in captions if text_key(c) not in cache]
-    for start in tqdm(range(0, len(new_captions), 64), desc="embed captions", unit="batch"):
-        chunk = new_captions[start:start + 64]
-        for caption, vector in zip(chunk, encoder.encode_texts(chunk).numpy()):
-            cache.put(text_key(caption), vector)
-    cache.flush()
+    cached_text_vectors(encoder, cache, sorted(set(manifest["caption"].astype(str))))
     vectors = {
         "tac": np.stack([cache.get(keys[p]) for p in manifest["tac_path"]]),
         "rgb": np.stack([cache.get(keys[p]) for p in manifest["rgb_path"]]),
@@ -201,6 +215,20 @@ def compute_embeddings(manifest: pd.DataFrame, encoder: ImageBindEncoder, cache:
             "note": smoke_note(encoder.fingerprint_info())}
     return EmbeddingSet(manifest["uid"].to_numpy(np.int64), manifest["sensor_id"].to_numpy(np.int64),
                         {m: v.astype(np.float32) for m, v in vectors.items()}, meta, embedded_now=len(todo))
+
+
+def cached_text_vectors(encoder: ImageBindEncoder, cache: VectorCache, texts: list[str],
+                        batch_size: int = 64) -> np.ndarray:
+    """[len(texts), D] text-tower vectors, each looked up by its text's key and encoded (in batches) only when
+    missing. Captions and the quality metrics' adjective queries both come through here: same text, same
+    encoder namespace, same vector, so a cached rerun needs no text tower. Persists what it computed."""
+    missing = sorted({t for t in texts if text_key(t) not in cache})
+    for start in tqdm(range(0, len(missing), batch_size), desc="embed texts", unit="batch", disable=not missing):
+        chunk = missing[start:start + batch_size]
+        for text, vector in zip(chunk, encoder.encode_texts(chunk).numpy()):
+            cache.put(text_key(text), vector)
+    cache.flush()
+    return np.stack([cache.get(text_key(t)) for t in texts]) if texts else np.zeros((0, encoder.dim), np.float32)
 
 
 def _safe_image_key(path: str) -> str:
@@ -220,7 +248,7 @@ def write_embeddings(result: EmbeddingSet, out_dir: Path) -> None:
 def validation_tables(result: EmbeddingSet, manifest: pd.DataFrame) -> list:
     from touchvl import checks
 
-    gxe = checks.gxe
+    gxe = checks.expect  # declared as data, not GX objects: a rerun on identical vectors replays without GX
     critical = dict(severity="critical")
     rows = pd.DataFrame({"uid": result.uids})
     for modality, vectors in result.vectors.items():
@@ -243,6 +271,9 @@ def validation_tables(result: EmbeddingSet, manifest: pd.DataFrame) -> list:
     ]
     coverage = pd.DataFrame({"uid": manifest["uid"].to_numpy(np.int64)})
     coverage_checks = [gxe.ExpectColumnValuesToBeInSet(column="uid", value_set=result.uids.tolist(), **critical)]
-    return [checks.Table("vectors", rows, vector_checks, id_column="uid"),
+    # the norm and finiteness columns summarise the vectors: a changed vector can keep its float32 norm, so the
+    # vectors themselves (and the uids) go into the replay key too
+    sources = (result.uids, *(result.vectors[m] for m in MODALITIES))
+    return [checks.Table("vectors", rows, vector_checks, id_column="uid", derived_from=sources),
             checks.Table("arrays", shapes, shape_checks, id_column="array"),
             checks.Table("manifest_coverage", coverage, coverage_checks, id_column="uid")]

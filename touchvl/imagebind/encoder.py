@@ -12,6 +12,10 @@ weights from the ``pretrain_smoke`` stage, ``<embed.smoke_dir>/imagebind_tiny.pt
 as Meta's file; or random weights from a fixed seed with ``embed.random_weights``).
 
     touchvl download-weights --dest .checkpoints    # only when you ask: 4.5 GB, CC-BY-NC
+
+torch is imported only when a model is built or run, never with this module: the fingerprint (config,
+checkpoint sha256, preprocessing version) is plain Python, and :class:`ImageBindEncoder` builds its model on
+first use, so a fully cached ``embed`` rerun never loads torch.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
 from touchvl import disk
@@ -36,6 +40,9 @@ from touchvl.errors import StageError
 from touchvl.imagebind.preprocess import (CLIP_MEAN, CLIP_STD, PREPROCESS_VERSION, Preprocess,  # noqa: F401 (re-exported)
                                           preprocess_fn, preprocess_image, preprocess_version)
 from touchvl.params import EmbedParams
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
 CHECKPOINT_ENV = "IMAGEBIND_CHECKPOINT"
@@ -217,6 +224,8 @@ def load_state(model: torch.nn.Module, state: dict) -> None:
 def build_model(spec: EncoderSpec) -> torch.nn.Module:
     """Meta's ImageBindModel of ``spec``'s config with only the vision and text towers, weights drawn
     from ``spec.seed`` (identical in every run; a checkpoint, if any, is loaded by the caller)."""
+    import torch
+
     module = imagebind_model_module()
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG stream
         torch.manual_seed(spec.seed)
@@ -229,36 +238,64 @@ def build_model(spec: EncoderSpec) -> torch.nn.Module:
 
 
 class ImageBindEncoder:
-    """Vision and text towers of ImageBind, eval mode, on ``spec.device``."""
+    """Vision and text towers of ImageBind, eval mode, on ``spec.device``.
 
-    def __init__(self, spec: EncoderSpec):
+    Built at once by default, so a wrong device or checkpoint fails here. With ``lazy=True`` constructing one
+    only resolves the checkpoint file and computes the fingerprint (no torch); the device is resolved and the
+    model built and loaded on first use (``device``, ``model``, ``encode_*``), so a caller whose every vector is
+    cached (the ``embed`` stage's rerun) never pays for torch or the model.
+    """
+
+    def __init__(self, spec: EncoderSpec, lazy: bool = False):
         self.spec = spec
         self.name = spec.name
-        self.device = torch.device(resolve_device(spec.device, "embed.device"))
-        config = spec.config()
-        checkpoint = resolve_checkpoint(spec)  # before building: a missing file fails fast
-        model = build_model(spec)
-        if checkpoint:
-            load_state(model, torch.load(checkpoint, map_location="cpu", weights_only=True))
-        self.model = model.eval().to(self.device)
-        self.dim = int(config["out_embed_dim"])
+        self._checkpoint = resolve_checkpoint(spec)  # now, not at the first miss: a missing file fails fast
+        self.dim = int(spec.config()["out_embed_dim"])
         self.is_smoke = is_smoke(spec)
-        self.preprocess: Preprocess = preprocess_fn(spec.fast_decode)
-        """PIL image -> [3, 224, 224]: every image this encoder embeds (gallery and queries) goes through it."""
         self._info = fingerprint_info(spec)
         self.fingerprint = _digest(self._info)
+        if not lazy:
+            _ = self.model  # builds and loads it now
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        import torch
+
+        return torch.device(resolve_device(self.spec.device, "embed.device"))
+
+    @functools.cached_property
+    def model(self) -> torch.nn.Module:
+        import torch
+
+        model = build_model(self.spec)
+        if self._checkpoint:
+            load_state(model, torch.load(self._checkpoint, map_location="cpu", weights_only=True))
+        return model.eval().to(self.device)
+
+    @functools.cached_property  # like device and model: an attribute a subclass (bench/gpu_embed.py) may set
+    def preprocess(self) -> Preprocess:
+        """PIL image -> [3, 224, 224]: every image this encoder embeds (gallery and queries) goes through it."""
+        return preprocess_fn(self.spec.fast_decode)
+
+    @functools.cached_property
+    def _autocast_dtype(self) -> torch.dtype:
+        import torch
+
         # bf16 keeps fp32's exponent range (no overflow in 32 blocks); fp16 on GPUs without it
-        self._autocast_dtype = (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-                                else torch.float16)
+        return (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+                else torch.float16)
 
     def fingerprint_info(self) -> dict:
         return dict(self._info)
 
     def _forward(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        model = self.model  # built here on first use (before autocast, which needs the device)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype,
                                                     enabled=self.device.type == "cuda"):
             # non_blocking: a pinned batch copies while the launch queue fills; the .cpu() below syncs anyway
-            out = self.model({modality: inputs.to(self.device, non_blocking=True)})[modality]
+            out = model({modality: inputs.to(self.device, non_blocking=True)})[modality]
         # the text postprocessor multiplies by a learnt logit scale, and half precision drifts: renormalise
         return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
 

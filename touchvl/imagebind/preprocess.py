@@ -10,15 +10,20 @@ crop, and normalisation as one fused tensor op instead of ToTensor + Normalize. 
 from the exact path's slightly (the DCT downscale is a box-like filter, then bicubic from a smaller
 image; tests/test_fast_decode.py bounds it), so the fast path has its own version string and hence
 its own encoder fingerprint and cache namespace.  Other formats take the exact path.
+
+torch and torchvision are imported on first use, not with the module: the version strings decide the encoder
+fingerprint, and a fully cached ``embed`` rerun computes that fingerprint without ever loading torch.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision import transforms
+
+if TYPE_CHECKING:
+    import torch
 
 SIZE = 224
 PREPROCESS_VERSION = "clip224-v2"  # v2: PIL-side resize, bit-identical to ImageBind (v1 resized tensors)
@@ -26,25 +31,36 @@ FAST_PREPROCESS_VERSION = "clip224-jpegdraft-v1"  # embed.fast_decode: DCT-domai
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-Preprocess = Callable[[Image.Image], torch.Tensor]
+Preprocess = Callable[[Image.Image], "torch.Tensor"]
 
-# ImageBind's load_and_transform_vision_data, transform for transform: resizing the PIL image (not a
-# tensor) keeps PIL's bicubic filter, so the pixels match Meta's to the last bit.
-_VISION_TRANSFORM = transforms.Compose([
-    transforms.Resize(SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
-    transforms.CenterCrop(SIZE),
-    transforms.ToTensor(),
-    transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-])
 
-# (x / 255 - mean) / std == x * scale + shift: one multiply-add per value on uint8 input
-_SCALE = torch.tensor([1 / (255 * s) for s in CLIP_STD], dtype=torch.float32).view(3, 1, 1)
-_SHIFT = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], dtype=torch.float32).view(3, 1, 1)
+@functools.cache
+def _vision_transform():
+    """ImageBind's load_and_transform_vision_data, transform for transform: resizing the PIL image (not a
+    tensor) keeps PIL's bicubic filter, so the pixels match Meta's to the last bit."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(SIZE),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+    ])
+
+
+@functools.cache
+def _scale_shift():
+    """(x / 255 - mean) / std == x * scale + shift: one multiply-add per value on uint8 input."""
+    import torch
+
+    scale = torch.tensor([1 / (255 * s) for s in CLIP_STD], dtype=torch.float32).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], dtype=torch.float32).view(3, 1, 1)
+    return scale, shift
 
 
 def preprocess_image(img: Image.Image) -> torch.Tensor:
     """[3, 224, 224] float32: RGB, shorter side 224 bicubic, centre crop 224, CLIP mean/std (Meta's, exactly)."""
-    return _VISION_TRANSFORM(img.convert("RGB"))
+    return _vision_transform()(img.convert("RGB"))
 
 
 def resized_size(width: int, height: int, size: int = SIZE) -> tuple[int, int]:
@@ -79,8 +95,11 @@ def normalize_pixels(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] with CLIP mean/std (batched or single)."""
     # channel-planar while still uint8 (a quarter of the bytes to move), then float and an in-place
     # multiply-add: measured 0.33 ms a 224-px image against 0.62 ms for ToTensor + Normalize
+    import torch
+
+    scale, shift = _scale_shift()
     t = torch.as_tensor(pixels).movedim(-1, -3).contiguous().float()
-    return t.mul_(_SCALE).add_(_SHIFT)
+    return t.mul_(scale).add_(shift)
 
 
 def preprocess_image_fast(img: Image.Image) -> torch.Tensor:
