@@ -20,8 +20,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# Two xdist workers, one file per worker at a time (module fixtures are built once); PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
 test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The locally fine-tuned model (finetune.provider: local) on an OpenAI-compatible endpoint, 127.0.0.1:8765 by default.
 serve-model: setup

@@ -34,6 +34,17 @@ def _snapshot() -> dict[str, tuple[int, int]]:
     return files
 
 
+# The two files that each run whole pipelines (minutes): collected first, so that under `make test`'s two
+# xdist workers (--dist loadfile --no-loadscope-reorder) they start at once on different workers and the
+# rest of the suite fills in around them.
+LONGEST_FIRST = ("tests/test_dvc_pipeline.py", "tests/test_flows.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
+
 def pytest_sessionstart(session):
     session.config._project_before = _snapshot()
 
