@@ -38,3 +38,32 @@ def test_keys_are_content_hashes(tmp_path):
     c.write_bytes(b"other")
     assert image_key(a) == image_key(b) != image_key(c)
     assert text_key("smooth") != text_key("smooth ") and text_key("x").startswith("txt:")
+
+
+def test_a_large_files_hash_is_remembered_by_its_stat_and_recomputed_when_it_changes(tmp_path, monkeypatch):
+    import hashlib
+    import json
+    import os
+
+    from touchvl import disk
+
+    memo = tmp_path / "memo/file_hashes.json"
+    monkeypatch.setenv(disk.HASH_MEMO_ENV, str(memo))
+    ckpt = tmp_path / "imagebind_huge.pth"
+    ckpt.write_bytes(b"weights v1" * 1000)
+    assert disk.sha256_file_memo(ckpt) == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    (key, value), = json.loads(memo.read_text()).items()
+    assert key.startswith(f"{ckpt.resolve()}|") and value == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    # a later run answers from the memo without reading the file (a planted answer proves it)
+    memo.write_text(json.dumps({key: "0" * 64}))
+    assert disk.sha256_file_memo(ckpt) == "0" * 64
+    # the file rewritten (other bytes, a later mtime): hashed again, its stale entry dropped
+    before = ckpt.stat().st_mtime_ns
+    ckpt.write_bytes(b"weights v2" * 1000)
+    os.utime(ckpt, ns=(before + 10**9, before + 10**9))
+    assert disk.sha256_file_memo(ckpt) == hashlib.sha256(b"weights v2" * 1000).hexdigest()
+    assert len(json.loads(memo.read_text())) == 1
+    # a memo that is not JSON is ignored (and replaced), never trusted
+    memo.write_text("{not json")
+    assert disk.sha256_file_memo(ckpt) == hashlib.sha256(b"weights v2" * 1000).hexdigest()
+    assert len(json.loads(memo.read_text())) == 1

@@ -89,6 +89,41 @@ def sha256_file(path: Path | str) -> str:
     return file_digest(path, "sha256")
 
 
+HASH_MEMO_ENV = "TOUCHVL_HASH_MEMO"
+
+
+def hash_memo_path() -> Path:
+    """The user-level memo of large files' hashes ($TOUCHVL_HASH_MEMO, else $XDG_CACHE_HOME/touchvl/file_hashes.json)."""
+    if os.environ.get(HASH_MEMO_ENV):
+        return Path(os.environ[HASH_MEMO_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "touchvl" / "file_hashes.json"
+
+
+def sha256_file_memo(path: Path | str) -> str:
+    """sha256 of a large file, remembered across processes by (path, device, inode, size, mtime) as git and DVC
+    remember theirs: a 4.5 GB checkpoint is hashed once, not on every stage run.  Rewriting the file changes its
+    mtime (and usually its inode), so it is hashed again; a memo that cannot be read or written is ignored."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    memo_file = hash_memo_path()
+    try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    if not isinstance(memo, dict):
+        memo = {}
+    known = memo.get(key)
+    if isinstance(known, str) and len(known) == 64:
+        return known
+    digest = sha256_file(path)
+    memo = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")}  # the file's older versions go
+    memo[key] = digest
+    with contextlib.suppress(OSError):  # a read-only home: hash on every run, as before
+        write_json(memo_file, memo)
+    return digest
+
+
 def md5_file(path: Path | str) -> str:
     return file_digest(path, "md5")
 

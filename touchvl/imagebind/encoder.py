@@ -155,7 +155,7 @@ def resolve_checkpoint(spec: EncoderSpec) -> Path | None:
 
 @functools.lru_cache(maxsize=8)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return disk.sha256_file(path)  # keyed by size+mtime: a 4.5 GB file is hashed once per process
+    return disk.sha256_file_memo(path)  # a 4.5 GB file: hashed once per version, not once per run
 
 
 def checkpoint_sha256(path: Path) -> str:
