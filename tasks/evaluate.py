@@ -16,7 +16,7 @@ import pandas as pd
 from touchvl import disk, headline
 from touchvl.devices import apply_threads
 from touchvl.errors import StageError
-from touchvl.evaluation import (constant_answer, judge, neighbour_answers, paired_comparison, retrieval_answer, score_all,
+from touchvl.evaluation import (adjective_prf, constant_answer, judge, neighbour_answers, paired_comparison, retrieval_answer, score_all,
                                 tune_prior_weight, validation_tables, word_prior, words)
 from touchvl.finetune.remote import KEY_VARS, api_errors
 from touchvl.logs import run_stage
@@ -61,6 +61,10 @@ def run(params: Params) -> dict:
                **score(predictions), "retrieval_prior_weight": weight,
                "retrieval_prior_curve": None if curve is None else {str(w): f1 for w, f1 in curve.items()}}
     metrics["baselines"] = baselines(params, manifest, test, score)
+    # is the answerer's lead over the constant answer more than noise? per item, paired (Wilcoxon signed-rank)
+    constant = constant_answer(manifest[manifest["split"] == "train"]["caption"].astype(str).tolist())
+    per_item = lambda answers: [adjective_prf(a, ref, vocabulary)[2] for a, ref in zip(answers, test["caption"])]  # noqa: E731
+    metrics["adjective_f1_vs_constant"] = paired_comparison(per_item(predictions), per_item([constant] * len(test)))
     if p.judge == "auto" and os.environ.get(KEY_VARS[params.finetune.provider]):
         answerers = {p.answerer: predictions}
         if p.answerer != "retrieval":  # the offline baseline, judged on the same items: a paired comparison

@@ -181,6 +181,8 @@ def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path
     assert isinstance(saved["meteor"], float) and 0.0 <= saved["meteor"] <= 1.0  # WordNet is installed (.ci/run)
     assert saved["gpt_judge"] == "skipped (no API key)"
     # the prior weight was chosen on held-out training ids: one F1 per candidate weight, the best one taken
+    vs = saved["adjective_f1_vs_constant"]  # the lead over a constant answer, item by item
+    assert vs["pairs"] == saved["n"] and vs["wins"] + vs["ties"] + vs["losses"] == saved["n"]
     curve = {float(w): f1 for w, f1 in saved["retrieval_prior_curve"].items()}
     assert set(curve) == set(PRIOR_WEIGHTS) and curve[saved["retrieval_prior_weight"]] == max(curve.values())
     # the baselines side by side, on the same items and scores
