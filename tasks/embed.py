@@ -48,8 +48,9 @@ def run(params: Params) -> EmbeddingSet:
         return embed_pairs(encoder, rows, batch_size, workers)
 
     result = compute_embeddings(manifest, encoder, cache, embed_fn=embed_missing)
-    checks.run_validation("embed", validation_tables(result, manifest), params.validation,
-                          replay_dir=p.cache_dir / VALIDATION_RECORDS).raise_if_failed()
+    report = checks.run_validation("embed", validation_tables(result, manifest), params.validation,
+                                   replay_dir=p.cache_dir / VALIDATION_RECORDS)
+    report.raise_if_failed()
     write_embeddings(result, p.out_dir)
     seen, detail = quality(result, manifest, encoder, cache)
     disk.write_json(p.metrics, seen)
@@ -59,7 +60,9 @@ def run(params: Params) -> EmbeddingSet:
                                 "from_cache": len(result.uids) - result.embedded_now,
                                 "fingerprint": result.meta["fingerprint"],
                                 # which preprocessing made the vectors (meta.json has it as "preprocess" too)
-                                "decode": "fast" if p.fast_decode else "exact", "preprocess": result.meta["preprocess"]})
+                                "decode": "fast" if p.fast_decode else "exact", "preprocess": result.meta["preprocess"],
+                                # a passing validation of identical vectors, replayed without Great Expectations
+                                "validation_replayed_from": report.replayed_from})
     return result
 
 

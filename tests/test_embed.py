@@ -63,9 +63,11 @@ def test_cache_embeds_only_new_images_and_encoder_change_invalidates(tmp_path, p
     # a cache-only rerun leaves meta.json (a dependency of the projector stages) byte-identical;
     # the run's counts go to the summary metric
     assert (prepared.embed.out_dir / "meta.json").read_bytes() == meta
-    assert json.loads(prepared.embed.summary.read_text()) == {"pairs": pairs, "embedded_now": 0, "from_cache": pairs,
-                                                              "fingerprint": first.meta["fingerprint"],
-                                                              "decode": "exact", "preprocess": "clip224-v2"}
+    summary = json.loads(prepared.embed.summary.read_text())
+    assert summary == {"pairs": pairs, "embedded_now": 0, "from_cache": pairs, "fingerprint": first.meta["fingerprint"],
+                       "decode": "exact", "preprocess": "clip224-v2",
+                       "validation_replayed_from": summary["validation_replayed_from"]}
+    assert len(summary["validation_replayed_from"]) == 64  # identical vectors: the first run's passing validation
     write_pair(dataset, 99)
     caps = pd.read_csv(dataset / "captions.csv")
     write_captions(dataset, list(caps.itertuples(index=False, name=None)) + [(99, "new, rough", 0)])

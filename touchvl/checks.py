@@ -18,7 +18,8 @@ rerun does. When every expectation is declared as plain data (:data:`expect`, bu
 really runs), a run is keyed by the content hash of exactly what is validated (each table's frame, and the
 arrays it was derived from) and the hash of the suite (expectations, id columns, GX/pandas/numpy versions and
 this module's source). A *passing* run stores its report under that key; a later run with the same key writes
-the same report, marked ``"replayed_from": <content hash>``, without importing GX. Failures are never stored,
+the same report (byte for byte: ``replayed_from`` is in the log and the caller's run summary, not in the
+report) without importing GX. Failures are never stored,
 so never replayed; any changed byte or expectation changes the key and GX runs for real.
 """
 from __future__ import annotations
@@ -158,8 +159,10 @@ class ValidationReport:
     def to_dict(self) -> dict:
         out = {"stage": self.stage, "success": self.success,
                "blocking_failures": len(self.blocking_failures), "warnings": len(self.warnings)}
-        if self.content_hash:  # only replayable runs carry these: other stages' reports keep their shape
-            out.update(content_hash=self.content_hash, replayed_from=self.replayed_from)
+        if self.content_hash:  # only replayable runs carry it: other stages' reports keep their shape
+            # not whether this report was replayed (that goes to the log and the run's summary): the report is a
+            # DVC output, and a forced rerun on identical inputs must write the same bytes
+            out["content_hash"] = self.content_hash
         out["results"] = [asdict(r) for r in self.results]
         return out
 
