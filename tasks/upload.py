@@ -34,7 +34,7 @@ def run(params: Params) -> UploadResult:
     if result.failures:
         lines = "\n  ".join(reason for _, reason in sorted(result.failures.items())[:20])
         raise StageError(f"{len(result.failures)} object(s) failed to upload (rerun to retry only these):\n  {lines}")
-    mapping = build_mapping(manifest, p.prefix, storage)
+    mapping = build_mapping(manifest, p.prefix, storage, p.mapping.parent)
     # checked against a fresh listing, not against our own records: a URL is published only for a stored object
     objects = stored_objects_table(blobs, result.records, storage.list_etags(p.prefix))
     checks.run_validation("upload", validation_tables(objects, mapping, manifest), params.validation).raise_if_failed()

@@ -11,6 +11,7 @@ import pytest
 
 from tasks import prepare, upload
 from touchvl.storage import upload as upload_core
+from touchvl.chat.generate import read_url_mapping
 from touchvl.storage.backends import Blob, make_storage
 from touchvl.params import parse_params
 from touchvl.errors import StageError
@@ -60,9 +61,22 @@ def test_local_backend_copies_maps_every_uid_and_rerun_sends_nothing(prepared):
     assert list(mapping.columns) == ["index", "tac_url", "rgb_url", "source_id"]
     assert mapping["index"].tolist() == manifest["uid"].tolist()
     assert mapping["source_id"].tolist() == manifest["source_id"].tolist()  # what captions.csv ids join on
-    for row, src in zip(mapping.itertuples(), manifest.itertuples()):
+    # local objects are named relative to the mapping's folder: the file (a DVC output) does not depend on where the
+    # project lives; the one reader resolves them to file:// URLs
+    raw = Path(params.upload.mapping).read_text()
+    assert "file:" not in raw and str(Path(params.upload.local_dir).resolve()) not in raw
+    resolved = read_url_mapping(params.upload.mapping)
+    for row, src in zip(resolved.itertuples(), manifest.itertuples()):
+        assert row.tac_url.startswith("file:///")
         local = Path(urllib.request.url2pathname(row.tac_url.removeprefix("file://")))
         assert _md5(local) == _md5(src.tac_path)
+    # the project moved (a fresh clone elsewhere): the same mapping bytes name the objects at the new place
+    import shutil
+    moved = Path(params.upload.mapping).parents[1] / "moved"
+    for folder in ("up", "bucket"):
+        shutil.copytree(Path(params.upload.mapping).parents[1] / folder, moved / folder)
+    again_resolved = read_url_mapping(moved / "up/mapping.csv")
+    assert again_resolved["tac_url"].str.startswith((moved / "bucket").resolve().as_uri()).all()
     records = pd.read_csv(params.upload.manifest)
     assert list(records.columns) == upload_core.RECORD_COLUMNS and (records["etag"] == records["md5"].str.upper()).all()
     again = upload.run(params)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -239,7 +240,17 @@ def read_url_mapping(path: Path) -> pd.DataFrame:
     repeated = set(frame.loc[frame["index"].duplicated(), "index"])
     if repeated:
         raise StageError(f"{where}: index value(s) repeated: {_some(repeated)}")
+    for column in ("tac_url", "rgb_url"):
+        frame[column] = [_resolve_reference(url, where.parent) for url in frame[column]]
     return frame
+
+
+def _resolve_reference(url: str, base: Path) -> str:
+    """The local backend writes references relative to the mapping's folder (so the mapping does not depend on
+    where the project lives); every reader sees them as absolute ``file://`` URLs."""
+    if not url or urllib.parse.urlsplit(url).scheme:
+        return url
+    return (base / urllib.parse.unquote(url)).resolve().as_uri()
 
 
 def _int_column(values: pd.Series, where: Path, column: str) -> pd.Series:

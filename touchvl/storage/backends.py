@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -49,7 +50,7 @@ class Storage(Protocol):
 
     def list_etags(self, prefix: str) -> dict[str, str]: ...
     def put(self, blob: Blob) -> str: ...
-    def url(self, key: str) -> str: ...
+    def url(self, key: str, relative_to: Path | None = None) -> str: ...
 
 
 class LocalStorage:
@@ -89,8 +90,14 @@ class LocalStorage:
                 os.unlink(tmp)
         return etag
 
-    def url(self, key: str) -> str:
-        return (self.root / key).resolve().as_uri()
+    def url(self, key: str, relative_to: Path | None = None) -> str:
+        """A ``file://`` URL, or with ``relative_to`` (the mapping's folder) a relative reference (RFC 3986 §4.2)
+        that ``read_url_mapping`` resolves against that folder: the mapping's bytes, and so ``dvc.lock``, do not
+        depend on where the project is cloned."""
+        target = (self.root / key).resolve()
+        if relative_to is None:
+            return target.as_uri()
+        return urllib.parse.quote(Path(os.path.relpath(target, Path(relative_to).resolve())).as_posix())
 
 
 def credentials_from_env() -> oss2.credentials.EnvironmentVariableCredentialsProvider:
@@ -146,7 +153,7 @@ class OssStorage:
             raise _classify(blob.key, exc) from None
         return result.etag
 
-    def url(self, key: str) -> str:
+    def url(self, key: str, relative_to: Path | None = None) -> str:  # absolute: objects live at the endpoint
         if self.p.url_mode == "signed":
             return self.bucket.sign_url("GET", key, self.p.expires_s, slash_safe=True)
         return self.bucket._make_url(self.bucket.bucket_name, key, slash_safe=True)

@@ -157,10 +157,12 @@ def validation_tables(objects: pd.DataFrame, mapping: pd.DataFrame, manifest: pd
             checks.Table("mapping_coverage", coverage, coverage_checks, id_column="uid")]
 
 
-def build_mapping(manifest: pd.DataFrame, prefix: str, storage: Storage) -> pd.DataFrame:
+def build_mapping(manifest: pd.DataFrame, prefix: str, storage: Storage,
+                  mapping_dir: Path | None = None) -> pd.DataFrame:
+    """One row per uid; with ``mapping_dir`` local objects are named relative to the mapping's folder."""
     return pd.DataFrame({
         "index": manifest["uid"].astype("int64"),
-        "tac_url": [storage.url(object_key(prefix, "tac", p)) for p in manifest["tac_path"]],
-        "rgb_url": [storage.url(object_key(prefix, "rgb", p)) for p in manifest["rgb_path"]],
+        "tac_url": [storage.url(object_key(prefix, "tac", p), mapping_dir) for p in manifest["tac_path"]],
+        "rgb_url": [storage.url(object_key(prefix, "rgb", p), mapping_dir) for p in manifest["rgb_path"]],
         "source_id": manifest["source_id"].astype("int64"),  # the dataset id: what captions.csv `index` joins on
     })
