@@ -9,6 +9,7 @@ is installed; reported as skipped otherwise), BERTScore (offline default: the Mi
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -86,8 +87,10 @@ def _folder_wordnet(folder: Path):
         return FolderWordNet(FileSystemPathPointer(str(folder)), None)
 
 
+@functools.lru_cache(maxsize=4)
 def wordnet(extra_dir: Path | None = None):
-    """NLTK's WordNet: its own data when installed, else a WordNet 3.0 folder (``extra_dir``, then Debian's); None
+    """NLTK's WordNet (read once per process: loading its index takes seconds, and evaluate scores several
+    answerers): its own data when installed, else a WordNet 3.0 folder (``extra_dir``, then Debian's); None
     when there is none -- METEOR is then not computed and the metrics say so."""
     try:
         from nltk.corpus import wordnet as installed
@@ -121,10 +124,16 @@ def bertscore_model_path(name: str) -> str:
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
-def bertscore(predictions: list[str], references: list[str], model: str, layers: int) -> float:
-    from bert_score import score
+@functools.lru_cache(maxsize=2)
+def _bert_scorer(model: str, layers: int):
+    """One scorer per model and layer count per process: ``bert_score.score`` would load the model on every call."""
+    from bert_score import BERTScorer
 
-    _, _, f1 = score(predictions, references, model_type=bertscore_model_path(model), num_layers=layers, verbose=False)
+    return BERTScorer(model_type=bertscore_model_path(model), num_layers=layers)
+
+
+def bertscore(predictions: list[str], references: list[str], model: str, layers: int) -> float:
+    _, _, f1 = _bert_scorer(model, layers).score(predictions, references, verbose=False)
     return float(f1.mean())
 
 
