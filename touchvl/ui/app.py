@@ -230,18 +230,26 @@ def launch(app: gr.Blocks, chat: ChatParams, host: str | None = None, port: int 
 
 
 def serve(params, host: str | None = None, port: int | None = None, root: Path | str = ".") -> None:
-    """Serve the page until interrupted (``touchvl chat``); a model server it started is stopped on the way out."""
+    """Serve the page until interrupted (``touchvl chat``; SIGTERM ends it like Ctrl-C).
+
+    Whatever ends it -- Ctrl-C, SIGTERM, a port in use, a model server that fails its start, a bug -- a model
+    server started here is stopped and the SIGTERM handler that was there before is put back.
+    """
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
-    signal.signal(signal.SIGTERM, _interrupt)  # kill ends it like Ctrl-C: a model server started here is stopped
-    service = TouchQAService(params, root=Path(root))
-    service.start()  # provider local: the model server, started here if it is not running
-    log.info("answerer: %s", service.status())
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    service = None
     try:
-        launch(build_app(params.chat, service), params.chat, host, port)
-    except OSError as exc:
-        raise StageError(f"cannot listen on {host or params.chat.host}:{port or params.chat.port}: {exc}") from None
+        service = TouchQAService(params, root=Path(root))
+        service.start()  # provider local: the model server, started here if it is not running
+        log.info("answerer: %s", service.status())
+        try:
+            launch(build_app(params.chat, service), params.chat, host, port)  # returns on Ctrl-C / SIGTERM
+        except OSError as exc:
+            raise StageError(f"cannot listen on {host or params.chat.host}:{port or params.chat.port}: {exc}") from None
     finally:
-        service.stop()
+        if service is not None:
+            service.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum, frame):

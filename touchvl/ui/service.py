@@ -252,17 +252,22 @@ class TouchQAService:
             self.server = subprocess.Popen(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
                                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
         atexit.register(self.stop)
+        try:
+            self._wait_ready(url, log_path)
+        except BaseException:  # a timeout, a wrong model served, Ctrl-C while waiting: no server left behind
+            self.stop()
+            raise
+        log.warning("local model server ready at %s", url)
+
+    def _wait_ready(self, url: str, log_path: Path) -> None:
         deadline = time.monotonic() + self.chat.local_start_timeout_s
         while time.monotonic() < deadline:
             if self.server.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-                self.server = None
                 raise StageError(f"the local model server exited at start: {tail[0]} (log: {log_path})")
             if self._probe(url):
-                log.warning("local model server ready at %s", url)
                 return
             time.sleep(0.5)
-        self.stop()
         raise StageError(f"the local model server did not answer within {self.chat.local_start_timeout_s:g} s "
                          f"(chat.local_start_timeout_s; log: {log_path})")
 
