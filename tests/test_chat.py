@@ -8,6 +8,11 @@ import logging
 import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +29,7 @@ from touchvl.qa import CLASSIFY_PROMPT
 from touchvl.retrieval.index import Hit
 from touchvl.ui.app import ChatState, api_answer, build_app, launch, respond
 from touchvl.ui.service import (IMAGE_ONLY_QUESTION, ChatInputError, Conversation, TouchQAService, check_image,
-                                resolve_mode)
+                                image_data_url, resolve_mode)
 from tests.conftest import build_pipeline, write_captions, write_pair
 from tests.loopback import free_port
 from tests.openai_server import ApiServer, ApiState
@@ -407,6 +412,18 @@ def app_url(offline):
     app.close()
 
 
+def _assert_evidence_json(reply: dict, params, direct) -> None:
+    """The reply's evidence as JSON: what the service gives directly, each neighbour's caption and source id the
+    manifest's, cosines ranked best first."""
+    manifest = _manifest(params).set_index("uid")
+    assert reply["evidence"] == direct.to_json()["evidence"] and len(reply["evidence"]) == reply["k"]
+    assert [e["rank"] for e in reply["evidence"]] == list(range(1, reply["k"] + 1))
+    assert [e["cosine"] for e in reply["evidence"]] == sorted((e["cosine"] for e in reply["evidence"]), reverse=True)
+    for e in reply["evidence"]:
+        assert (e["caption"], e["source_id"]) == (manifest.loc[e["uid"], "caption"], manifest.loc[e["uid"], "source_id"])
+        assert isinstance(e["cosine"], float) and -1.0 <= e["cosine"] <= 1.0
+
+
 def test_http_api_through_gradio_client(app_url, pipeline):
     from gradio_client import Client, handle_file
 
@@ -418,6 +435,18 @@ def test_http_api_through_gradio_client(app_url, pipeline):
     assert len(reply["evidence"]) == 3 and set(reply["evidence"][0]) == {"rank", "uid", "source_id", "cosine", "caption",
                                                                       "tac_path", "rgb_path"}
     assert reply["answer"].startswith("It most likely feels") and OFFLINE_LABEL in reply["answerer"]
+    offline_service = TouchQAService(updated(pipeline, chat={"provider": "offline"}))
+    _assert_evidence_json(reply, pipeline, offline_service.answer("What does this feel like?", image, sensor=sensor))
+    photo = _manifest(pipeline).query("copy == 0")["rgb_path"].iloc[0]  # the RGB photo of the same surface
+    with_photo = client.predict(handle_file(image), "Is it hard or soft?", "image + question", str(sensor),
+                                handle_file(photo), api_name="/answer")
+    assert (with_photo["mode"], with_photo["intent"], with_photo["k"], with_photo["provider"], with_photo["model"]) == (
+        "image + question", "property", 3, "offline", None)
+    assert with_photo["answer"].startswith("hardness: ")
+    _assert_evidence_json(with_photo, pipeline, offline_service.answer("Is it hard or soft?", image, rgb=photo, sensor=sensor))
+    only = client.predict(handle_file(image), "", "image only", str(sensor), None, api_name="/answer")
+    assert (only["mode"], only["question"], only["intent"], only["k"]) == ("image only", IMAGE_ONLY_QUESTION, "describe", 3)
+    assert only["evidence"] == reply["evidence"]  # the same image, the same neighbours
     text = client.predict(None, "soft, squishy, woven", "text only", "unknown", None, api_name="/answer")
     assert text["mode"] == "text only" and text["evidence"][0]["caption"] == "soft, squishy, woven"
     bad = Path(pipeline.finetune.out_dir.parent / "bad.jpg")
@@ -427,6 +456,37 @@ def test_http_api_through_gradio_client(app_url, pipeline):
     with pytest.raises(Exception, match="needs a tactile image"):
         client.predict(None, "What?", "image only", "unknown", None, api_name="/answer")
     assert not (ROOT / "tasks" / "chat.pyi").exists()  # gradio writes stubs for component subclasses: none here
+    with pytest.raises(Exception, match="RGB photo bad.jpg: not a decodable image"):  # the photo is checked too
+        client.predict(handle_file(image), "What?", "auto", "unknown", handle_file(str(bad)), api_name="/answer")
+
+
+def test_http_api_with_the_compatible_provider_through_gradio_client(pipeline, api, monkeypatch):
+    """The README's gradio_client call against the running app answering through an OpenAI-compatible server."""
+    from gradio_client import Client, handle_file
+
+    server, state = api
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    params = updated(pipeline, finetune={"provider": "compatible", "base_url": server.base_url})
+    service = TouchQAService(params)
+    app = build_app(params.chat, service)
+    _, url, _ = launch(app, params.chat, "127.0.0.1", free_port(), block=False)
+    try:
+        row = _manifest(pipeline).query("copy == 0").iloc[0]
+        reply = Client(url, verbose=False).predict(handle_file(row["tac_path"]), "What does this feel like?", "auto",
+                                                   str(row["sensor_id"]), handle_file(row["rgb_path"]),
+                                                   api_name="/answer")
+    finally:
+        app.close()
+    assert (reply["answer"], reply["provider"], reply["model"], reply["answerer"]) == (
+        REPLY, "compatible", params.qa.base_model, f"{params.qa.base_model} via compatible")
+    assert (reply["mode"], reply["intent"], reply["k"], reply["done"]) == ("image + question", "describe", 3, True)
+    offline_service = TouchQAService(updated(pipeline, chat={"provider": "offline"}))
+    _assert_evidence_json(reply, pipeline, offline_service.answer("What does this feel like?", row["tac_path"],
+                                                                  sensor=int(row["sensor_id"])))
+    asked = _answers(state)[-1]
+    urls = _images(asked)  # the tactile image, the RGB photo, then the K references' photos
+    assert len(urls) == 2 + 3 and urls[1] == image_data_url(row["rgb_path"])
+    assert all(e["caption"] in json.dumps(asked) for e in reply["evidence"])
 
 
 def _chromium() -> str | None:
