@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tasks import index
 from touchvl.answering import OFFLINE_LABEL, adjective_votes, keyword_intent, offline_answer, resolve_backend
 from touchvl.cli import main as touchvl_cli
 from touchvl.errors import StageError
+from touchvl.finetune.remote import serve_url
 from touchvl.params import ParamsError, parse_params
 from touchvl.qa import CLASSIFY_PROMPT
 from touchvl.retrieval.index import Hit
@@ -579,21 +581,31 @@ def test_qa_ask_prints_the_answer_with_its_evidence(pipeline, api, monkeypatch, 
 # ----------------------------------------------------------------------------- provider local: the page starts the server
 
 
-def test_the_page_starts_the_local_fine_tuned_models_server_and_it_answers(pipeline, tmp_path, monkeypatch, no_keys):
+@pytest.fixture(scope="module")
+def local_finetune(tmp_path_factory):
+    """A real (tiny) local fine-tune: (params.yaml's raw dict, its folder, the job); model.json names the merged model."""
     from tasks import finetune as finetune_stage
     from touchvl.finetune import contract, providers
     from touchvl.finetune.local import tiny as local_tiny
     from tests.finetune_local_fixtures import local_raw, write_image_dataset
 
-    corpus = write_image_dataset(tmp_path / "jsonl/tactile_train.jsonl", 4)
-    write_image_dataset(tmp_path / "jsonl/tactile_val.jsonl", 2, start=100)
-    tiny = local_tiny.build_tiny_vlm(tmp_path / "base", local_tiny.dataset_texts(corpus))
-    raw = local_raw(tmp_path, str(tiny), max_steps=2, checkpoint_every=10, serve_port=free_port())
+    tmp = tmp_path_factory.mktemp("local")
+    corpus = write_image_dataset(tmp / "jsonl/tactile_train.jsonl", 4)
+    write_image_dataset(tmp / "jsonl/tactile_val.jsonl", 2, start=100)
+    tiny = local_tiny.build_tiny_vlm(tmp / "base", local_tiny.dataset_texts(corpus))
+    raw = local_raw(tmp, str(tiny), max_steps=2, checkpoint_every=10, serve_port=free_port())
     local = parse_params(raw)
     providers.approve(local, contract.dataset_files(local), confirm=lambda: True)
-    job = finetune_stage.run(local)  # a real (tiny) local fine-tune: model.json names the merged model
+    job = finetune_stage.run(local)
     assert job["status"] == "succeeded"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))  # what `touchvl finetune serve` reads
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw))  # what `touchvl finetune serve` reads
+    return raw, tmp, job
+
+
+def test_the_page_starts_the_local_fine_tuned_models_server_and_it_answers(pipeline, local_finetune, monkeypatch,
+                                                                           no_keys):
+    raw, tmp_path, job = local_finetune
+    local = parse_params(raw)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     params = pipeline.model_copy(update={"finetune": local.finetune})
     service = TouchQAService(params, root=tmp_path)  # chat.provider auto: finetune.provider local, model.json local
@@ -614,3 +626,87 @@ def test_the_page_starts_the_local_fine_tuned_models_server_and_it_answers(pipel
     served = (local.finetune.out_dir / "local/serve.log").read_text()
     # the answer came from the served model, streamed
     assert f"chat.completion (streamed): {1 + len(reply.evidence)} image(s)" in served
+
+
+# ----------------------------------------------------------------------------- `touchvl chat`, a real process
+
+
+def _chat_project(folder: Path, pipeline, finetune: dict) -> int:
+    """A project folder whose params.yaml is the pipeline's, with ``finetune`` and a free chat port: the port."""
+    port = free_port()
+    raw = pipeline.model_dump(mode="json")
+    raw["finetune"], raw["chat"] = finetune, {**raw["chat"], "port": port}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
+    return port
+
+
+def _touchvl_chat(folder: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    for var in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_MODEL_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(var, None)
+    return subprocess.Popen([sys.executable, "-m", "touchvl", "-C", str(folder), "chat"], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _answers_http(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def test_touchvl_chat_binds_loopback_and_sigterm_stops_it_and_the_model_server_it_started(pipeline, local_finetune,
+                                                                                          tmp_path):
+    import psutil
+
+    raw, _, job = local_finetune
+    port = _chat_project(tmp_path, pipeline, raw["finetune"])  # finetune.provider: local, chat.provider: auto
+    model_url = serve_url(parse_params(raw).finetune)
+    assert not _answers_http(model_url + "/models")  # no model server yet: the page must start one
+    proc = _touchvl_chat(tmp_path)
+    try:
+        # bounded only so that a hang fails instead of blocking the suite (not a timing assertion)
+        for _ in range(1200):
+            if proc.poll() is not None or _answers_http(f"http://127.0.0.1:{port}/"):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1]
+        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]  # loopback only, the params port
+        servers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "serve" in c.cmdline()]
+        assert len(servers) == 1 and "finetune" in servers[0].cmdline()  # the page started the model server
+        with urllib.request.urlopen(model_url + "/models", timeout=5) as resp:
+            assert job["fine_tuned_model"] in resp.read().decode()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    gone, alive = psutil.wait_procs(servers, timeout=1)
+    assert not alive  # stopped (and reaped) by the page on its way out
+    assert not _answers_http(model_url + "/models") and not _answers_http(f"http://127.0.0.1:{port}/")
+
+
+def test_touchvl_chat_says_in_one_line_when_the_local_model_server_cannot_start(pipeline, tmp_path):
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "model.json").write_text(json.dumps({"fine_tuned_model": "local-touch", "provider": "local",
+                                                "model_dir": str(tmp_path / "deleted-model")}))
+    finetune = {"provider": "local", "out_dir": str(out), "local": {"serve_port": free_port(), "device": "cpu"}}
+    port = _chat_project(tmp_path / "project", pipeline, finetune)
+    proc = _touchvl_chat(tmp_path / "project")
+    try:
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"touchvl chat failed: the local model server exited at start: .*deleted-model.*"
+                        r"cannot load the model to serve .*\(log: .*serve\.log\)", last), last
+    assert not _answers_http(f"http://127.0.0.1:{port}/")
