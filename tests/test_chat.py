@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
@@ -516,14 +517,30 @@ def test_real_browser_upload_ask_and_see_the_answer_and_evidence(app_url, pipeli
         browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
+            foreign: list[str] = []  # offline: the page may ask nothing of a host but ours (no CDN, no analytics)
+
+            def only_loopback(route):
+                if urlsplit(route.request.url).hostname == "127.0.0.1":
+                    route.continue_()
+                else:
+                    foreign.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_loopback)
+            page.on("websocket", lambda ws: foreign.append(ws.url) if urlsplit(ws.url).hostname != "127.0.0.1" else None)
             page.goto(app_url)
             expect(page.get_by_text("offline retrieval answerer").first).to_be_visible(timeout=30_000)
             expect(page.locator("#sensor")).to_be_visible()  # the projector has sensor tokens
             page.locator("#tactile input[type=file]").set_input_files(image)
             expect(page.locator("#tactile img").first).to_be_visible(timeout=15_000)
+            photo = _manifest(pipeline).query("tac_path == @image")["rgb_path"].iloc[0]
+            page.get_by_text("RGB photo (optional)").click()  # open the accordion
+            page.locator("#rgb input[type=file]").set_input_files(photo)
+            expect(page.locator("#rgb img").first).to_be_visible(timeout=15_000)
             page.locator("#question textarea").fill("What does this feel like?")
             page.locator("#question textarea").press("Enter")
             expect(page.locator("#chatbot").get_by_text("It most likely feels")).to_be_visible(timeout=30_000)
+            expect(page.locator("#chatbot img")).to_have_count(2, timeout=10_000)  # the tactile image and the photo
             thumbs = page.locator("#evidence img.ev-thumb")
             expect(thumbs).to_have_count(2 * 3, timeout=10_000)  # K = 3 for a describe question: tactile + RGB each
             assert page.locator("#evidence .ev-intent").inner_text() == "describe"
@@ -546,6 +563,7 @@ def test_real_browser_upload_ask_and_see_the_answer_and_evidence(app_url, pipeli
         finally:
             browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
+    assert foreign == [], f"the page asked hosts other than 127.0.0.1: {foreign}"
 
 
 # ----------------------------------------------------------------------------- qa ask
