@@ -728,3 +728,43 @@ def test_touchvl_chat_says_in_one_line_when_the_local_model_server_cannot_start(
     assert re.fullmatch(r"touchvl chat failed: the local model server exited at start: .*deleted-model.*"
                         r"cannot load the model to serve .*\(log: .*serve\.log\)", last), last
     assert not _answers_http(f"http://127.0.0.1:{port}/")
+
+
+def test_real_browser_hides_the_sensor_picker_when_the_projector_has_no_sensor_tokens(pipeline, tmp_path):
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no headless Chromium: `apt-get install chromium` and `pip install playwright` (.ci/run does both)")
+    from playwright.sync_api import expect, sync_playwright
+    from tasks import train_projector
+
+    # the same embeddings, a projector trained without sensor tokens (projector.num_sensors: 0), its own index
+    params = updated(pipeline, chat={"provider": "offline"},
+                     projector={"num_sensors": 0, "out_dir": tmp_path / "proj", "projected_dir": tmp_path / "projected",
+                                "metrics": tmp_path / "m/projector.json", "history_dir": tmp_path / "m",
+                                "headline": tmp_path / "m/retrieval.json"},
+                     index={"out_dir": tmp_path / "index", "metrics": tmp_path / "m/index.json",
+                            "build_report": tmp_path / "index/build.json", "gallery": tmp_path / "gallery.html"})
+    train_projector.run_stage1(params)
+    train_projector.run_stage2(params)
+    index.run(params)
+    service = TouchQAService(params)
+    assert not service.uses_sensor_tokens
+    app = build_app(params.chat, service)
+    _, url, _ = launch(app, params.chat, "127.0.0.1", free_port(), block=False)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(url)
+                expect(page.locator("#tactile")).to_be_visible(timeout=30_000)
+                expect(page.locator("#sensor")).to_be_hidden()
+                page.locator("#tactile input[type=file]").set_input_files(_query(pipeline)[0])
+                expect(page.locator("#tactile img").first).to_be_visible(timeout=15_000)
+                page.locator("#question textarea").fill("What does this feel like?")
+                page.locator("#question textarea").press("Enter")
+                expect(page.locator("#evidence img.ev-thumb")).to_have_count(2 * 3, timeout=30_000)
+            finally:
+                browser.close()
+    finally:
+        app.close()
