@@ -379,3 +379,33 @@ def test_stage_reports_the_duplicate_rate_and_fails_a_set_over_the_limit(tmp_pat
     monkeypatch.setattr(stage, "multimodal_set", lambda *a, **k: (lambda ex: ex + ex[:5])(real(*a, **k)))
     with pytest.raises(StageError, match="too_many_duplicates"):
         stage.run(params)
+
+
+def test_data_urls_have_one_encoder_and_one_decoder(tmp_path):
+    """touchvl.chat.messages encodes and decodes every data URL: the generators, the gallery's and the chat page's
+    thumbnails, the exporter and the model server read and write the same thing."""
+    import io
+
+    from touchvl.chat.export import image_bytes
+    from touchvl.chat.messages import bytes_data_url, decode_data_url, jpeg_data_url, read_image_url
+    from touchvl.errors import StageError
+    from touchvl.retrieval.gallery import thumbnail
+    from touchvl.ui.service import image_data_url
+
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (300, 150), (200, 30, 10)).save(photo)
+    png = photo.read_bytes()
+    url = bytes_data_url(png)
+    assert url.startswith("data:image/png;base64,") and decode_data_url(url) == png
+    assert read_image_url(url, "x") == image_bytes(url, "x") == png
+    for made, side in ((thumbnail(str(photo), 64), 64), (image_data_url(photo, 128), 128), (jpeg_data_url(photo), 300)):
+        assert made.startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(decode_data_url(made))) as img:
+            assert img.format == "JPEG" and max(img.size) == side
+    assert thumbnail(str(tmp_path / "missing.jpg")) == ""  # the gallery shows no picture, it does not fail
+    for bad, why in (("data:image/png,abc", "only base64"), ("data:image/png;base64,@@@", "Only base64 data")):
+        with pytest.raises(ValueError, match=why):
+            decode_data_url(bad)
+        for reader in (read_image_url, image_bytes):
+            with pytest.raises(StageError, match=f"line 3: cannot read image: .*{why}"):
+                reader(bad, "line 3")

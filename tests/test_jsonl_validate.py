@@ -2,6 +2,7 @@ import base64
 from collections import Counter
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,26 @@ def test_duplicate_rate_is_in_the_banner_and_over_the_limit_fails(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "touchvl", "validate", str(path), "--report-dir", str(tmp_path / "r3"),
                          "--max-duplicate-fraction", "0.05"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+@pytest.mark.parametrize("model", [None, "gpt-4o-mini-2024-07-18"])
+def test_validate_costs_the_same_inside_and_outside_the_project(tmp_path, model):
+    """Inside the project `touchvl validate` prices with params.yaml, outside with the schema default: one table."""
+    path = write(tmp_path, [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(20)])
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    costs = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's package outside it too (a shared venv may hold another)
+    for where, cwd in (("in", ROOT), ("out", outside)):
+        proc = subprocess.run([sys.executable, "-m", "touchvl", "validate", str(path), "--report-dir",
+                               str(tmp_path / f"report-{where}"), *(["--model", model] if model else [])],
+                              cwd=cwd, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        cost = json.loads((tmp_path / f"report-{where}" / "report.json").read_text())["summary"]["cost"]
+        assert f"est. ${cost['cost_usd']} " in proc.stdout
+        costs.append(cost)
+    assert costs[0] == costs[1]
+    assert costs[0]["model"] == (model or "gpt-4o-2024-08-06") and costs[0]["cost_usd"] > 0
 
 
 # ------------------------------------------------------------------ hostile input: a verdict or exit 2, never a traceback

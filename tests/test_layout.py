@@ -106,3 +106,25 @@ def test_readme_cli_section_matches_the_parser():
     section = (ROOT / "README.md").read_text().split("## CLI", 1)[1].split("\n## ", 1)[0]
     listed = sorted(set(re.findall(r"^\| `touchvl ([\w-]+)", section, flags=re.M)))
     assert listed == commands
+
+
+def test_readme_cli_rows_name_only_real_options_and_all_of_them():
+    """Each command's README row names only options its parser has, and every one of them unless the row says
+    ``[...]`` (more options: see --help); finetune's row lists exactly its subcommands."""
+    import argparse
+
+    from touchvl.cli import build_parser
+
+    section = (ROOT / "README.md").read_text().split("## CLI", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `touchvl ([\w-]+)[^|]*(?:\\\|[^|]*)*`", section, flags=re.M)}
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, parser in commands.items():
+        row = rows[name]
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        listed = set(re.findall(r"--[\w-]+", row))
+        assert listed <= options, (name, listed - options)
+        if "[...]" not in row:
+            assert options <= listed, (name, options - listed)
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs:
+            assert set(re.findall(r"(\w+)(?:\\\||`)", row.split(name, 1)[1])) == set(subs[0].choices), name

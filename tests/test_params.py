@@ -14,6 +14,19 @@ def test_project_params_yaml_loads_and_matches_defaults_types():
     assert isinstance(params.prepare.max_image_pixels, int)
 
 
+def test_params_yaml_prices_are_the_schema_default():
+    """One price table: params.yaml's jsonl.prices_per_million is the schema default (what `touchvl validate` prices
+    with outside a project), so a file costs the same inside and outside the project."""
+    import yaml
+
+    from touchvl.chat.prices import DEFAULT_PRICES
+    from touchvl.params import JsonlParams
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert raw["jsonl"]["prices_per_million"] == JsonlParams().prices_per_million == DEFAULT_PRICES
+    assert len(DEFAULT_PRICES) > 1 and raw["jsonl"]["model"] == JsonlParams().model in DEFAULT_PRICES
+
+
 def test_unknown_key_fails_with_dotted_name():
     with pytest.raises(ParamsError, match=r"unknown key 'prepare\.augment\.copise'"):
         parse_params({"prepare": {"augment": {"copise": 3}}})

@@ -127,9 +127,10 @@ def cmd_chat(ctx: Context) -> int:
 def cmd_validate(ctx: Context) -> int:
     """Exit 0 valid, 1 invalid, 2 could not validate (bad arguments, unreadable file, report not writable)."""
     from touchvl.chat.fetch import UrlFetcher
-    from touchvl.chat.prices import DEFAULT_PRICES, cost_estimate
+    from touchvl.chat.prices import cost_estimate
     from touchvl.chat.report import report_dict, samples, write_reports
-    from touchvl.chat.validate import DEFAULT_MAX_DUPLICATE_FRACTION, MAX_IMAGE_BYTES, printable, validate_file
+    from touchvl.chat.validate import MAX_IMAGE_BYTES, printable, validate_file
+    from touchvl.params import JsonlParams
 
     args = ctx.args
     if not args.file.is_file():
@@ -146,8 +147,8 @@ def cmd_validate(ctx: Context) -> int:
         params = ctx.params if ctx.has_params else None  # validate works anywhere, with defaults
     except StageError as exc:
         raise CouldNotValidate(f"params: {exc}") from None
-    jsonl = params.jsonl if params else None
-    prices = jsonl.prices_per_million if jsonl else DEFAULT_PRICES
+    jsonl = params.jsonl if params else JsonlParams()  # outside a project: the schema's defaults, the same table
+    prices = jsonl.prices_per_million
     model = args.model
     if args.target == "together":  # Together's own table and epochs (it has no "auto")
         from touchvl.params import TogetherFinetuneParams
@@ -156,9 +157,9 @@ def cmd_validate(ctx: Context) -> int:
         prices = {m: rates["lora"] for m, rates in together.prices_per_million.items() if "lora" in rates}
         model = model or together.model
         epochs = together.n_epochs if epochs == "auto" else epochs
-    model = model or "gpt-4o-2024-08-06"
+    model = model or jsonl.model
     max_duplicates = (args.max_duplicate_fraction if args.max_duplicate_fraction is not None
-                      else jsonl.max_duplicate_fraction if jsonl else DEFAULT_MAX_DUPLICATE_FRACTION)
+                      else jsonl.max_duplicate_fraction)
     fetch = UrlFetcher(deadline_s=args.url_timeout, max_bytes=MAX_IMAGE_BYTES + 1)
     try:
         report = validate_file(args.file, model=model, check_urls=args.check_urls, fetch=fetch, target=args.target,
@@ -450,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seconds per URL for --check-urls, all of it: connect, redirects, body (default 15)")
     validate.add_argument("--max-duplicate-fraction", type=float, default=None,
                           help="more repeated examples than this share is an error (default jsonl.max_duplicate_fraction, 0.01)")
-    validate.add_argument("--model", default=None, help="default gpt-4o-2024-08-06; with --target together finetune.together.model")
+    validate.add_argument("--model", default=None, help="default jsonl.model (gpt-4o-2024-08-06 outside a project); with --target together finetune.together.model")
     validate.add_argument("--epochs", default="auto", help="n_epochs as sent to the service: auto or 1-50 (default auto)")
     validate.add_argument("--target", choices=TARGETS, default="openai",
                           help="the service's own rules on top of OpenAI's (together: base64 images, MIME types, turn order)")

@@ -321,7 +321,11 @@ class JsonlParams(_Section):
     detail: Literal["low", "high", "auto"] = "low"
     model: str = "gpt-4o-2024-08-06"
     n_epochs: Epochs = "auto"
-    prices_per_million: dict[str, Annotated[float, Field(ge=0.0)]] = {"gpt-4o-2024-08-06": 25.0}
+    prices_per_million: dict[str, Annotated[float, Field(ge=0.0)]] = {
+        "gpt-4o-2024-08-06": 25.0, "gpt-4o-mini-2024-07-18": 3.0, "gpt-4.1-2025-04-14": 25.0,
+        "gpt-4.1-mini-2025-04-14": 5.0}
+    """$ per 1M training tokens (OpenAI's published fine-tuning prices; the original toolkit's reference is gpt-4o).
+    The one price table: ``touchvl validate`` outside a project prices with this default, inside with params.yaml's."""
     system_prompt: str = "You are a tactile perception assistant. Describe how surfaces feel to the touch."
     intents: tuple[Intent, ...] = Field(("describe", "compare", "material", "property"), min_length=1)
     seed: int = 0

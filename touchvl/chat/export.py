@@ -22,18 +22,17 @@ ShareGPT text) stops the export with the file, line and reason rather than being
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import io
 import json
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from touchvl import disk
+from touchvl.chat.messages import decode_data_url, file_url_path
 from touchvl.errors import StageError
 
 FORMATS = ("sharegpt", "trl", "axolotl")
@@ -77,12 +76,9 @@ def image_bytes(url: str, where: str, fetch: Callable[[str], bytes] | None = Non
     """The bytes behind an ``image_url``: a base64 data URL, a ``file://`` path or (fetched) an http(s) URL."""
     try:
         if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if not header.endswith(";base64"):
-                raise ValueError("only base64 data URLs are supported")
-            data = base64.b64decode(payload, validate=True)
+            data = decode_data_url(url)
         elif urllib.parse.urlsplit(url).scheme == "file":
-            data = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path)).read_bytes()
+            data = file_url_path(url).read_bytes()
         elif urllib.parse.urlsplit(url).scheme in ("http", "https"):
             if fetch is None:
                 raise ValueError("remote image URL; pass --fetch-images to download it")

@@ -33,7 +33,31 @@ def sniff_mime(data: bytes) -> str:
 
 
 def bytes_data_url(data: bytes, mime: str | None = None) -> str:
+    """The one data-URL encoder: ``data:<mime>;base64,<payload>`` (the MIME type sniffed when not given)."""
     return f"data:{mime or sniff_mime(data)};base64," + base64.b64encode(data).decode()
+
+
+def decode_data_url(url: str) -> bytes:
+    """The one data-URL decoder: the bytes of a base64 ``data:`` URL, or ValueError saying why not."""
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise ValueError("only base64 data URLs are supported")
+    return base64.b64decode(payload, validate=True)  # binascii.Error is a ValueError
+
+
+def jpeg_data_url(image, max_side: int | None = None, quality: int = 90) -> str:
+    """A JPEG data URL of a PIL image or an image file, at most ``max_side`` pixels a side (pages, thumbnails)."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as opened:
+            return jpeg_data_url(opened, max_side, quality)
+    image = image.convert("RGB")  # a copy: the caller's image is not resized
+    if max_side:
+        image.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return bytes_data_url(buf.getvalue(), "image/jpeg")
 
 
 def file_data_url(path: str | Path) -> str:
@@ -57,10 +81,7 @@ def read_image_url(url: str, where: str, *, allow_file: bool = True, allow_http:
     addresses, redirects re-checked, ``timeout_s`` in all, at most MAX_INLINE_BYTES)."""
     try:
         if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if not header.endswith(";base64"):
-                raise ValueError("only base64 data URLs are supported")
-            return base64.b64decode(payload, validate=True)
+            return decode_data_url(url)
         scheme = urllib.parse.urlsplit(url).scheme.lower()
         if scheme == "file" and allow_file:
             return file_url_path(url).read_bytes()

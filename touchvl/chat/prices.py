@@ -1,15 +1,15 @@
 """What a fine-tuning file costs: epochs as the service resolves them, billed tokens, and the price table.
 
-The price table itself is a params default (``jsonl.prices_per_million``, :data:`DEFAULT_PRICES`): one table,
-so the JSONL report, the fine-tune plan and the review flow can never disagree on a file's cost.
+The price table itself is a params default (``jsonl.prices_per_million`` in :mod:`touchvl.params`): one table,
+so the JSONL report, the fine-tune plan, the review flow and ``touchvl validate`` (inside a project or not)
+can never disagree on a file's cost.
 """
 from __future__ import annotations
 
 from touchvl.chat.validate import DEFAULT_CONTEXT, MODEL_CONTEXT, Summary
+from touchvl.params import JsonlParams
 
-# $ per 1M training tokens (OpenAI's published fine-tuning prices; the original toolkit's reference is gpt-4o)
-DEFAULT_PRICES = {"gpt-4o-2024-08-06": 25.0, "gpt-4o-mini-2024-07-18": 3.0, "gpt-4.1-2025-04-14": 25.0,
-                  "gpt-4.1-mini-2025-04-14": 5.0}
+DEFAULT_PRICES = JsonlParams().prices_per_million  # the schema default, not a second table
 
 
 def auto_epochs(n_examples: int) -> int:

@@ -1,25 +1,20 @@
 """The retrieval gallery: a self-contained HTML page of tactile queries beside their top RGB results."""
 from __future__ import annotations
 
-import base64
 import html
-import io
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+
+from touchvl.chat.messages import jpeg_data_url
 
 
 def thumbnail(path: str, size: int = 112) -> str:
+    """A JPEG data URL at most ``size`` pixels a side; empty (no picture) when the file cannot be read."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=85)
+        return jpeg_data_url(path, size, quality=85)
     except OSError:
         return ""
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def true_match_rank(query: np.ndarray, gallery: np.ndarray, gallery_sources: np.ndarray, source_id: int) -> int | None:

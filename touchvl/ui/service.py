@@ -14,9 +14,7 @@ material finds the surfaces described that way; the RGB index is for images).
 from __future__ import annotations
 
 import atexit
-import base64
 import hashlib
-import io
 import json
 import logging
 import os
@@ -35,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from touchvl import disk
 from touchvl.answering import OFFLINE, Backend, Completion, offline_answer, resolve_backend
+from touchvl.chat.messages import jpeg_data_url
 from touchvl.errors import StageError
 from touchvl.finetune.remote import KEY_VARS, serve_url
 from touchvl.params import ChatParams, Params
@@ -126,12 +125,7 @@ def check_image(path: str | Path, chat: ChatParams, role: str = "tactile image")
 
 def image_data_url(path: str | Path, max_side: int = 512) -> str:
     """A JPEG data URL of the image (any format the page accepts), at most ``max_side`` pixels a side."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        img.thumbnail((max_side, max_side))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return jpeg_data_url(path, max_side, quality=90)
 
 
 def resolve_mode(mode: str, question: str, has_image: bool) -> str:
