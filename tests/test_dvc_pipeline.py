@@ -3,6 +3,8 @@
 DVC is called as ``.venv/bin/dvc`` with the venv NOT on PATH (as the README tells users): the stage commands
 (``bin/stage``) find the project's interpreter themselves.
 """
+import csv
+import io
 import json
 import os
 import shutil
@@ -30,10 +32,9 @@ def sh(*args, cwd):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
 
 
-@pytest.fixture
-def repo(tmp_path):
-    work = tmp_path / "repo"
-    work.mkdir()
+def make_repo(work: Path) -> Path:
+    """A git + DVC repo of the project's code and a small params set (40 ids, tiny models) at ``work``."""
+    work.mkdir(parents=True)
     for name in ("tasks", "touchvl", "bin", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         src = ROOT / name
         if src.is_dir():
@@ -54,6 +55,11 @@ def repo(tmp_path):
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
         assert sh(*cmd, cwd=work).returncode == 0, cmd
     return work
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return make_repo(tmp_path / "repo")
 
 
 def test_repro_then_up_to_date_then_param_change(repo):
@@ -81,12 +87,10 @@ def test_repro_then_up_to_date_then_param_change(repo):
     again = sh("dvc", "repro", cwd=repo)
     assert again.returncode == 0 and "Data and pipelines are up to date" in again.stdout
 
-    # same inputs on the same machine, every stage run again from its inputs: the same bytes in dvc.lock (but for
-    # embed's run summary, which counts what this run took from the cache)
+    # same inputs on the same machine, every stage run again from its inputs: the same bytes in dvc.lock
     def hashes():
         lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-        return {(stage, o["path"]): o.get("md5") for stage, s in lock.items() for o in s.get("outs", [])
-                if o["path"] != "artifacts/reports/embed/summary.json"}
+        return {(stage, o["path"]): o.get("md5") for stage, s in lock.items() for o in s.get("outs", [])}
 
     before = hashes()
     forced = sh("dvc", "repro", "--force", cwd=repo)
@@ -102,18 +106,43 @@ def test_repro_then_up_to_date_then_param_change(repo):
     page = (repo / "artifacts/reports/plots/index.html").read_text()
     assert "vegaEmbed(" in page and "cdn.jsdelivr" not in page and "<script src=" not in page
 
-    # experiments compare: metrics are cached outputs that a commit and an experiment both keep
+    # experiments compare: metrics are cached outputs that a commit and an experiment both keep.  The issue's
+    # own loop: more projector epochs, then compare retrieval; a second experiment changes only the answers.
     assert sh("git", "add", "-A", cwd=repo).returncode == 0
     assert sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline", cwd=repo).returncode == 0
-    exp = sh("dvc", "exp", "run", "-n", "k1", "-S", "evaluate.retrieval_k=1", cwd=repo)
-    assert exp.returncode == 0, exp.stderr + exp.stdout
-    assert "Running stage 'evaluate'" in exp.stdout and "Running stage 'embed'" not in exp.stdout
-    diff = sh("dvc", "exp", "diff", "HEAD", "k1", "--json", cwd=repo)
-    assert diff.returncode == 0, diff.stderr
-    changed_metrics = json.loads(diff.stdout)["metrics"]
-    assert "artifacts/metrics/answers.json" in changed_metrics, changed_metrics
-    shown = sh("dvc", "exp", "show", "--json", cwd=repo)
-    assert shown.returncode == 0 and "!" not in json.dumps(json.loads(shown.stdout))  # no metric missing
+    longer = sh("dvc", "exp", "run", "-n", "longer", "-S", "train_stage1.epochs=4", cwd=repo)
+    assert longer.returncode == 0, longer.stderr + longer.stdout
+    assert "Running stage 'train_projector_stage1'" in longer.stdout and "Running stage 'index'" in longer.stdout
+    assert "Running stage 'embed'" not in longer.stdout
+    # a workspace experiment leaves its params and outputs in the workspace: back to the baseline commit first
+    assert sh("git", "checkout", "--", "params.yaml", "dvc.lock", cwd=repo).returncode == 0
+    restored = sh("dvc", "checkout", "--force", cwd=repo)
+    assert restored.returncode == 0, restored.stderr
+    k1 = sh("dvc", "exp", "run", "-n", "k1", "-S", "evaluate.retrieval_k=1", cwd=repo)
+    assert k1.returncode == 0, k1.stderr + k1.stdout
+    assert "Running stage 'evaluate'" in k1.stdout and "Running stage 'train_projector_stage1'" not in k1.stdout
+
+    def metric_diff(a, b, *flags):
+        diff = sh("dvc", "exp", "diff", a, b, "--json", *flags, cwd=repo)
+        assert diff.returncode == 0, diff.stderr
+        return json.loads(diff.stdout)["metrics"]
+
+    # the retrieval metrics of both runs, side by side (R@1 on 8 test ids may well not move with 2 more epochs,
+    # so --all: unchanged metrics are listed too)
+    both = metric_diff("HEAD", "longer", "--all")["artifacts/metrics/retrieval.json"]
+    for key in ("raw_r1", "proj_r1"):
+        assert isinstance(both[key]["old"], float) and isinstance(both[key]["new"], float), both
+    # a metric change reported: top-1 neighbours answer instead of top-k
+    changed = metric_diff("HEAD", "k1")
+    assert "artifacts/metrics/answers.json" in changed, changed
+    assert any(v["old"] != v["new"] for v in changed["artifacts/metrics/answers.json"].values()), changed
+    assert "artifacts/metrics/answers.json" in metric_diff("longer", "k1")  # two experiments compared directly
+    shown = sh("dvc", "exp", "show", "--csv", cwd=repo)
+    assert shown.returncode == 0, shown.stderr
+    rows = list(csv.DictReader(io.StringIO(shown.stdout)))
+    assert {"longer", "k1"} <= {r["Experiment"] for r in rows}
+    for row in rows:  # every metric of every run loaded: DVC shows "!" for a metric it could not read
+        assert row["proj_r1"] not in ("", "!") and row["adj_f1"] not in ("", "!"), row
     assert sh("dvc", "metrics", "diff", "HEAD", cwd=repo).returncode == 0
     # the headline set: few numeric metrics, one small file per question, readable on a screen
     shown = sh("dvc", "metrics", "show", cwd=repo)
@@ -123,15 +152,21 @@ def test_repro_then_up_to_date_then_param_change(repo):
         assert key in shown.stdout, key
     assert sh("dvc", "plots", "diff", "HEAD", "--json", cwd=repo).returncode == 0
 
+    # a param change reruns what depends on it (prepare and embed here), and DVC then knows everything after
+    # them is stale; the whole chain is not rerun to save the test's time (the experiments above rerun parts)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prepare"]["augment"]["copies"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    changed = sh("dvc", "repro", cwd=repo)
+    changed = sh("dvc", "repro", "embed", cwd=repo)
     assert changed.returncode == 0, changed.stderr
     assert "Stage 'sample' didn't change, skipping" in changed.stdout
     assert "Running stage 'prepare'" in changed.stdout
     assert "Running stage 'embed'" in changed.stdout
     assert len(pd.read_csv(repo / "data/prepared/manifest.csv")) > len(manifest)
+    status = sh("dvc", "status", "--json", cwd=repo)
+    stale = set(json.loads(status.stdout))
+    assert {"train_projector_stage1", "index", "upload", "jsonl", "evaluate"} <= stale, stale
+    assert not {"sample", "prepare", "embed"} & stale, stale
 
 
 def test_params_typo_fails_the_stage_with_the_key_name(repo):

@@ -6,7 +6,7 @@ import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import build, stage_order
-from tests.test_dvc_pipeline import repo  # noqa: F401  (the temp git + DVC repo fixture)
+from tests.test_dvc_pipeline import make_repo, repo  # noqa: F401  (the temp git + DVC repo fixture)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,15 +29,26 @@ def _artifact(key, flow_run_id=None):
                                      sort=ArtifactSort.CREATED_DESC)
 
 
-def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(repo):  # noqa: F811
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, prefect_harness):
+    """One full build flow run, shared: the build test asserts on it, the nightly test re-indexes its repo (a
+    second full build would cost minutes of the suite)."""
+    repo = make_repo(tmp_path_factory.mktemp("built") / "repo")
+    state = build(str(repo), return_state=True)
+    return repo, state
+
+
+def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(built, tmp_path):
+    import shutil
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    repo, first_state = built
     order = stage_order(repo)
     assert order.index("sample") < order.index("prepare") < order.index("embed") < order.index("index")
     assert order.index("upload") < order.index("jsonl") < order.index("finetune")
 
-    first_state = build(str(repo), return_state=True)
     first = first_state.result()
     assert [r["stage"] for r in first] == order and all(r["ran"] for r in first)
     assert _artifact("validation-prepare") and _artifact("validation-embed-table")
@@ -51,6 +62,17 @@ def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(
     assert upstream["train_projector_stage2"] >= {"train_projector_stage1"} and "index" in upstream["evaluate"]
     metrics = _artifact("build-metrics", run_id)
     assert metrics and "proj_r1" in metrics[0].data and "adj_f1" in metrics[0].data
+    # every stage has its validation artifact, the table names the column each expectation checked, and no
+    # artifact links to a file:// path (dead in a browser)
+    for stage in order:
+        assert _artifact(f"validation-{stage.replace('_', '-')}", run_id), stage
+    table = json.loads(_artifact("validation-prepare-table", run_id)[0].data)
+    assert {"uid", "id"} <= {row["column"] for row in table}
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        published = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    assert published and not any("file://" in str(a.data) for a in published)
 
     second_state = build(str(repo), return_state=True)
     second = second_state.result()
@@ -60,29 +82,43 @@ def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(
         published = _artifact(f"validation-{stage.replace('_', '-')}", second_state.state_details.flow_run_id)
         assert published and "was up to date" in published[0].data
 
-    # a blocking validation failure: one corrupt image with no tolerance for quarantine
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    # a stage DVC restores from its run-cache (a param changed and changed back) still publishes its validation
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    for seed in (1, params["jsonl"]["seed"]):
+        params["jsonl"]["seed"] = seed
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        state = build(str(repo), stages=["jsonl"], return_state=True)
+        (row,) = state.result()
+    (repo / "params.yaml").write_text(original)
+    assert row["restored"] and not row["ran"]
+    published = _artifact("validation-jsonl", state.state_details.flow_run_id)
+    assert published and "restored from DVC's run-cache" in published[0].data
+
+    # a blocking validation failure: one corrupt image with no tolerance for quarantine (in a copy: the nightly
+    # test goes on with the built repo)
+    broken = tmp_path / "broken"
+    shutil.copytree(repo, broken, symlinks=True)
+    params = yaml.safe_load((broken / "params.yaml").read_text())
     params["prepare"]["max_bad_fraction"] = 0.0
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    (repo / "data/sample/images_rgb/image_3_rgb.jpg").write_bytes(b"broken")
-    state = build(str(repo), stages=["prepare"], return_state=True)
+    (broken / "params.yaml").write_text(yaml.safe_dump(params))
+    (broken / "data/sample/images_rgb/image_3_rgb.jpg").write_bytes(b"broken")
+    state = build(str(broken), stages=["prepare"], return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="1 of 40 ids quarantined"):
         state.result()
-    report = json.loads((repo / "artifacts/reports/validation/prepare.json").read_text())
+    report = json.loads((broken / "artifacts/reports/validation/prepare.json").read_text())
     assert report["success"] is False
     latest = _artifact("validation-prepare")
     assert any("FAILED" in (a.data or "") for a in latest)
 
 
-def test_reindex_adds_only_new_images(repo):  # noqa: F811
+def test_reindex_adds_only_new_images(built):
     from PIL import Image
 
-    from flows.reindex import STAGES, reindex
+    from flows.reindex import reindex
 
-    # the sample stage makes data.root (the nightly flow itself never regenerates it); the stages after the index
-    # (upload, jsonl, finetune, evaluate) are not the nightly flow's and are left out to save the time
-    build(str(repo), stages=["sample", "pretrain_smoke", *STAGES])
+    repo, _ = built
     first = reindex(str(repo))
     assert first["added"] == 80 and first["index"]["rgb"]["mode"] == "rebuild"
     sample = repo / "data/sample"
