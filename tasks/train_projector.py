@@ -83,6 +83,9 @@ def run_stage2(params: Params) -> dict:
     from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.projector
+    # a killed run's half-written temporaries, before DVC could record them as part of an output
+    disk.remove_stale_temps(p.projected_dir, p.out_dir / "projector.pt", p.metrics, p.headline,
+                            *checks.report_paths("train_projector_stage2", params.validation))
     data = pairs(params)
     device = resolve_device(p.device, "projector.device")
     apply_threads(p.threads)

@@ -245,9 +245,15 @@ def run_validation(stage: str, tables: list[Table], params: ValidationParams,
     return report
 
 
+def report_paths(stage: str, params: ValidationParams) -> tuple[Path, Path]:
+    """The JSON and HTML reports :func:`run_validation` writes for ``stage``."""
+    return params.reports_dir / f"{stage}.json", params.reports_dir / f"{stage}.html"
+
+
 def _write_report(report: ValidationReport, params: ValidationParams) -> None:
-    disk.write_json(params.reports_dir / f"{report.stage}.json", report.to_dict())
-    disk.write_text(params.reports_dir / f"{report.stage}.html", report_html(report))
+    json_path, html_path = report_paths(report.stage, params)
+    disk.write_json(json_path, report.to_dict())
+    disk.write_text(html_path, report_html(report))
     for w in report.warnings:
         log.warning("validation warning: %s", w.describe())
 
