@@ -27,6 +27,10 @@ def run(params: Params) -> EmbeddingSet:
     # encoder is lazy (its fingerprint needs no model), images are embedded only on a cache miss, the text
     # queries of the metrics are cached like captions, and a validation of identical vectors is replayed.
     p = params.embed
+    # a killed run's half-written temporaries, before DVC could record them as part of an output
+    disk.remove_stale_temps(*(p.out_dir / f"embeddings_{m}" for m in ("tac", "rgb", "text")), p.cache_dir,
+                            p.out_dir / "sensor_ids.npy", p.out_dir / "meta.json", p.metrics, p.headline, p.text_search,
+                            p.summary, *checks.report_paths("embed", params.validation))
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     encoder = ImageBindEncoder(encoder_spec(p), lazy=True)
     if encoder.is_smoke:

@@ -29,6 +29,8 @@ def run(params: Params) -> dict:
     from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.index
+    # a killed run's half-written temporaries, before DVC could record them as part of an output
+    disk.remove_stale_temps(p.out_dir, p.gallery, p.metrics, p.build_report, *checks.report_paths("index", params.validation))
     apply_threads(p.threads)  # faiss is imported by now: its OpenMP pool too
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     rgb, tac, encoder_meta = load_databases(params.embed.out_dir)

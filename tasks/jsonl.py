@@ -29,6 +29,8 @@ def run(params: Params) -> dict:
     from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.jsonl
+    # a killed run's half-written temporaries, before DVC could record them as part of an output
+    disk.remove_stale_temps(p.out_dir, p.headline, *checks.report_paths("jsonl", params.validation))
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     splits = {"train": manifest.loc[manifest["split"] == "train", "uid"],
               "val": disk.evaluation_rows(manifest)["uid"]}

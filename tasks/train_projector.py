@@ -67,7 +67,8 @@ def run_stage1(params: Params) -> dict:
                                          num_sensors=num_sensors, sensor_tokens=p.sensor_tokens))
     with curves(p.history_dir / "projector_stage1") as on_epoch:
         result = fit(model, data, params.train_stage1, device, on_epoch)
-    model.load_state_dict(result.best_state)
+    if result.best_state:  # none when no epoch had a finite val_r1: validation below says so, naming the epochs
+        model.load_state_dict(result.best_state)
     ckpt = checkpoint_dict(model, stage=1, best_epoch=result.best_epoch, best_val_r1=result.best_val_r1,
                            encoder_fingerprint=data.encoder_fingerprint)
     # validated before anything is written: stage 2 and every query trust this checkpoint's geometry
@@ -82,6 +83,9 @@ def run_stage2(params: Params) -> dict:
     from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.projector
+    # a killed run's half-written temporaries, before DVC could record them as part of an output
+    disk.remove_stale_temps(p.projected_dir, p.out_dir / "projector.pt", p.metrics, p.headline,
+                            *checks.report_paths("train_projector_stage2", params.validation))
     data = pairs(params)
     device = resolve_device(p.device, "projector.device")
     apply_threads(p.threads)
@@ -91,15 +95,17 @@ def run_stage2(params: Params) -> dict:
     model = projector_from_checkpoint(stage1)
     with curves(p.history_dir / "projector_stage2") as on_epoch:
         result = fit(model, data, params.train_stage2, device, on_epoch)
-    model.load_state_dict(result.best_state)
+    if result.best_state:  # none when no epoch had a finite val_r1: validation below says so, naming the epochs
+        model.load_state_dict(result.best_state)
+    projected = project(model, data.tac, data.sensors, device=device)
+    _, raw_ids = disk.read_vectors(params.embed.out_dir / "embeddings_tac")
+    # validated before anything is written: a NaN loss or val_r1 in the curve is a failed run, not a projector
+    checks.run_validation("train_projector_stage2", validation_tables(projected, data.uids, raw_ids, result.history),
+                          params.validation).raise_if_failed()
     disk.write_checkpoint(p.out_dir / "projector.pt", checkpoint_dict(
         model, stage=2, best_epoch=result.best_epoch, best_val_r1=result.best_val_r1,
         encoder_fingerprint=data.encoder_fingerprint))
     projector_hash = disk.sha256_file(p.out_dir / "projector.pt")[:16]
-    projected = project(model, data.tac, data.sensors, device=device)
-    _, raw_ids = disk.read_vectors(params.embed.out_dir / "embeddings_tac")
-    checks.run_validation("train_projector_stage2", validation_tables(projected, data.uids, raw_ids),
-                          params.validation).raise_if_failed()
     disk.write_vectors(p.projected_dir, projected, data.uids, meta={
         "projector_hash": projector_hash, "projector": str(p.out_dir / "projector.pt"),
         "encoder_fingerprint": data.encoder_fingerprint, "dim": int(projected.shape[1]), "count": len(projected),

@@ -157,18 +157,19 @@ def test_images_are_checked_against_the_caps_and_must_decode(tmp_path):
     Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "ok.png")
     assert check_image(tmp_path / "ok.png", chat) == tmp_path / "ok.png"
     Image.new("RGB", (200, 200)).save(tmp_path / "wide.png")
-    with pytest.raises(ChatInputError, match=r"wide.png is 200x200 pixels, over the cap of 10,000 \(chat.max_image_pixels\)"):
+    with pytest.raises(ChatInputError, match=r"wide.png has too many pixels \(image_too_large: 200x200 = 40000 pixels "
+                                                r"> chat.max_image_pixels=10000"):
         check_image(tmp_path / "wide.png", chat)
     (tmp_path / "big.jpg").write_bytes(os.urandom(20_000))
     with pytest.raises(ChatInputError, match=r"big.jpg is 0.0191 MB, over the 0.01 MB cap \(chat.max_image_mb\)"):
         check_image(tmp_path / "big.jpg", chat)
     (tmp_path / "notes.jpg").write_text("not an image")
-    with pytest.raises(ChatInputError, match=r"tactile image notes.jpg: not a decodable image \(not an image file\)"):
+    with pytest.raises(ChatInputError, match=r"tactile image notes.jpg: not a decodable image \(corrupt_image: not an image file"):
         check_image(tmp_path / "notes.jpg", chat)
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "cut.jpg")
     data = (tmp_path / "cut.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ChatInputError, match=r"RGB photo cut.jpg: not a decodable image \(OSError: Truncated File Read\)"):
+    with pytest.raises(ChatInputError, match=r"RGB photo cut.jpg: not a decodable image \(corrupt_image: OSError: Truncated File Read\)"):
         check_image(tmp_path / "cut.jpg", chat, "RGB photo")
 
 

@@ -76,7 +76,7 @@ def test_fine_tuned_model_is_used_when_present(qa_env):
 def test_actionable_errors(qa_env, monkeypatch, tmp_path):
     params, _ = qa_env
     manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv")
-    with pytest.raises(StageError, match="cannot read tactile image"):
+    with pytest.raises(StageError, match=r"tactile image .*missing.jpg: unreadable_image: cannot read \(No such file"):
         TouchQAModel(params).answer(tmp_path / "missing.jpg", "feel?")
     unknown = params.model_copy(update={"qa": params.qa.model_copy(update={"base_model": "gpt-9"})})
     with pytest.raises(StageError, match="API error 404: .*gpt-9"):

@@ -112,6 +112,31 @@ class Table:
     with the frame, so a changed byte the frame's summary cannot show (same norm) still re-validates."""
 
 
+HISTORY_COLUMNS = ("epoch", "loss", "val_r1", "tau", "lr")
+
+
+def history_table(history: list[dict], bounded: dict[str, tuple[float, float]] | None = None,
+                  columns: tuple[str, ...] = HISTORY_COLUMNS) -> Table:
+    """A training curve (one row per epoch) as a suite: at least one epoch, every value finite, ``bounded``
+    columns (default: ``val_r1`` in [0, 1]) within their ranges.
+
+    Finiteness is its own boolean column per value: GX's range and set expectations count a NaN as a *missing*
+    value and skip it, so a NaN ``val_r1`` or ``loss`` passed ``ExpectColumnValuesToBeBetween`` silently; a
+    missing column (an epoch that logged no ``tau``) is not finite either.
+    """
+    bounded = {"val_r1": (0.0, 1.0)} if bounded is None else bounded
+    curve = pd.DataFrame(history, columns=list(columns))
+    critical = dict(severity="critical")
+    expectations = [expect.ExpectTableRowCountToBeBetween(min_value=1, **critical)]
+    for column in columns:
+        values = pd.to_numeric(curve[column], errors="coerce").to_numpy(dtype=float)
+        curve[f"{column}_finite"] = np.isfinite(values)
+        expectations.append(expect.ExpectColumnValuesToBeInSet(column=f"{column}_finite", value_set=[True], **critical))
+    for column, (lo, hi) in bounded.items():
+        expectations.append(expect.ExpectColumnValuesToBeBetween(column=column, min_value=lo, max_value=hi, **critical))
+    return Table("history", curve, expectations, id_column="epoch")
+
+
 @dataclass(frozen=True)
 class ExpectationOutcome:
     table: str
@@ -220,9 +245,15 @@ def run_validation(stage: str, tables: list[Table], params: ValidationParams,
     return report
 
 
+def report_paths(stage: str, params: ValidationParams) -> tuple[Path, Path]:
+    """The JSON and HTML reports :func:`run_validation` writes for ``stage``."""
+    return params.reports_dir / f"{stage}.json", params.reports_dir / f"{stage}.html"
+
+
 def _write_report(report: ValidationReport, params: ValidationParams) -> None:
-    disk.write_json(params.reports_dir / f"{report.stage}.json", report.to_dict())
-    disk.write_text(params.reports_dir / f"{report.stage}.html", report_html(report))
+    json_path, html_path = report_paths(report.stage, params)
+    disk.write_json(json_path, report.to_dict())
+    disk.write_text(html_path, report_html(report))
     for w in report.warnings:
         log.warning("validation warning: %s", w.describe())
 

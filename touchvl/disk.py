@@ -14,8 +14,10 @@ Data contracts read here and nowhere else:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +28,8 @@ import pandas as pd
 
 from touchvl.errors import StageError
 
+log = logging.getLogger(__name__)
+TEMP_SUFFIX = ".tmp"  # what atomic_open names its temporary files: .<name>.<random>.tmp beside the target
 MANIFEST_COLUMNS = ["uid", "id", "source_id", "copy", "split", "sensor_id", "tac_path", "rgb_path", "caption", "aug"]
 MANIFEST_INT_COLUMNS = ("uid", "source_id", "copy", "sensor_id")
 
@@ -34,7 +38,7 @@ MANIFEST_INT_COLUMNS = ("uid", "source_id", "copy", "sensor_id")
 def atomic_open(path: Path | str, mode: str = "w", **kwargs) -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
@@ -45,6 +49,32 @@ def atomic_open(path: Path | str, mode: str = "w", **kwargs) -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(*paths: Path | str) -> list[Path]:
+    """Delete what a killed run left of its atomic writes, before a stage writes again; returns what went.
+
+    A folder the stage owns (``embeddings/embeddings_tac``, ``artifacts/index``): every ``*.tmp`` file in it, at any
+    depth -- DVC would otherwise hash it as part of the output.  A file (existing or not): only its own temporaries
+    beside it (``.<name>.*.tmp``), so a folder other stages also write into (``artifacts/metrics``) is left alone.
+    Called at the start of a stage, when nothing else writes there (DVC holds its lock).
+    """
+    removed = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = [f for f in path.rglob(f"*{TEMP_SUFFIX}") if f.is_file() or f.is_symlink()]
+        elif path.parent.is_dir():
+            found = [f for f in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}") if f.is_file()]
+        else:
+            found = []
+        for f in found:
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                removed.append(f)
+    if removed:
+        log.info("removed %d temporary file(s) a killed run left: %s", len(removed),
+                                         ", ".join(str(f) for f in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+    return removed
 
 
 def write_bytes(path: Path | str, data: bytes) -> None:

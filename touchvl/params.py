@@ -400,6 +400,9 @@ class LocalFinetuneParams(_Section):
     """Largest request body the model server reads (413 above it, before reading)."""
     serve_max_image_mb: float = Field(10.0, gt=0)
     """Largest image in a request, decoded (400 above it)."""
+    serve_max_image_pixels: int = Field(25_000_000, ge=1)
+    """Most pixels an image's header may claim (width x height): above it the request is answered 400
+    ``image_too_large`` before any pixel is decoded, whatever PIL's own decompression-bomb limit."""
     serve_timeout_s: float = Field(30.0, gt=0)
     """Idle and slow connections: a request whose headers or body take longer is dropped."""
     serve_https_images: bool = False

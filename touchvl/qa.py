@@ -17,7 +17,7 @@ from pathlib import Path
 
 import openai
 
-from touchvl import disk
+from touchvl import disk, imagefile
 from touchvl.answering import Backend, keyword_intent, offline_answer
 from touchvl.chat.messages import file_data_url
 from touchvl.finetune.remote import api_errors, make_client
@@ -51,10 +51,13 @@ def chat_model(params: Params) -> str:
     return info["fine_tuned_model"] if info else params.qa.base_model
 
 
-def build_messages(question: str, intent: str, query_image: str, hits: list[Hit]) -> list[dict]:
+def build_messages(question: str, intent: str, query_image: str, hits: list[Hit], max_pixels: int) -> list[dict]:
+    """The query image as the encoder saw it (:func:`touchvl.imagefile.jpeg_data_url`: a 16-bit or EXIF-rotated
+    upload as prepare would publish it), the neighbours' photos as prepare published them."""
+    query_url = imagefile.jpeg_data_url(query_image, max_pixels, "prepare.max_image_pixels", f"tactile image {query_image}")
     parts: list[dict] = [
         {"type": "text", "text": f"Question: {question}\nThe first image is a tactile sensor (gel) image of the surface."},
-        {"type": "image_url", "image_url": {"url": file_data_url(query_image), "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": query_url, "detail": "low"}},
     ]
     for rank, hit in enumerate(hits, start=1):
         parts += [{"type": "text", "text": f"Reference {rank} (similarity {hit.score:.2f}) feels: {hit.caption}"},
@@ -104,17 +107,22 @@ class TouchQAModel:
 
     def retrieve(self, image: str | Path, sensor_id: int | None, k: int, exclude_source: int | None = None) -> list[Hit]:
         """Top-k RGB neighbours; ``exclude_source`` leaves out the query's own item (for evaluation)."""
-        vector, space = self.encoder.tactile(image, sensor_id)
+        return self._search(self.encoder.tactile(image, sensor_id), k, exclude_source)
+
+    def _search(self, query: tuple, k: int, exclude_source: int | None) -> list[Hit]:
+        vector, space = query
         hits = self.retriever.search(vector, space, search_params(self.params.index, k + 1))[0]
         return [h for h in hits if h.source_id != exclude_source][:k]
 
     def answer(self, tactile_image: str | Path, question: str, sensor_id: int | None = None, k: int | None = None,
                exclude_source: int | None = None) -> Answer:
+        query = self.encoder.tactile(tactile_image, sensor_id)  # the image first: a bad one fails before any API call
         intent = self.classify(question)
-        hits = self.retrieve(tactile_image, sensor_id, k or self.params.qa.k_by_intent.get(intent, 3), exclude_source)
+        hits = self._search(query, k or self.params.qa.k_by_intent.get(intent, 3), exclude_source)
         if self.offline:
             return Answer(offline_answer(question, intent, hits), intent, None, hits, "offline")
-        text = self._chat(build_messages(question, intent, str(tactile_image), hits), self.params.qa.max_tokens)
+        messages = build_messages(question, intent, str(tactile_image), hits, self.params.prepare.max_image_pixels)
+        text = self._chat(messages, self.params.qa.max_tokens)
         return Answer(text, intent, self.model, hits, self.provider)
 
 

@@ -95,15 +95,14 @@ def read_image_url(url: str, where: str, *, allow_file: bool = True, allow_http:
         raise StageError(f"{where}: cannot read image: {redact_urls(str(exc))}") from None
 
 
-def open_image(data: bytes, where: str = "image"):
-    """Decode image bytes to an RGB PIL image, or a clear error naming ``where``."""
-    from PIL import Image, UnidentifiedImageError
+def open_image(data: bytes, where: str = "image", max_pixels: int = 40_000_000,
+               limit: str = "prepare.max_image_pixels"):
+    """Decode image bytes to the RGB PIL image every consumer sees (touchvl.imagefile: orientation applied, deep
+    samples scaled, the header's pixel count capped before decoding), or a clear error naming ``where``:
+    :class:`touchvl.imagefile.ImageRejected` (a StageError) with reason ``image_too_large`` or ``corrupt_image``."""
+    from touchvl import imagefile
 
-    try:
-        image = Image.open(io.BytesIO(data))
-        return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise StageError(f"{where}: not a decodable image ({exc})") from None
+    return imagefile.read_rgb(data, max_pixels, limit, where)
 
 
 def _under(path: Path, roots: Sequence[Path]) -> bool:

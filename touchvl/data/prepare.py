@@ -11,7 +11,7 @@ augmented/normalised images under ``data/prepared/images_{tac,rgb}/`` and
 
 Bad inputs are quarantined, never fatal and never able to drop a good row; the stage fails only
 when the quarantined fraction exceeds ``prepare.max_bad_fraction``.  CSV files are read record by record
-(touchvl.data.csvfile) and images decoded through one path (touchvl.data.imagefile).
+(touchvl.data.csvfile) and images decoded through one path (touchvl.imagefile).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
 from touchvl import disk
-from touchvl.data import csvfile, imagefile
+from touchvl import imagefile
+from touchvl.data import csvfile
 from touchvl.disk import MANIFEST_COLUMNS
 from touchvl.errors import StageError
 from touchvl.params import AugmentParams, PrepareParams
@@ -232,7 +233,7 @@ class ImageCheck:
 
 
 def check_image(path: Path, p: PrepareParams) -> ImageCheck:
-    """Decode the image the way :func:`load_rgb` will (touchvl.data.imagefile) and say whether it may be published."""
+    """Decode the image the way :func:`load_rgb` will (touchvl.imagefile) and say whether it may be published."""
     try:
         if path.stat().st_size == 0:
             return ImageCheck("corrupt_image", "zero-byte file")
@@ -240,25 +241,22 @@ def check_image(path: Path, p: PrepareParams) -> ImageCheck:
             width, height = img.size
             if min(width, height) < p.min_image_side:
                 return ImageCheck("image_too_small", f"{width}x{height} < prepare.min_image_side={p.min_image_side}")
-            img.load()  # a truncated file fails here
-            rgb = imagefile.to_rgb(img)
-            needs_normalising = img.format != "JPEG" or img.mode != "RGB" or imagefile.has_orientation(img)
+            decoded = imagefile.decode_open(img)
     except imagefile.ImageRejected as exc:
         return ImageCheck(exc.reason, exc.detail)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on a hostile file, the file is bad
         return ImageCheck("corrupt_image", f"{type(exc).__name__}: {exc}")
-    if imagefile.pixel_std(rgb) == 0.0:
+    if imagefile.pixel_std(decoded.rgb) == 0.0:
         # nothing to learn from, and the signature of a failed conversion: never published
-        return ImageCheck("constant_image", f"every pixel is {rgb.getpixel((0, 0))} (mode {img.mode})")
-    return ImageCheck(None, needs_normalising=needs_normalising)
+        return ImageCheck("constant_image", f"every pixel is {decoded.rgb.getpixel((0, 0))} (mode {decoded.mode})")
+    return ImageCheck(None, needs_normalising=not decoded.as_stored)
 
 
 def load_rgb(path: Path, max_pixels: int) -> Image.Image:
     """The RGB pixels of an image :func:`check_image` accepted (EXIF orientation applied, deep samples scaled)."""
-    with imagefile.open_image(path, max_pixels) as img:
-        return imagefile.to_rgb(img)
+    return imagefile.read_rgb(path, max_pixels, "prepare.max_image_pixels")
 
 
 # ----------------------------------------------------------------------------- splits

@@ -7,7 +7,7 @@ evaluate stage reach it through the same ``openai`` client, only with another ba
 
 * ``GET /v1/models``, ``GET /v1/models/{id}``;
 * ``POST /v1/chat/completions``: system/user/assistant messages, content as a string or text and
-  ``image_url`` parts (base64 data URLs, ``file://`` or http(s) URLs), ``max_tokens`` /
+  ``image_url`` parts (base64 data URLs; https URLs when ``serve_https_images``), ``max_tokens`` /
   ``max_completion_tokens``, ``temperature`` (0: greedy), ``top_p``, ``seed``, ``stop``; the reply is a
   ``chat.completion`` with ``usage``, or with ``stream: true`` server-sent ``chat.completion.chunk`` events
   as the tokens are generated, then ``data: [DONE]`` (``stream_options.include_usage`` adds the usage chunk);
@@ -18,9 +18,10 @@ evaluate stage reach it through the same ``openai`` client, only with another ba
 Safe by default (:class:`ServerLimits`): it binds 127.0.0.1; images come only as ``data:`` URLs (``https:``
 only when allowed, from public addresses; never ``file:`` or any other scheme, whatever its case or padding, so
 the server reads no local file and is no oracle of which exist); request bodies and images are capped (413 /
-400); POSTs must be ``application/json`` (415: a web page's form or ``text/plain`` post cannot reach the model);
-a Host or Origin naming another host is refused (403: no DNS rebinding, no cross-site requests); a missing or
-malformed ``Content-Length`` is 411 / 400; idle and slow connections are dropped after ``serve_timeout_s``;
+400; an image whose header claims more than ``serve_max_image_pixels`` is 400 ``image_too_large``, not decoded);
+POSTs must be ``application/json`` (415: a web page's form or ``text/plain`` post cannot reach the model); a Host
+or Origin naming another host is refused (403: no DNS rebinding, no cross-site requests); a missing or malformed
+``Content-Length`` is 411 / 400; idle and slow connections are dropped after ``serve_timeout_s``;
 with ``LOCAL_MODEL_API_KEY`` set every request needs ``Authorization: Bearer <key>``.
 
 Why not ``transformers serve``: it needs the ``serving`` extras and a model id per request; this
@@ -43,8 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
-from touchvl import disk
-from touchvl.chat.messages import open_image, read_image_url
+from touchvl import disk, imagefile
+from touchvl.chat.messages import read_image_url
 from touchvl.devices import resolve_device
 from touchvl.errors import StageError
 from touchvl.finetune.local.data import convert_messages
@@ -70,7 +71,7 @@ class ApiError(Exception):
 class ChatRequest:
     model: str
     messages: list[dict]
-    images: list[bytes]
+    images: list  # RGB PIL images, decoded once while the request was checked (touchvl.imagefile)
     max_tokens: int | None
     temperature: float
     top_p: float
@@ -84,6 +85,7 @@ class ChatRequest:
 class ServerLimits:
     max_body_bytes: int = 32 * 2**20
     max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 25_000_000
     timeout_s: float = 30.0
     https_images: bool = False
     allowed_hosts: tuple[str, ...] = ()
@@ -91,13 +93,15 @@ class ServerLimits:
     @classmethod
     def from_params(cls, p: FinetuneParams) -> "ServerLimits":
         c = p.local
-        return cls(int(c.serve_max_body_mb * 2**20), int(c.serve_max_image_mb * 2**20), c.serve_timeout_s,
-                   c.serve_https_images, tuple(c.serve_allowed_hosts))
+        return cls(int(c.serve_max_body_mb * 2**20), int(c.serve_max_image_mb * 2**20), c.serve_max_image_pixels,
+                   c.serve_timeout_s, c.serve_https_images, tuple(c.serve_allowed_hosts))
 
 
 def image_fetcher(limits: ServerLimits):
     """The only way a request's image URL is read: ``data:`` (size-capped before decoding), ``https:`` when
-    allowed (public addresses, capped, timed out); every other scheme is refused without touching anything."""
+    allowed (public addresses, capped, timed out); every other scheme is refused without touching anything.
+    Returns the decoded RGB image (touchvl.imagefile): a header over ``max_image_pixels`` is a 400
+    ``image_too_large`` before any pixel is decoded, bytes that do not decode a 400 ``invalid_image_url``."""
     from touchvl.chat.fetch import FetchError, UrlFetcher, redact_urls
 
     def fetch(url: str, where: str) -> bytes:
@@ -117,7 +121,7 @@ def image_fetcher(limits: ServerLimits):
             if len(data) > limits.max_image_bytes:
                 raise ApiError(400, f"The image is larger than this server accepts ({limits.max_image_bytes // 2**20} MB).",
                                param, "image_too_large")
-            return _decodable(data, where, param)
+            return _decoded(data, where, param, limits)
         else:  # file:, FILE:, " file:", http:, ftp:, a bare path...: refused before anything is read
             accepted = "data: or https:" if limits.https_images else "data:"
             raise ApiError(400, f"image URLs must be {accepted} URLs (send the image as a base64 data URL).", param,
@@ -126,17 +130,20 @@ def image_fetcher(limits: ServerLimits):
             data = read_image_url(text, where, allow_file=False, allow_http=False)
         except StageError as exc:
             raise ApiError(400, str(exc), param, "invalid_image_url") from None
-        return _decodable(data, where, param)
+        return _decoded(data, where, param, limits)
 
     return fetch
 
 
-def _decodable(data: bytes, where: str, param: str) -> bytes:
+def _decoded(data: bytes, where: str, param: str, limits: ServerLimits):
     try:
-        open_image(data, where)
-    except StageError as exc:
-        raise ApiError(400, str(exc), param, "invalid_image_url") from None
-    return data
+        return imagefile.read_rgb(data, limits.max_image_pixels, "finetune.local.serve_max_image_pixels")
+    except imagefile.ImageRejected as exc:
+        if exc.reason == "image_too_large":
+            raise ApiError(400, f"The image has more pixels than this server accepts ({exc.detail}).", param,
+                           "image_too_large") from None
+        raise ApiError(400, f"{where}: not a decodable image ({exc.reason}: {exc.detail})", param,
+                       "invalid_image_url") from None
 
 
 def parse_chat_request(body: bytes, limits: ServerLimits | None = None) -> ChatRequest:
@@ -197,7 +204,7 @@ class ChatModel:
 
     def _prepare(self, req: ChatRequest) -> tuple[dict, int, dict]:
         """Model inputs, prompt length and generate() arguments; a 400 when the prompt does not fit."""
-        images = [open_image(data) for data in req.images]
+        images = list(req.images)
         prompt = self.processor.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         inputs = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt").to(self.device)
         n_prompt = int(inputs["input_ids"].shape[1])

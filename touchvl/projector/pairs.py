@@ -108,43 +108,41 @@ def test_metrics(data: PairedEmbeddings, projected: np.ndarray) -> dict:
     return metrics
 
 
-def validation_tables(projected: np.ndarray, uids: np.ndarray, raw_ids: np.ndarray) -> list:
-    """The train_projector boundary: every projected row finite and unit-norm, one per raw tactile uid, same order."""
+def validation_tables(projected: np.ndarray, uids: np.ndarray, raw_ids: np.ndarray, history: list[dict] | None = None) -> list:
+    """The train_projector boundary: every projected row finite and unit-norm, one per raw tactile uid, same order;
+    with ``history``, stage 2's training curve finite (:func:`touchvl.checks.history_table`)."""
     from touchvl import checks
 
     gxe = checks.gxe
     rows = pd.DataFrame({"uid": uids, "finite": np.isfinite(projected).all(axis=1),
                          "norm": np.linalg.norm(np.nan_to_num(projected), axis=1)})
     ids = pd.DataFrame({"raw_uid": raw_ids, "projected_uid": uids if len(uids) == len(raw_ids) else -1})
-    return [checks.Table("projected", rows, [
-                gxe.ExpectColumnValuesToBeInSet(column="finite", value_set=[True], severity="critical"),
-                gxe.ExpectColumnValuesToBeBetween(column="norm", min_value=0.999, max_value=1.001, severity="critical"),
-                gxe.ExpectColumnValuesToBeUnique(column="uid", severity="critical")], id_column="uid"),
-            checks.Table("ids", ids, [
-                gxe.ExpectColumnPairValuesToBeEqual(column_A="raw_uid", column_B="projected_uid", severity="critical")],
-                id_column="raw_uid")]
+    tables = [checks.Table("projected", rows, [
+                  gxe.ExpectColumnValuesToBeInSet(column="finite", value_set=[True], severity="critical"),
+                  gxe.ExpectColumnValuesToBeBetween(column="norm", min_value=0.999, max_value=1.001, severity="critical"),
+                  gxe.ExpectColumnValuesToBeUnique(column="uid", severity="critical")], id_column="uid"),
+              checks.Table("ids", ids, [
+                  gxe.ExpectColumnPairValuesToBeEqual(column_A="raw_uid", column_B="projected_uid", severity="critical")],
+                  id_column="raw_uid")]
+    return tables + ([checks.history_table(history)] if history is not None else [])
 
 
 def stage1_validation_tables(history: list[dict], state: dict, emb_dim: int, checkpoint_dim: int,
                              checkpoint_fingerprint: str, encoder_fingerprint: str, best_val_r1: float) -> list:
-    """The stage-1 boundary: a finite training curve and a checkpoint that fits the embeddings it was trained on."""
+    """The stage-1 boundary: a finite training curve (every loss, val_r1, tau and lr: NaN included) and a checkpoint
+    that fits the embeddings it was trained on, with finite weights and a finite best val_r1 in [0, 1]."""
     import torch
 
     from touchvl import checks
 
     gxe = checks.gxe
     critical = dict(severity="critical")
-    curve = pd.DataFrame(history, columns=["epoch", "loss", "val_r1", "tau", "lr"])
-    curve["loss_finite"] = np.isfinite(curve["loss"].to_numpy(dtype=float))
     checkpoint = pd.DataFrame([{
         "dims_match": checkpoint_dim == emb_dim, "encoder_matches": checkpoint_fingerprint == encoder_fingerprint,
         "weights_finite": all(bool(torch.isfinite(v).all()) for v in state.values() if torch.is_floating_point(v)),
-        "best_val_r1": float(best_val_r1)}])
-    return [checks.Table("history", curve, [gxe.ExpectTableRowCountToBeBetween(min_value=1, **critical),
-                                             gxe.ExpectColumnValuesToBeInSet(column="loss_finite", value_set=[True], **critical),
-                                             gxe.ExpectColumnValuesToBeBetween(column="val_r1", min_value=0, max_value=1, **critical)],
-                         id_column="epoch"),
+        "best_val_r1": float(best_val_r1), "best_val_r1_finite": bool(np.isfinite(best_val_r1))}])
+    return [checks.history_table(history),
             checks.Table("checkpoint", checkpoint, [
                 gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True], **critical)
-                for c in ("dims_match", "encoder_matches", "weights_finite")]
+                for c in ("dims_match", "encoder_matches", "weights_finite", "best_val_r1_finite")]
                 + [gxe.ExpectColumnValuesToBeBetween(column="best_val_r1", min_value=0, max_value=1, **critical)])]

@@ -1,18 +1,18 @@
 """Turn a user's query (a tactile image, or text) into a vector plus the space it lives in.
 
 Used by the search CLI and TouchQA, so a query is encoded exactly as the database was: the same
-ImageBind encoder (checked by fingerprint) and, for tactile images, the trained projector with the
-image's sensor id.
+ImageBind encoder (checked by fingerprint) and, for tactile images, the pixels prepare would have published
+(touchvl.imagefile: EXIF orientation applied, 16/32-bit samples scaled, ``prepare.max_image_pixels`` as the cap)
+and the trained projector with the image's sensor id.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from touchvl import disk
-from touchvl.errors import StageError
+from touchvl import disk, imagefile
 from touchvl.imagebind.encoder import ImageBindEncoder, encoder_spec
 from touchvl.params import Params
 from touchvl.projector.model import projector_from_checkpoint
@@ -22,6 +22,7 @@ from touchvl.retrieval.index import QuerySpace
 
 class QueryEncoder:
     def __init__(self, params: Params):
+        self.max_pixels = params.prepare.max_image_pixels
         self.encoder = ImageBindEncoder(encoder_spec(params.embed))
         projected_meta = params.projector.projected_dir / "meta.json"
         checkpoint = params.projector.out_dir / "projector.pt"
@@ -33,11 +34,13 @@ class QueryEncoder:
 
     def tactile(self, path: Path | str, sensor_id: int | None = None) -> tuple[np.ndarray, QuerySpace]:
         """Embed a tactile image and, when a projector is trained, project it into RGB space."""
-        try:
+        decoded = imagefile.decode(path, self.max_pixels, "prepare.max_image_pixels", where=f"tactile image {path}")
+        if decoded.as_stored and self.encoder.spec.fast_decode:
+            # a file prepare publishes as stored, as embed reads it: the fast path decodes the JPEG at a DCT scale
             with Image.open(path) as img:
-                pixels = self.encoder.preprocess(img).unsqueeze(0)  # the path the gallery was embedded with
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-            raise StageError(f"{path}: cannot read tactile image ({type(exc).__name__}: {exc})") from None
+                pixels = self.encoder.preprocess(img).unsqueeze(0)
+        else:
+            pixels = self.encoder.preprocess(decoded.rgb).unsqueeze(0)  # the transform the gallery was embedded with
         vector = self.encoder.encode_images(pixels).numpy()
         if self.projector is None:
             return vector[0], QuerySpace("raw", vector.shape[1], self.encoder.fingerprint)

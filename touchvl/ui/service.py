@@ -29,11 +29,9 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 import openai
-from PIL import Image, UnidentifiedImageError
 
-from touchvl import disk
+from touchvl import disk, imagefile
 from touchvl.answering import OFFLINE, Backend, Completion, offline_answer, resolve_backend
-from touchvl.chat.messages import jpeg_data_url
 from touchvl.errors import StageError
 from touchvl.finetune.remote import KEY_VARS, serve_url
 from touchvl.params import ChatParams, Params
@@ -96,7 +94,8 @@ class Conversation:
 
 
 def check_image(path: str | Path, chat: ChatParams, role: str = "tactile image") -> Path:
-    """The file as it may be used: within the byte and pixel caps and decodable; otherwise a ChatInputError."""
+    """The file as it may be used: within the byte and pixel caps and decodable (touchvl.imagefile, the decode every
+    consumer uses); otherwise a ChatInputError naming the code (``image_too_large``, ``corrupt_image``)."""
     path = Path(path)
     name = path.name
     try:
@@ -107,25 +106,27 @@ def check_image(path: str | Path, chat: ChatParams, role: str = "tactile image")
         raise ChatInputError(f"{role} {name} is {size / 2**20:.3g} MB, over the {chat.max_image_mb:g} MB cap "
                              f"(chat.max_image_mb); upload a smaller image")
     try:
-        with Image.open(path) as img:
-            width, height = img.size  # from the header: nothing decoded yet
-            if width * height > chat.max_image_pixels:
-                raise ChatInputError(f"{role} {name} is {width}x{height} pixels, over the cap of "
-                                     f"{chat.max_image_pixels:,} (chat.max_image_pixels); upload a smaller image")
-            img.load()  # a truncated or corrupt file fails here, not later inside the encoder
-    except ChatInputError:
-        raise
-    except Image.DecompressionBombError:
-        raise ChatInputError(f"{role} {name} has too many pixels to decode safely (chat.max_image_pixels)") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
-        raise ChatInputError(f"{role} {name}: not a decodable image ({reason}); upload a JPEG, PNG or WEBP file") from None
+        imagefile.decode(path, chat.max_image_pixels, "chat.max_image_pixels")
+    except imagefile.ImageRejected as exc:
+        raise ChatInputError(image_problem(exc, f"{role} {name}")) from None
     return path
 
 
-def image_data_url(path: str | Path, max_side: int = 512) -> str:
-    """A JPEG data URL of the image (any format the page accepts), at most ``max_side`` pixels a side."""
-    return jpeg_data_url(path, max_side, quality=90)
+def image_problem(exc: imagefile.ImageRejected, what: str) -> str:
+    """One line for a person: what is wrong with the image (its code included) and what to do."""
+    if exc.reason == "image_too_large":
+        return f"{what} has too many pixels (image_too_large: {exc.detail}); upload a smaller image"
+    if exc.reason == "unreadable_image":
+        return f"{what}: cannot be read ({exc.detail})"
+    return f"{what}: not a decodable image ({exc.reason}: {exc.detail}); upload a JPEG, PNG or WEBP file"
+
+
+def image_data_url(path: str | Path, max_pixels: int, max_side: int = 512) -> str:
+    """A JPEG data URL of the image as the encoder sees it (touchvl.imagefile), at most ``max_side`` pixels a side."""
+    try:
+        return imagefile.jpeg_data_url(path, max_pixels, "chat.max_image_pixels", max_side=max_side)
+    except imagefile.ImageRejected as exc:
+        raise ChatInputError(image_problem(exc, f"image {Path(path).name}")) from None
 
 
 def resolve_mode(mode: str, question: str, has_image: bool) -> str:
@@ -145,7 +146,7 @@ def resolve_mode(mode: str, question: str, has_image: bool) -> str:
 
 
 def chat_messages(question: str, intent: str, mode: str, hits: list[Hit], tactile: str | None, rgb: str | None,
-                  history: list[tuple[str, str]]) -> list[dict]:
+                  history: list[tuple[str, str]], max_pixels: int = ChatParams().max_image_pixels) -> list[dict]:
     """The conversation for the chat model: earlier turns as text, this turn with the images and references."""
     if mode == "text only":
         system = ("You are a tactile perception assistant. No tactile image is given: ground your answer in the "
@@ -157,13 +158,13 @@ def chat_messages(question: str, intent: str, mode: str, hits: list[Hit], tactil
         intro = f"Question: {question}\nThe first image is a tactile sensor (gel) image of the surface."
     parts: list[dict] = [{"type": "text", "text": intro}]
     if mode != "text only":
-        parts.append({"type": "image_url", "image_url": {"url": image_data_url(tactile), "detail": "low"}})
+        parts.append({"type": "image_url", "image_url": {"url": image_data_url(tactile, max_pixels), "detail": "low"}})
         if rgb:
             parts += [{"type": "text", "text": "The next image is an RGB photo of the same surface."},
-                      {"type": "image_url", "image_url": {"url": image_data_url(rgb), "detail": "low"}}]
+                      {"type": "image_url", "image_url": {"url": image_data_url(rgb, max_pixels), "detail": "low"}}]
     for rank, hit in enumerate(hits, start=1):
         parts += [{"type": "text", "text": f"Reference {rank} (similarity {hit.score:.2f}) feels: {hit.caption}"},
-                  {"type": "image_url", "image_url": {"url": image_data_url(hit.rgb_path, 256), "detail": "low"}}]
+                  {"type": "image_url", "image_url": {"url": image_data_url(hit.rgb_path, max_pixels, 256), "detail": "low"}}]
     messages = [{"role": "system", "content": system + STYLE[intent]}]
     for asked, answered in history:
         messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
@@ -335,7 +336,8 @@ class TouchQAService:
         else:
             history = conversation.turns[-self.chat.history_turns:] if self.chat.history_turns else []
             messages = chat_messages(question, intent, used, hits, context_tactile if used != "text only" else None,
-                                     context_rgb if used != "text only" else None, history)
+                                     context_rgb if used != "text only" else None, history,
+                                     self.chat.max_image_pixels)
             completion = Completion(self.backend, self.qa.client, messages, self.params.qa.max_tokens,
                                     self.params.qa.temperature, stream=self.stream)
             text = ""
