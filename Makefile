@@ -17,7 +17,9 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# `touchvl plots --template` first: this clone's `dvc plots show|diff` then inline Vega instead of loading a CDN
 repro: setup
+	$(BIN)/touchvl plots --template
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Two xdist workers, one file per worker at a time (module fixtures are built once); PYTEST_WORKERS=0 runs serially.

@@ -16,8 +16,8 @@ import pandas as pd
 from touchvl import disk, headline
 from touchvl.devices import apply_threads
 from touchvl.errors import StageError
-from touchvl.evaluation import (adjective_prf, constant_answer, judge, neighbour_answers, paired_comparison, retrieval_answer, score_all,
-                                tune_prior_weight, validation_tables, word_prior, words)
+from touchvl.evaluation import (adjective_prf, bertscore_setup, constant_answer, judge, neighbour_answers, paired_comparison,
+                                retrieval_answer, score_all, tune_prior_weight, validation_tables, word_prior, words)
 from touchvl.finetune.remote import KEY_VARS, api_errors
 from touchvl.logs import run_stage
 from touchvl.params import Params
@@ -58,7 +58,8 @@ def run(params: Params) -> dict:
                          p.wordnet_dir)
 
     metrics = {"answerer": p.answerer, "model": None if p.answerer == "retrieval" else qa.model, "prompt": p.prompt,
-               **score(predictions), "retrieval_prior_weight": weight,
+               **score(predictions), **bertscore_setup(p.bertscore_model, p.bertscore_layers),
+               "retrieval_prior_weight": weight,
                "retrieval_prior_curve": None if curve is None else {str(w): f1 for w, f1 in curve.items()}}
     metrics["baselines"] = baselines(params, manifest, test, score)
     # is the answerer's lead over the constant answer more than noise? per item, paired (Wilcoxon signed-rank)

@@ -33,6 +33,7 @@ from touchvl.retrieval.index import Hit
 from touchvl.ui.app import ChatState, api_answer, build_app, launch, respond
 from touchvl.ui.service import (IMAGE_ONLY_QUESTION, ChatInputError, Conversation, TouchQAService, check_image,
                                 image_data_url, resolve_mode)
+from tests.browser import CHROMIUM_FLAGS, NO_BROWSER, chromium_path
 from tests.conftest import build_pipeline, write_captions, write_pair
 from tests.loopback import free_port
 from tests.openai_server import ApiServer, ApiState
@@ -493,22 +494,10 @@ def test_http_api_with_the_compatible_provider_through_gradio_client(pipeline, a
     assert all(e["caption"] in json.dumps(asked) for e in reply["evidence"])
 
 
-def _chromium() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return None
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
 def test_real_browser_upload_ask_and_see_the_answer_and_evidence(app_url, pipeline, offline):
-    browser_path = _chromium()
+    browser_path = chromium_path()
     if browser_path is None:
-        pytest.skip("no headless Chromium: `apt-get install chromium` and `pip install playwright` (.ci/run does both)")
+        pytest.skip(NO_BROWSER)
     from playwright.sync_api import expect, sync_playwright
 
     image = _manifest(pipeline).query("copy == 0 and split == 'test'")["tac_path"].iloc[0]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from tasks import evaluate, index
-from touchvl.evaluation import (JUDGE_PROMPT, PRIOR_WEIGHTS, adjective_prf, bleu, constant_answer, retrieval_answer,
+from touchvl.evaluation import (JUDGE_PROMPT, PRIOR_WEIGHTS, _bert_scorer, bleu, constant_answer, retrieval_answer,
                                 tune_prior_weight, word_prior)
 from touchvl.qa import CLASSIFY_PROMPT, STYLE, TouchQAModel
 from touchvl.retrieval.index import QueryMismatch
@@ -89,12 +89,7 @@ def test_actionable_errors(qa_env, monkeypatch, tmp_path):
         TouchQAModel(params).answer(manifest["tac_path"][0], "feel?")
 
 
-def test_metric_functions_on_hand_checked_examples():
-    vocab = {"smooth", "glossy", "hard", "rough", "soft"}
-    assert adjective_prf("smooth, glossy, hard", "smooth, glossy, hard", vocab) == (1.0, 1.0, 1.0)
-    assert adjective_prf("rough, soft", "smooth, glossy", vocab) == (0.0, 0.0, 0.0)
-    p, r, f = adjective_prf("It feels smooth and rough.", "smooth, glossy", vocab)
-    assert (p, r) == (0.5, 0.5) and f == 0.5
+def test_metric_functions_on_hand_checked_examples():  # adjective P/R/F1: tests/test_evaluation.py
     assert bleu(["it feels smooth glossy and hard"], ["it feels smooth glossy and hard"]) == pytest.approx(1.0)
     assert bleu(["rough"], ["smooth glossy hard surface"]) < 0.1
     assert retrieval_answer(["smooth, hard", "smooth, soft", "rough, hard"], 3) == "smooth, hard, soft, rough"
@@ -180,6 +175,11 @@ def test_evaluate_stage_runs_offline_with_the_retrieval_answerer(built, tmp_path
     assert 0.0 <= saved["adjective_f1"] <= 1.0 and 0.0 < saved["bertscore_f1"] <= 1.0
     assert isinstance(saved["meteor"], float) and 0.0 <= saved["meteor"] <= 1.0  # WordNet is installed (.ci/run)
     assert saved["gpt_judge"] == "skipped (no API key)"
+    # how BERTScore was computed, beside the number: MiniLM, raw F1 -- not comparable with published roberta-large
+    assert (saved["bertscore_model"], saved["bertscore_layers"], saved["bertscore_rescaled_with_baseline"]) == (
+        params.evaluate.bertscore_model, params.evaluate.bertscore_layers, False)
+    scorer = _bert_scorer(params.evaluate.bertscore_model, params.evaluate.bertscore_layers)  # the one that scored
+    assert scorer.rescale_with_baseline is False and scorer.num_layers == saved["bertscore_layers"]
     # the prior weight was chosen on held-out training ids: one F1 per candidate weight, the best one taken
     vs = saved["adjective_f1_vs_constant"]  # the lead over a constant answer, item by item
     assert vs["pairs"] == saved["n"] and vs["wins"] + vs["ties"] + vs["losses"] == saved["n"]

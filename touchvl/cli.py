@@ -10,7 +10,7 @@
     touchvl finetune plan|approve|submit|status|events|cancel|list|serve
     touchvl export --format sharegpt|trl|axolotl --out DIR
     touchvl evaluate-real [--dir ../shared/real-ssvtp]
-    touchvl plots [REV ...] [--out DIR]
+    touchvl plots [REV ...] [--out DIR] | --template
     touchvl download-weights [--dest .checkpoints]
 
 Commands that read the pipeline's outputs run in the project: the nearest folder above the current one that
@@ -371,10 +371,13 @@ def cmd_evaluate_real(ctx: Context) -> int:
 
 
 def cmd_plots(ctx: Context) -> int:
-    from touchvl.plots import dvc_plot_specs, render
+    from touchvl.plots import dvc_plot_specs, install_template, render
 
     if ctx.root is None:
         raise StageError("no project here: run inside a touchvl project or pass -C DIR")
+    if ctx.args.template:
+        print(f"{install_template(ctx.root)} (plots.html_template in .dvc/config.local: `dvc plots show` renders offline)")
+        return 0
     out = ctx.args.out or ctx.root / "artifacts/reports/plots"
     for path in render(dvc_plot_specs(ctx.root, ctx.args.revisions), out):
         print(path)
@@ -522,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "fine-tune's losses) with Vega bundled inline: no CDN, opens anywhere.")
     plots.add_argument("revisions", nargs="*", help="compare the workspace with these revisions (dvc plots diff)")
     plots.add_argument("--out", type=_path, default=None, help="default: artifacts/reports/plots/")
+    plots.add_argument("--template", action="store_true",
+                       help="instead: write .dvc/plots_offline.html (Vega inline) and set it as plots.html_template in "
+                            ".dvc/config.local, so `dvc plots show|diff` render offline")
     plots.set_defaults(func=cmd_plots)
 
     download = sub.add_parser("download-weights", help="download Meta's imagebind_huge.pth (4.5 GB, CC-BY-NC 4.0)",

@@ -31,7 +31,12 @@ def words(text: str) -> list[str]:
 
 
 def adjective_prf(prediction: str, reference: str, vocabulary: set[str]) -> tuple[float, float, float]:
-    """Precision/recall/F1 of the tactile adjectives (words of the caption vocabulary) in the answer."""
+    """Precision/recall/F1 of the tactile adjectives (words of the caption vocabulary) in the answer.
+
+    Both sides are *sets* of vocabulary words, lowercased: a word said twice counts once, a word outside the
+    vocabulary ("it", "feels", "shiny" when no caption uses it) is ignored, and matching is exact -- a synonym
+    ("coarse" for "rough") is a miss (METEOR is the metric that credits WordNet synonyms). An answer naming no
+    vocabulary adjective, or a reference naming none, scores (0, 0, 0): saying nothing earns nothing."""
     pred = set(words(prediction)) & vocabulary
     ref = set(words(reference)) & vocabulary
     if not pred or not ref:
@@ -124,12 +129,25 @@ def bertscore_model_path(name: str) -> str:
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
+# Raw F1, not rescaled: bert_score ships baselines only for its own named models (roberta-large, ...), none for
+# the MiniLM the offline default uses. Together with the model this makes our BERTScore incomparable with published
+# (roberta-large, rescaled) numbers: eval.json names all three (bertscore_setup) so no one compares them by mistake.
+BERTSCORE_RESCALED_WITH_BASELINE = False
+
+
 @functools.lru_cache(maxsize=2)
 def _bert_scorer(model: str, layers: int):
     """One scorer per model and layer count per process: ``bert_score.score`` would load the model on every call."""
     from bert_score import BERTScorer
 
-    return BERTScorer(model_type=bertscore_model_path(model), num_layers=layers)
+    return BERTScorer(model_type=bertscore_model_path(model), num_layers=layers,
+                      rescale_with_baseline=BERTSCORE_RESCALED_WITH_BASELINE)
+
+
+def bertscore_setup(model: str, layers: int) -> dict:
+    """How ``bertscore_f1`` was computed (the model as configured, not its machine-specific folder)."""
+    return {"bertscore_model": model, "bertscore_layers": layers,
+            "bertscore_rescaled_with_baseline": BERTSCORE_RESCALED_WITH_BASELINE}
 
 
 def bertscore(predictions: list[str], references: list[str], model: str, layers: int) -> float:

@@ -4,6 +4,12 @@ blank without network; this one opens anywhere.
 
     touchvl plots                      # the workspace's plots -> artifacts/reports/plots/
     touchvl plots HEAD                 # the workspace against a revision (DVC's plots diff), one colour each
+    touchvl plots --template           # `dvc plots show|diff` themselves render offline from now on
+
+``--template`` writes ``.dvc/plots_offline.html``, an HTML template for dvc-render with the same bundle inline,
+and points ``plots.html_template`` at it in ``.dvc/config.local`` (``make repro`` does it).  dvc-render puts
+its renderers' CDN ``<script src>`` tags where a template says ``{scripts}``; this one says it nowhere, so the
+page keeps only the inline bundle, which defines the ``vegaEmbed`` global DVC's plot divs call.
 """
 from __future__ import annotations
 
@@ -68,3 +74,52 @@ def render(specs: dict[str, dict], out_dir: Path) -> list[Path]:
 """
     disk.write_text(out_dir / "index.html", page)
     return [out_dir / "index.html", *written]
+
+
+TEMPLATE_NAME = "plots_offline.html"  # in .dvc/, beside config.local (DVC resolves a relative template there)
+# dvc-render's placeholders: the plot divs (required) and the refresh tag (`dvc plots show --open` live pages);
+# `{scripts}`, where it would put the CDN tags, is left out on purpose
+TEMPLATE = """<!DOCTYPE html>
+<html>
+<head>
+    {refresh_tag}
+    <meta charset="utf-8">
+    <title>DVC Plot</title>
+    <!-- Vega, Vega-Lite and Vega-Embed bundled inline (vl-convert): this page needs no network -->
+    <script>BUNDLE</script>
+    <style>table { border-spacing: 15px; }</style>
+</head>
+<body>
+    {plot_divs}
+</body>
+</html>
+"""
+
+
+def offline_template() -> str:
+    """DVC's page template with the Vega libraries inline instead of loaded from a CDN."""
+    import vl_convert as vlc
+
+    bundle = vlc.javascript_bundle()
+    # the bundle is pasted into an inline <script> and then into dvc-render's str.replace placeholders: text that
+    # would close the tag early or be taken for a placeholder would break the page, so refuse it loudly
+    clash = [s for s in ("</script", "{plot_divs}", "{scripts}", "{refresh_tag}") if s in bundle]
+    if clash:
+        raise StageError(f"vl-convert's Vega bundle contains {clash}: it cannot be inlined into a DVC template")
+    return TEMPLATE.replace("BUNDLE", bundle)
+
+
+def install_template(repo: Path) -> Path:
+    """Write ``.dvc/plots_offline.html`` and set it as this clone's ``plots.html_template`` (``.dvc/config.local``:
+    a per-clone setting, like the template, which is generated and git-ignored)."""
+    dvc_dir = Path(repo) / ".dvc"
+    if not dvc_dir.is_dir():
+        raise StageError(f"{repo}: not a DVC repository (no .dvc/ folder)")
+    target = dvc_dir / TEMPLATE_NAME
+    disk.write_text(target, offline_template())
+    dvc = Path(sys.executable).parent / "dvc"
+    cmd = [str(dvc), "config", "--local", "plots.html_template", TEMPLATE_NAME]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    if proc.returncode:
+        raise StageError(f"`{' '.join(cmd[1:])}` failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return target

@@ -65,7 +65,7 @@ def adjectives(caption: str) -> list[str]:
 
 def evaluate(data: RealSet, bert_model: str, bert_layers: int, wordnet_dir: Path | None = None) -> dict:
     from touchvl.answering import keyword_intent
-    from touchvl.evaluation import score_all, words
+    from touchvl.evaluation import bertscore_setup, score_all, words
 
     row = {i: k for k, i in enumerate(data.ids)}
     tac_rgb = data.tac @ data.rgb.T
@@ -101,7 +101,7 @@ def evaluate(data: RealSet, bert_model: str, bert_layers: int, wordnet_dir: Path
         "intent_classifier": {"accuracy": round(float(np.mean(right)), 4), "by_intent": per_intent,
                               "mapping": {k: list(v) for k, v in REAL_TO_OURS.items()},
                               "confusion": {f"{r}->{p}": n for (r, p), n in sorted(Counter(zip(real, predicted)).items())}},
-        "answers_vs_reference": scores,
+        "answers_vs_reference": scores, **bertscore_setup(bert_model, bert_layers),
         "raw_retrieval": {"tac_to_rgb_R@1": round(float(np.mean(rank < 1)), 4), "tac_to_rgb_R@5": round(float(np.mean(rank < 5)), 4),
                           "tactile_cone": round(float(tac_tac[upper].mean()), 4),
                           "rgb_cone": round(float((data.rgb @ data.rgb.T)[upper].mean()), 4)},
