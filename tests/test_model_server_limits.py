@@ -83,3 +83,64 @@ def test_the_image_pixel_cap_is_a_param_answered_400_image_too_large(tmp_path):
         with pytest.raises(openai.BadRequestError) as corrupt:
             _ask(client, "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode())
         assert corrupt.value.body["code"] == "invalid_image_url" and "corrupt_image" in corrupt.value.body["message"]
+
+
+SERVE_WITH_STUB = r"""
+import sys
+from touchvl.finetune import server
+from tests.test_model_server_limits import StubModel
+server.ChatModel = lambda *args, **kwargs: StubModel()  # the real CLI and server, a stand-in model
+from touchvl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(url: str, key: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key is not None else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except urllib.error.URLError:  # not listening yet
+        return 0
+
+
+def test_local_model_api_key_is_required_on_every_request_and_never_logged(tmp_path):
+    """`touchvl finetune serve` with LOCAL_MODEL_API_KEY set: 401 without the key or with another, 200 with it,
+    for listing and chat alike; the key appears nowhere in what the server prints, even with --verbose."""
+    key = "sk-local-" + "7f3a9c" * 6
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft/model.json").write_text(json.dumps({"provider": "local", "model_dir": str(tmp_path / "merged"),
+                                                        "fine_tuned_model": StubModel.name}))
+    (tmp_path / "params.yaml").write_text(json.dumps({"finetune": {"provider": "local", "out_dir": str(tmp_path / "ft")}}))
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOCAL_MODEL_API_KEY": key}
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_WITH_STUB, "-C", str(tmp_path), "--verbose", "finetune", "serve",
+                             "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while _status(base + "/models", key) != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        assert _status(base + "/models") == 401
+        assert _status(base + "/models", "sk-wrong") == 401
+        assert _status(base + f"/models/{StubModel.name}", key[:-1]) == 401
+        with pytest.raises(openai.AuthenticationError) as refused:
+            _ask(openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0), _png_url(Image.new("RGB", (8, 8))))
+        assert refused.value.body["code"] == "invalid_api_key" and key not in str(refused.value.body)
+        reply = _ask(openai.OpenAI(base_url=base, api_key=key, max_retries=0), _png_url(Image.new("RGB", (8, 8))))
+        assert json.loads(reply.choices[0].message.content) == [["RGB", [8, 8], 0.0]]
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the server ends like Ctrl-C
+        output, _ = proc.communicate(timeout=30)
+    assert f"serving {StubModel.name}" in output and "chat.completion" in output  # it did log, at DEBUG too
+    assert key not in output and key[:12] not in output

@@ -227,6 +227,42 @@ def test_switching_to_oss_with_the_same_prefix_uploads_everything_and_maps_only_
     assert upload.run(params).sent == 0  # the local records are still there, and true
 
 
+@pytest.mark.parametrize("change", ["endpoint", "bucket"])
+def test_a_changed_endpoint_or_bucket_is_checked_against_its_own_listing_and_gets_what_it_lacks(prepared, oss_env, change):
+    """Same backend and prefix, another endpoint (a second server) or bucket: the first destination's records prove
+    nothing there. Objects the new destination already holds with the same MD5 are kept (one listing); those it
+    lacks, or holds with other bytes, are sent; the mapping names the new destination; the first one is untouched."""
+    from tests.oss_server import StoredObject
+
+    params, manifest = prepared
+    first_state = OssState({KEY_ID: SECRET}, {"tvl", "other"})
+    second_state = OssState({KEY_ID: SECRET}, {"tvl"}) if change == "endpoint" else first_state
+    with OssServer(first_state) as first, OssServer(second_state) as second:
+        before = upload.run(_oss(params, first))
+        keys = sorted(k for _, k in first_state.objects)
+        assert before.sent == len(keys) > 8
+        target_bucket = "other" if change == "bucket" else "tvl"
+        target = _oss(params, second if change == "endpoint" else first, bucket=target_bucket)
+        # the new destination already holds five of the objects (another machine stored them), one with other bytes
+        for key in keys[:5]:
+            second_state.objects[(target_bucket, key)] = first_state.objects[("tvl", key)]
+        second_state.objects[(target_bucket, keys[5])] = StoredObject(b"stale bytes", '"0"', "image/jpeg")
+        first_requests = len(first_state.requests)
+        after = upload.run(target)
+        assert (after.sent, after.skipped) == (len(keys) - 5, 5)
+        blobs = {b.key: b for b in upload_core.plan_blobs(manifest, params.upload.prefix)}
+        for key, blob in blobs.items():  # every object now at the new destination, with the right bytes
+            assert second_state.objects[(target_bucket, key)].data == blob.path.read_bytes()
+        mapping = pd.read_csv(params.upload.mapping)
+        origin = f"{target.upload.endpoint}/{target_bucket}/"
+        assert mapping["tac_url"].str.startswith(origin).all() and mapping["rgb_url"].str.startswith(origin).all()
+        if change == "endpoint":
+            assert len(first_state.requests) == first_requests  # the old endpoint is not even asked
+        assert upload.run(_oss(params, first)).sent == 0  # its own records still hold there
+    records = pd.read_csv(params.upload.manifest)
+    assert records["destination"].nunique() == 2 and len(records) == 2 * len(keys)
+
+
 def test_a_destination_that_already_holds_the_objects_is_listed_not_reuploaded(prepared, oss_env):
     params, manifest = prepared
     state = OssState({KEY_ID: SECRET}, {"tvl"})
