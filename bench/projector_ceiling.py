@@ -83,11 +83,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/projector_ceiling.json"))
     args = ap.parse_args()
     params = load_params()
-    encoder_data = load_pairs(params.embed.out_dir, disk.read_manifest(params.prepare.out_dir / "manifest.csv"), params.projector.val_fraction)
-    import pandas as pd
-
-    manifest = pd.read_csv(params.prepare.out_dir / "manifest.csv", keep_default_na=False).set_index("uid")
-    rows = manifest.loc[encoder_data.uids]
+    manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
+    encoder_data = load_pairs(params.embed.out_dir, manifest, params.projector.val_fraction)
+    rows = manifest.set_index("uid").loc[encoder_data.uids]
     bins = _bins(CROP)
     train = encoder_data.split == "train"
     descriptors = {m: np.stack([texture_descriptor(path, bins) for path in tqdm(rows[f"{m}_path"], desc=f"{m} spectra")])

@@ -29,8 +29,8 @@ EXTRA = ["Ça glisse, c'est lisse et froid.", "触感是粗糙的，坚硬的。
 def texts(files: list[Path]) -> list[str]:
     out = list(EXTRA)
     for path in files:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            for message in json.loads(line)["messages"]:
+        for _where, record in disk.read_jsonl(path):
+            for message in record["messages"]:
                 content = message["content"]
                 parts = [content] if isinstance(content, str) else [p["text"] for p in content if p.get("type") == "text"]
                 out += parts

@@ -6,7 +6,7 @@ import pytest
 
 from tasks import prepare
 from tasks.embed import run
-from touchvl.disk import read_vectors
+from touchvl.disk import read_sensor_ids, read_vectors
 from touchvl.imagebind.embedding import EmbedError, EmbeddingSet, validation_tables
 from touchvl.params import parse_params
 from touchvl.checks import run_validation
@@ -41,7 +41,7 @@ def test_outputs_in_the_original_toolkits_layout(prepared):
         assert indices.dtype == np.int64 and indices.tolist() == manifest["uid"].tolist()
     tac, _ = read_vectors(out / "embeddings_tac")
     np.testing.assert_allclose(np.linalg.norm(tac, axis=1), 1.0, atol=1e-5)
-    assert np.load(out / "sensor_ids.npy").tolist() == manifest["sensor_id"].tolist()
+    assert read_sensor_ids(out, len(manifest)).tolist() == manifest["sensor_id"].tolist()
     meta = json.loads((out / "meta.json").read_text())
     assert meta["smoke"] is True and "smoke runs only" in meta["note"]
     assert meta["dim"] == 64 and meta["count"] == len(manifest) and meta["fingerprint"] == result.meta["fingerprint"]
@@ -122,3 +122,18 @@ def test_validation_catches_nan_rows_and_misaligned_indices(tmp_path):
         ("manifest_coverage", "expect_column_values_to_be_in_set")}
     coverage = next(f for f in failures if f.table == "manifest_coverage")
     assert coverage.unexpected_examples == [3000]
+
+
+def test_sensor_ids_reader_names_a_missing_or_misaligned_file(tmp_path):
+    from touchvl.disk import save_npy
+    from touchvl.errors import StageError
+
+    with pytest.raises(StageError, match=r"sensor_ids.npy: missing .*dvc repro embed"):
+        read_sensor_ids(tmp_path, 3)
+    save_npy(tmp_path / "sensor_ids.npy", np.array([0, 1, 2], dtype=np.int64))
+    assert read_sensor_ids(tmp_path, 3).tolist() == [0, 1, 2]
+    with pytest.raises(StageError, match=r"does not match the 4 tactile embeddings"):
+        read_sensor_ids(tmp_path, 4)
+    save_npy(tmp_path / "sensor_ids.npy", np.zeros(3, dtype=np.float32))
+    with pytest.raises(StageError, match=r"float32 \(3,\) does not match"):
+        read_sensor_ids(tmp_path, 3)

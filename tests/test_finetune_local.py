@@ -25,7 +25,7 @@ from touchvl.finetune.local import data as local_data
 from touchvl.finetune.local import job as local_job
 from touchvl.finetune.local import tiny as local_tiny
 from touchvl.finetune.local import trainer as local_trainer
-from touchvl.finetune.local.data import IGNORE, Encoder, Example, collate, load_examples
+from touchvl.finetune.local.data import IGNORE, Encoder, TrainingExample, collate, load_examples
 from touchvl.finetune.local.trainer import Events, Layout, LocalTrainer
 from touchvl.finetune.server import ChatModel, ModelServer
 from touchvl.params import LocalFinetuneParams, parse_params
@@ -90,6 +90,29 @@ def test_lora_on_a_repeated_batch_reduces_loss_and_the_job_succeeds(trained):
     assert [p.name for p in sorted((root / "ft/local/checkpoints").iterdir())] == ["checkpoint-20", "checkpoint-30"]  # keep 2
 
 
+def test_every_reader_of_an_approved_file_takes_what_the_validator_passes(tmp_path):
+    """One JSONL reader (touchvl.disk.read_jsonl): a file saved with a BOM and CRLF lines passes the validator, so
+    the trainer, the tiny model's tokenizer corpus and the exporter read it too; a bad line names file and line."""
+    from touchvl import disk
+    from touchvl.chat.export import iter_openai
+    from touchvl.chat.validate import validate_file
+
+    path = write_image_dataset(tmp_path / "bom.jsonl", 3)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    assert validate_file(path).ok
+    examples = load_examples(path)
+    assert [e.where for e in examples] == [f"{path}:1", f"{path}:2", f"{path}:3"] and examples[0].images
+    assert "It feels rough and hard, like brick." in local_tiny.dataset_texts(path)
+    assert len(list(iter_openai(path))) == 3
+    path.write_text(path.read_text(encoding="utf-8-sig") + "\n{not json\n", encoding="utf-8")
+    for read in (load_examples, local_tiny.dataset_texts, lambda p: list(iter_openai(p)), lambda p: list(disk.read_jsonl(p))):
+        with pytest.raises(StageError, match=rf"{path}:5: not valid JSON"):
+            read(path)
+    path.write_bytes(b'{"messages": []}\n\xff\n')
+    with pytest.raises(StageError, match=rf"{path}:2: not UTF-8"):
+        list(disk.read_jsonl(path))
+
+
 def test_assistant_only_labels(tiny):
     from transformers import AutoProcessor
 
@@ -100,14 +123,14 @@ def test_assistant_only_labels(tiny):
     messages, images, trained = local_data.convert_messages(raw, "t:1")
     assert trained == (2, 6)  # the weight-0 answer carries no loss
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    item = Encoder(processor, image_id, 512)(0, Example(messages, images, trained, "t:1"))
+    item = Encoder(processor, image_id, 512)(0, TrainingExample(messages, images, trained, "t:1"))
     ids, labels = item["input_ids"][0], item["labels"][0]
     kept = labels != IGNORE
     assert torch.equal(labels[kept], ids[kept])  # labels are the tokens themselves where kept
     decoded = [processor.tokenizer.decode(ids[s]) for s in _runs(kept)]
     assert decoded == ["It feels rough and hard, like brick.<|end|>", "Hard.<|end|>"]
     assert int((ids == image_id).sum()) == 16 and not kept[ids == image_id].any()
-    short = Encoder(processor, image_id, 512)(1, Example(*local_data.convert_messages(example(1)["messages"], "t:2"), "t:2"))
+    short = Encoder(processor, image_id, 512)(1, TrainingExample(*local_data.convert_messages(example(1)["messages"], "t:2"), "t:2"))
     batch = collate([item, short], processor.tokenizer.pad_token_id)
     pad = batch["attention_mask"][1] == 0
     assert pad.any() and (batch["labels"][1][pad] == IGNORE).all() and batch["pixel_values"].shape[0] == 2

@@ -15,7 +15,7 @@ import torch
 
 from tasks import finetune as finetune_stage
 from touchvl.finetune import contract, providers
-from touchvl.finetune.local.data import IGNORE, Example, convert_messages
+from touchvl.finetune.local.data import IGNORE, TrainingExample, convert_messages
 from touchvl.finetune.local.trainer import Events, Layout, LocalTrainer, read_events
 from touchvl.finetune.server import ChatModel, ModelServer
 from touchvl.params import LocalFinetuneParams, parse_params
@@ -44,11 +44,11 @@ def _image(color) -> dict:
     return {"type": "image_url", "image_url": {"url": data_url(color)}}
 
 
-def _example(raw: list[dict], where: str = "t:1") -> Example:
-    return Example(*convert_messages(raw, where), where)
+def _example(raw: list[dict], where: str = "t:1") -> TrainingExample:
+    return TrainingExample(*convert_messages(raw, where), where)
 
 
-def _trainer(base: Path, root: Path, train: list[Example], **cfg) -> LocalTrainer:
+def _trainer(base: Path, root: Path, train: list[TrainingExample], **cfg) -> LocalTrainer:
     settings = dict(device="cpu", lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=512, batch_size=len(train))
     cfg = LocalFinetuneParams(**{**settings, **cfg})
     lay = Layout(root / "local")

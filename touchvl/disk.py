@@ -8,8 +8,11 @@ Data contracts read here and nowhere else:
 * the manifest (``data/prepared/manifest.csv``, :data:`MANIFEST_COLUMNS`): :func:`read_manifest`,
   :func:`evaluation_rows` (the test split's originals, what every metric is computed on);
 * an embeddings folder (``all_embeddings.npy`` [N, D] float32 + ``all_indices.npy`` [N] int64 uids, and
-  optionally ``meta.json``): :func:`read_vectors` / :func:`write_vectors`, :func:`read_meta`;
-* JSON files: :func:`read_json`.
+  optionally ``meta.json``): :func:`read_vectors` / :func:`write_vectors`, :func:`read_meta`, and the embed
+  output's ``sensor_ids.npy`` (row-aligned with ``embeddings_tac``): :func:`read_sensor_ids`;
+* JSON files: :func:`read_json`; JSON Lines data files (chat fine-tuning files, question sets): :func:`read_jsonl`
+  (UTF-8 with or without a BOM, as the validator accepts them; append-only logs that tolerate a torn last line
+  are not data files and keep their own forgiving readers).
 """
 from __future__ import annotations
 
@@ -197,6 +200,31 @@ def read_json(path: Path | str, default=None):
         raise StageError(f"{path}: not valid JSON ({exc}); remove it or rerun the stage that writes it") from None
 
 
+def read_jsonl(path: Path | str) -> Iterator[tuple[str, object]]:
+    """``(where, value)`` for each non-blank line (``where`` is ``path:line``); a line that is not JSON, or a file
+    that cannot be read or is not UTF-8, is a StageError naming the file and line.  A leading BOM is accepted
+    (editors on Windows write one): the validator accepts such a file, so every reader of it must too."""
+    path = Path(path)
+    try:
+        fh = open(path, "rb")  # bytes, decoded line by line: a decoding error names its own line
+    except OSError as exc:
+        raise StageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise StageError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                raise StageError(f"{where}: not valid JSON ({exc})") from None
+            yield where, value
+
+
 def read_manifest(path: Path | str) -> pd.DataFrame:
     """The prepared manifest with its columns checked and the id columns as int64."""
     path = Path(path)
@@ -232,6 +260,21 @@ def read_vectors(folder: Path | str) -> tuple[np.ndarray, np.ndarray]:
         raise StageError(f"{folder}: all_embeddings.npy {vectors.shape} and all_indices.npy {ids.shape} do not "
                          f"describe the same rows (rerun the stage that writes them)")
     return vectors, ids.astype(np.int64, copy=False)
+
+
+def read_sensor_ids(embeddings_dir: Path | str, rows: int) -> np.ndarray:
+    """``sensor_ids.npy`` of an embed output (int64 [rows], aligned with ``embeddings_tac``'s rows), checked."""
+    path = Path(embeddings_dir) / "sensor_ids.npy"
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing (run the stage that writes it: `dvc repro embed`)") from None
+    except ValueError as exc:
+        raise StageError(f"{path}: unreadable ({exc})") from None
+    if ids.shape != (rows,) or not np.issubdtype(ids.dtype, np.integer):
+        raise StageError(f"{path}: {ids.dtype} {ids.shape} does not match the {rows} tactile embeddings "
+                         f"(rerun `dvc repro embed`)")
+    return ids.astype(np.int64, copy=False)
 
 
 def write_vectors(folder: Path | str, vectors: np.ndarray, ids: np.ndarray, meta: dict | None = None) -> None:

@@ -14,13 +14,13 @@ on it, honestly:
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from touchvl import disk
 from touchvl.errors import StageError
 
 # the real set's intents -> the labels of ours (qa.INTENTS) that answer them: "judgement" questions ask what the
@@ -50,8 +50,7 @@ def load(folder: Path) -> RealSet:
         rgb = _unit(np.load(folder / "test_rgb_imagebind_huge.npy", allow_pickle=False).astype(np.float32))
         with open(folder / "test_captions.csv", encoding="utf-8", newline="") as fh:
             rows = list(csv.DictReader(fh))
-        with open(folder / "test_qa_pairs.jsonl", encoding="utf-8") as fh:
-            questions = [json.loads(line) for line in fh if line.strip()]
+        questions = [question for _where, question in disk.read_jsonl(folder / "test_qa_pairs.jsonl")]
     except (OSError, ValueError, KeyError) as exc:
         raise StageError(f"{folder}: not the real SSVTP reference folder ({exc})") from None
     if not (len(ids) == len(tac) == len(rgb) == len(rows)):

@@ -188,16 +188,8 @@ READERS = {"sharegpt": from_sharegpt, "trl": from_trl, "axolotl": from_axolotl}
 
 # --------------------------------------------------------------------------------------------- files
 def iter_openai(path: Path, fetch=None) -> Iterator[tuple[Chat, dict[str, bytes]]]:
-    with open(path, encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise StageError(f"{where}: not valid JSON ({exc})") from None
-            yield parse_openai(obj, where, fetch)
+    for where, obj in disk.read_jsonl(path):
+        yield parse_openai(obj, where, fetch)
 
 
 def image_name(data: bytes) -> str:
@@ -275,14 +267,13 @@ def read_export(out_dir: Path, split: str) -> list[tuple[Chat, dict[str, bytes]]
     manifest = json.loads((out_dir / "export.json").read_text())
     reader = READERS[manifest["format"]]
     out = []
-    with open(out_dir / manifest["splits"][split]["file"], encoding="utf-8") as fh:
-        for line in fh:
-            seen: dict[str, bytes] = {}
+    for _where, record in disk.read_jsonl(out_dir / manifest["splits"][split]["file"]):
+        seen: dict[str, bytes] = {}
 
-            def key_of(rel: str) -> str:
-                data = (out_dir / rel).read_bytes()
-                seen[image_key(data)] = data
-                return image_key(data)
+        def key_of(rel: str) -> str:
+            data = (out_dir / rel).read_bytes()
+            seen[image_key(data)] = data
+            return image_key(data)
 
-            out.append((reader(json.loads(line), key_of), seen))
+        out.append((reader(record, key_of), seen))
     return out

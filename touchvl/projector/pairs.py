@@ -53,7 +53,7 @@ def load_pairs(embeddings_dir: Path, manifest: pd.DataFrame, val_fraction: float
         text_vectors, text_ids = disk.read_vectors(embeddings_dir / "embeddings_text")
         _, text_rows = align_by_ids(tac_ids, text_ids)
         text = text_vectors[text_rows]
-    sensors = np.load(embeddings_dir / "sensor_ids.npy")[tac_rows]
+    sensors = disk.read_sensor_ids(embeddings_dir, len(tac_ids))[tac_rows]
     catalog = manifest.set_index("uid")
     uids = tac_ids[tac_rows]
     missing = np.setdiff1d(uids, catalog.index.to_numpy())

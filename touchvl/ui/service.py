@@ -213,7 +213,7 @@ class TouchQAService:
     def examples(self) -> list[tuple[str, int]]:
         """(tactile image, sensor id) of the first ``chat.examples`` test-split originals."""
         catalog = self.qa.retriever.catalog
-        test = catalog[(catalog["split"] == "test") & (catalog["copy"] == 0)].sort_index()
+        test = disk.evaluation_rows(catalog).sort_index()
         return [(str(row.tac_path), int(row.sensor_id)) for row in test.head(self.chat.examples).itertuples()]
 
     def status(self) -> str:

@@ -6,11 +6,11 @@ number of tokens.  ``weight: 0`` assistant turns carry no loss, as OpenAI does.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from touchvl import disk
 from touchvl.chat.messages import open_image, read_image_url
 from touchvl.errors import StageError
 
@@ -19,8 +19,9 @@ IGNORE = -100  # label of tokens that carry no loss (torch's CrossEntropyLoss ig
 
 
 @dataclass(frozen=True)
-class Example:
-    """One chat: messages in the processor's format (images as ``{"type": "image"}`` parts, in order)."""
+class TrainingExample:
+    """One chat of the local trainer's dataset: messages in the processor's format (images as ``{"type": "image"}``
+    parts, in order).  Not :class:`touchvl.chat.generate.Example` (a generated line of a JSONL file)."""
 
     messages: list[dict]
     images: list[bytes]
@@ -69,24 +70,16 @@ def _checked_image(url: str, where: str) -> bytes:
     return data
 
 
-def load_examples(path: Path | str) -> list[Example]:
+def load_examples(path: Path | str) -> list[TrainingExample]:
     """Decode a chat JSONL; every image is read once here, so a bad one stops before training starts."""
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise StageError(f"{where}: not valid JSON ({exc})") from None
-            messages, images, trained = convert_messages(record.get("messages") if isinstance(record, dict) else None,
-                                                         where, fetch=_checked_image)
-            if not trained:
-                raise StageError(f"{where}: no assistant message to learn from")
-            examples.append(Example(messages, images, trained, where))
+    for where, record in disk.read_jsonl(path):
+        messages, images, trained = convert_messages(record.get("messages") if isinstance(record, dict) else None,
+                                                     where, fetch=_checked_image)
+        if not trained:
+            raise StageError(f"{where}: no assistant message to learn from")
+        examples.append(TrainingExample(messages, images, trained, where))
     if not examples:
         raise StageError(f"{path}: no examples")
     return examples
@@ -119,7 +112,7 @@ class Encoder:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         return self.processor(text=[text], images=[images] if images else None, return_tensors="pt")["input_ids"][0].tolist()
 
-    def spans(self, key: int, ex: Example, images: list, ids: list[int]) -> list[tuple[int, int]]:
+    def spans(self, key: int, ex: TrainingExample, images: list, ids: list[int]) -> list[tuple[int, int]]:
         if key not in self._spans:
             spans = []
             for i in ex.trained:
@@ -130,7 +123,7 @@ class Encoder:
             self._spans[key] = spans
         return self._spans[key]
 
-    def __call__(self, key: int, ex: Example) -> dict | None:
+    def __call__(self, key: int, ex: TrainingExample) -> dict | None:
         """Tensors with a batch dimension of 1, or None when the example cannot fit ``max_length``."""
         import torch
 
@@ -178,7 +171,7 @@ class Encoder:
             out[k] = torch.cat(pieces + [v[:, prev:]], dim=1)
         return out
 
-    def _skip(self, ex: Example, why: str) -> None:
+    def _skip(self, ex: TrainingExample, why: str) -> None:
         """Warn once per example (it comes back every epoch); the caller returns None."""
         if ex.where not in self.skipped:
             self.skipped.add(ex.where)

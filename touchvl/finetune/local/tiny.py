@@ -7,7 +7,6 @@ It exists to test the path (data, labels, checkpoints, resume, merge, serving), 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from touchvl import disk
@@ -75,10 +74,9 @@ def build_tiny_vlm(out_dir: Path | str, texts: list[str], seed: int = 0, vocab_s
 def dataset_texts(path: Path) -> list[str]:
     """Every text of a chat JSONL (for the tiny model's tokenizer)."""
     texts = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                for m in json.loads(line)["messages"]:
-                    c = m.get("content")
-                    texts += [c] if isinstance(c, str) else [p["text"] for p in c or [] if p.get("type") == "text"]
+    for _where, record in disk.read_jsonl(path):
+        with contextlib.suppress(KeyError, AttributeError, TypeError):  # a text is enough; the trainer checks shapes
+            for m in record["messages"]:
+                c = m.get("content")
+                texts += [c] if isinstance(c, str) else [p["text"] for p in c or [] if p.get("type") == "text"]
     return texts

@@ -23,7 +23,7 @@ from pathlib import Path
 from touchvl import disk
 from touchvl.devices import resolve_device
 from touchvl.errors import StageError
-from touchvl.finetune.local.data import Encoder, Example, collate
+from touchvl.finetune.local.data import Encoder, TrainingExample, collate
 from touchvl.params import LocalFinetuneParams
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class LocalTrainer:
     own chat template, assistant-only labels: :class:`Encoder`), the job's events, cancel, and which checkpoint
     belongs to which job (:class:`JobCallback`)."""
 
-    def __init__(self, cfg: LocalFinetuneParams, seed: int, base: str, train: list[Example], val: list[Example],
+    def __init__(self, cfg: LocalFinetuneParams, seed: int, base: str, train: list[TrainingExample], val: list[TrainingExample],
                  lay: Layout, job_id: str, fingerprint: str, events: Events):
         import torch
         from peft import LoraConfig, get_peft_model
@@ -162,7 +162,7 @@ class LocalTrainer:
         self.callback = callbacks().JobCallback(self)
         self.hf = self._hf_trainer()
 
-    def _fitting(self, examples: list[Example], key_offset: int, what: str) -> list[tuple[int, Example]]:
+    def _fitting(self, examples: list[TrainingExample], key_offset: int, what: str) -> list[tuple[int, TrainingExample]]:
         """(cache key, example) of the examples that fit max_length: each is encoded once here (its label spans
         stay cached in the encoder for training)."""
         from tqdm.auto import tqdm
@@ -202,7 +202,7 @@ class LocalTrainer:
     def collate(self, items: list[dict]) -> dict:
         return collate(items, self.pad_id)
 
-    def batch(self, indices: list[int], examples: list[Example], key_offset: int = 0) -> dict | None:
+    def batch(self, indices: list[int], examples: list[TrainingExample], key_offset: int = 0) -> dict | None:
         """The collated batch of ``examples[indices]`` on the model's device (None when none of them fits)."""
         items = [it for it in (self.encoder(key_offset + i, examples[i]) for i in indices) if it is not None]
         if not items:
@@ -268,7 +268,7 @@ VAL_KEYS = 1 << 30  # the encoder's cache keys of validation examples start here
 class EncodedExamples:
     """A map-style dataset: index -> the encoded example (tensors with a batch dimension of 1)."""
 
-    def __init__(self, encoder: Encoder, items: list[tuple[int, Example]]):
+    def __init__(self, encoder: Encoder, items: list[tuple[int, TrainingExample]]):
         self.encoder, self.items = encoder, items
 
     def __len__(self) -> int:
