@@ -764,7 +764,7 @@ def test_touchvl_chat_says_in_one_line_when_the_local_model_server_cannot_start(
 
 
 def test_real_browser_hides_the_sensor_picker_when_the_projector_has_no_sensor_tokens(pipeline, tmp_path):
-    browser_path = _chromium()
+    browser_path = chromium_path()
     if browser_path is None:
         pytest.skip("no headless Chromium: `apt-get install chromium` and `pip install playwright` (.ci/run does both)")
     from playwright.sync_api import expect, sync_playwright

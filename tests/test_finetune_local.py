@@ -151,7 +151,7 @@ def test_bad_jsonl_lines_are_named(tmp_path):
     path.write_text(json.dumps(example(0)) + "\n" + json.dumps({"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
         {"role": "assistant", "content": "x"}]}) + "\n")
-    with pytest.raises(StageError, match=r"bad.jsonl:2: messages\[0\].content\[0\]: not a decodable image"):
+    with pytest.raises(StageError, match=r"bad.jsonl:2: messages\[0\].content\[0\]: corrupt_image: not an image file"):
         load_examples(path)
 
 

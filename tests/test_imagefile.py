@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +19,14 @@ from touchvl.params import parse_params
 from touchvl.qa import build_messages
 from touchvl.retrieval.query import QueryEncoder
 from touchvl.ui.service import ChatInputError, check_image, image_data_url
+from tests.jsonl_fuzz import bomb_png
 
 RAMP = np.tile(np.linspace(0.0, 1.0, 64), (48, 1))  # 48 rows x 64 columns
 
 
 def png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG whose header claims width x height (1-bit gray) with a few bytes of pixel data: a bomb's header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-                     + chunk(b"IEND", b""))
+    """A PNG file whose header claims width x height with a few bytes of pixel data: a bomb's header."""
+    path.write_bytes(bomb_png(width, height))
     return path
 
 

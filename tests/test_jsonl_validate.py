@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.jsonl_fuzz import bomb_png
 from touchvl.chat.prices import auto_epochs, cost_estimate
 from touchvl.chat.validate import MAX_IMAGE_BYTES, TokenCounter, estimate_tokens, image_tokens, validate_file
 
@@ -235,17 +236,6 @@ def test_validate_costs_the_same_inside_and_outside_the_project(tmp_path, model)
 
 
 # ------------------------------------------------------------------ hostile input: a verdict or exit 2, never a traceback
-def _bomb_png(width=60_000, height=60_000) -> bytes:
-    """A valid PNG whose header claims width x height (3.6 G pixels) over a few hundred bytes of deflated zeros."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
-            + chunk(b"IEND", b""))
 
 
 def _image_example(png: bytes):
@@ -268,7 +258,7 @@ HOSTILE = {
 def test_hostile_lines_are_findings_not_crashes(tmp_path):
     lines = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(10)]
     lines += list(HOSTILE.values())
-    lines += [_image_example(_bomb_png()), _image_example(_bomb_png(7000, 7000))]
+    lines += [_image_example(bomb_png()), _image_example(bomb_png(7000, 7000))]
     path = write(tmp_path, lines)
     report = validate_file(path)
     found = dict(codes(report))

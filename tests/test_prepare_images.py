@@ -1,6 +1,4 @@
 """prepare's image decoding: bit depth, constant images, EXIF orientation, decompression bombs -- real files."""
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ from touchvl.checks import run_validation
 from touchvl.data.prepare import validation_tables
 from touchvl.params import ValidationParams
 from tests.conftest import make_params
+from tests.jsonl_fuzz import bomb_png
 
 RAMP = np.tile(np.linspace(0.0, 1.0, 64), (48, 1))  # 48 rows x 64 columns, 0 (left) .. 1 (right)
 
@@ -127,18 +126,9 @@ def test_exif_orientation_is_applied_once_for_both_modalities(tmp_path, dataset)
     assert _original(manifest, 3, "tac") == dataset / "images_tac/image_3_tac.jpg"
 
 
-def _png_header(path: Path, width: int, height: int) -> None:
-    """A PNG whose header claims width x height (1-bit gray) with a few bytes of pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-                     + chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize("side", [10_000, 20_000])  # 100 Mpx: over PIL's warning limit; 400 Mpx: over its error limit
 def test_a_header_over_max_image_pixels_is_image_too_large_whatever_pils_limit(tmp_path, dataset, side):
-    _png_header(dataset / "images_rgb/image_5_rgb.jpg", side, side)
+    (dataset / "images_rgb/image_5_rgb.jpg").write_bytes(bomb_png(side, side))
     _, _, q = _prepare(tmp_path, dataset)
     assert dict(q["reason"]) == {"5": "image_too_large"}
     assert f"{side * side} pixels > prepare.max_image_pixels=40000000" in q.loc["5", "detail"]

@@ -193,17 +193,21 @@ def jpeg_data_url(source: str | Path, max_pixels: int, limit: str = "max_image_p
     stored and it fits ``max_side``; otherwise those pixels (thumbnailed to ``max_side``) as a JPEG.  So a chat
     model is shown what the encoder embedded -- a 16-bit or EXIF-rotated upload as prepare would have turned it."""
     decoded = decode(source, max_pixels, limit, where)
-    rgb = decoded.rgb
-    if decoded.as_stored and (max_side is None or max(rgb.size) <= max_side):
+    if decoded.as_stored and (max_side is None or max(decoded.rgb.size) <= max_side):
         data = Path(source).read_bytes()
     else:
-        if max_side is not None:
-            rgb = rgb.copy()
-            rgb.thumbnail((max_side, max_side))
-        buf = io.BytesIO()
-        rgb.save(buf, format="JPEG", quality=quality)
-        data = buf.getvalue()
+        data = jpeg_bytes(decoded.rgb, max_side, quality)
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def jpeg_bytes(img: Image.Image, max_side: int | None = None, quality: int = 90) -> bytes:
+    """``img`` as RGB JPEG bytes, thumbnailed to at most ``max_side`` pixels a side (the caller's image is unchanged)."""
+    img = img.convert("RGB")  # a copy, even of an RGB image
+    if max_side:
+        img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def pixel_std(img: Image.Image) -> float:

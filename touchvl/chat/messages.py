@@ -7,7 +7,6 @@ request's images, where only data URLs are accepted).
 from __future__ import annotations
 
 import base64
-import io
 import stat
 import urllib.parse
 import urllib.request
@@ -49,15 +48,12 @@ def jpeg_data_url(image, max_side: int | None = None, quality: int = 90) -> str:
     """A JPEG data URL of a PIL image or an image file, at most ``max_side`` pixels a side (pages, thumbnails)."""
     from PIL import Image
 
+    from touchvl.imagefile import jpeg_bytes
+
     if not isinstance(image, Image.Image):
         with Image.open(image) as opened:
             return jpeg_data_url(opened, max_side, quality)
-    image = image.convert("RGB")  # a copy: the caller's image is not resized
-    if max_side:
-        image.thumbnail((max_side, max_side))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality)
-    return bytes_data_url(buf.getvalue(), "image/jpeg")
+    return bytes_data_url(jpeg_bytes(image, max_side, quality), "image/jpeg")
 
 
 def file_data_url(path: str | Path) -> str:
