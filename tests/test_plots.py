@@ -91,3 +91,25 @@ def test_the_offline_page_draws_the_plot_in_a_browser_with_no_request_off_the_pa
             assert errors == [] and [u for u in requests if not u.startswith("file:")] == []
         finally:
             browser.close()
+
+
+def test_a_constant_curve_is_labelled_with_its_value(tmp_path):
+    """A fixed tau (0.07 every epoch) is drawn with a tick reading 0.07, not d3's rounded '0'."""
+    import json
+    import re
+
+    import vl_convert as vlc
+
+    from touchvl.plots import render
+
+    rows = [{"step": i, "tau": 0.07000000029802322, "rev": "workspace"} for i in range(1, 6)]
+    spec = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "data": {"values": rows},
+            "mark": "line", "encoding": {"x": {"field": "step", "type": "quantitative"},
+                                         "y": {"field": "tau", "type": "quantitative", "scale": {"zero": False}}}}
+    written = render({"artifacts/metrics/projector_stage1/plots/metrics/tau.tsv": spec}, tmp_path)
+    (png,) = [path for path in written if path.suffix == ".png"]
+    page = (tmp_path / "index.html").read_text()
+    assert png.name == "projector_stage1_tau.png" and png.stat().st_size > 0
+    drawn = re.search(r"vegaEmbed\('#plot0', (\{.*?\}), \{actions", page).group(1)
+    svg = vlc.vegalite_to_svg(json.loads(drawn))
+    assert ">0.07<" in svg and ">0<" not in svg

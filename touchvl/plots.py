@@ -60,7 +60,9 @@ def render(specs: dict[str, dict], out_dir: Path) -> list[Path]:
         return (re.sub(r"/plots/metrics/.*", "", path), next((i for i, k in enumerate(first) if k in path), len(first)), path)
 
     for i, (path, spec) in enumerate(sorted(specs.items(), key=order)):
-        spec = {**spec, "title": {"text": short_title(path), "anchor": "middle"}}
+        # "~g" ticks: with d3's default a constant series (a fixed tau of 0.07) gets one tick labelled "0"
+        config = {**spec.get("config", {}), "axisY": {**spec.get("config", {}).get("axisY", {}), "format": "~g"}}
+        spec = {**spec, "title": {"text": short_title(path), "anchor": "middle"}, "config": config}
         name = re.sub(r"[^A-Za-z0-9]+", "_", short_title(path)).strip("_") + ".png"
         disk.write_bytes(out_dir / name, vlc.vegalite_to_png(spec, scale=1.5))
         written.append(out_dir / name)
