@@ -193,7 +193,9 @@ def adjective_votes(hits: Sequence[Hit]) -> list[tuple[str, float]]:
     votes: dict[str, float] = defaultdict(float)
     first_seen: dict[str, int] = {}
     for hit in hits:
-        for word in {w.strip().lower() for w in hit.caption.split(",") if w.strip()}:
+        # each word once per caption, in the caption's order: a set's order changes with every process's string
+        # hashing, and ties are broken by first appearance -- the same answer must come out every time
+        for word in dict.fromkeys(w.strip().lower() for w in hit.caption.split(",") if w.strip()):
             votes[word] += max(hit.score, 0.0) + 1e-6  # a word every neighbour names outranks one that few do
             first_seen.setdefault(word, len(first_seen))
     return sorted(votes.items(), key=lambda kv: (-kv[1], first_seen[kv[0]]))
