@@ -178,3 +178,14 @@ def build_pipeline(tmp_path: Path, dataset: Path) -> Params:
     return params
 
 
+def build_indexed_pipeline(tmp_path: Path, captions: list[str], ids: int) -> Params:
+    """:func:`build_pipeline` on ``ids`` generated pairs (captions cycled, two sensors) and then the index."""
+    from tasks import index
+
+    root = tmp_path / "ds"
+    for i in range(ids):
+        write_pair(root, i)
+    write_captions(root, [(i, captions[i % len(captions)], i % 2) for i in range(ids)])
+    params = build_pipeline(tmp_path, root)
+    index.run(params)
+    return params

@@ -34,7 +34,7 @@ from touchvl.ui.app import ChatState, api_answer, build_app, launch, respond
 from touchvl.ui.service import (IMAGE_ONLY_QUESTION, ChatInputError, Conversation, TouchQAService, check_image,
                                 image_data_url, resolve_mode)
 from tests.browser import CHROMIUM_FLAGS, NO_BROWSER, chromium_path
-from tests.conftest import build_pipeline, write_captions, write_pair
+from tests.conftest import build_indexed_pipeline
 from tests.loopback import free_port
 from tests.openai_server import ApiServer, ApiState
 
@@ -55,13 +55,8 @@ def updated(params, **sections):
 def pipeline(tmp_path_factory):
     """A small real pipeline (prepare, embed, projector, index) whose captions differ by item."""
     tmp = tmp_path_factory.mktemp("chat")
-    root = tmp / "ds"
-    for i in range(20):
-        write_pair(root, i)
-    write_captions(root, [(i, CAPTIONS[i % 4], i % 2) for i in range(20)])
-    params = updated(build_pipeline(tmp, root), finetune={"out_dir": tmp / "ft", "max_retries": 0, "timeout_s": 10})
-    index.run(params)
-    return params
+    return updated(build_indexed_pipeline(tmp, CAPTIONS, 20),
+                   finetune={"out_dir": tmp / "ft", "max_retries": 0, "timeout_s": 10})
 
 
 @pytest.fixture(scope="module")

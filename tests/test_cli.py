@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks import index
 from touchvl import disk
 from touchvl.retrieval.index import Retriever, load_index, search_params
 from touchvl.retrieval.query import QueryEncoder
-from tests.conftest import build_pipeline, write_captions, write_pair
+from tests.conftest import build_indexed_pipeline
 from tests.jsonl_fixtures import write_dataset
 from tests.openai_server import ApiServer, ApiState
 
@@ -36,12 +35,7 @@ def run(folder: Path, *argv: str, module: str = "touchvl", env: dict | None = No
 def project(tmp_path_factory):
     """A project folder (params.yaml + dvc.yaml) over a small built pipeline: prepare .. index."""
     tmp = tmp_path_factory.mktemp("cli")
-    root = tmp / "ds"
-    for i in range(16):
-        write_pair(root, i)
-    write_captions(root, [(i, CAPTIONS[i % 4], i % 2) for i in range(16)])
-    params = build_pipeline(tmp, root)
-    index.run(params)
+    params = build_indexed_pipeline(tmp, CAPTIONS, 16)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     (tmp / "dvc.yaml").write_text("stages: {}\n")
     return tmp, params
