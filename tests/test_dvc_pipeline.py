@@ -96,6 +96,13 @@ def test_repro_then_up_to_date_then_param_change(repo):
     forced = sh("dvc", "repro", "--force", cwd=repo)
     assert forced.returncode == 0, forced.stderr
     assert hashes() == before
+    # ... and, the content being identical, every stage's validation replays its passing run without importing
+    # Great Expectations (validation.replay_dir; a changed byte or a failure validates for real:
+    # tests/test_validation_replay.py)
+    replayed = {line.split("validation ", 1)[1].split(":", 1)[0] for line in (forced.stdout + forced.stderr).splitlines()
+                if "replayed the passing run" in line}
+    assert replayed == {"sample", "prepare", "embed", "train_projector_stage1", "train_projector_stage2", "index",
+                        "upload", "jsonl", "finetune", "evaluate"}, replayed
 
     # the curves render offline: every plot as a PNG and one page with Vega inline (no CDN)
     plots = sh(str(BIN / "python"), "-m", "touchvl", "plots", cwd=repo)

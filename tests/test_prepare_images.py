@@ -83,7 +83,7 @@ def test_a_constant_prepared_image_fails_validation(tmp_path, dataset):
     params, manifest, _ = _prepare(tmp_path, dataset)
     copy = manifest[manifest["copy"] == 1].iloc[0]
     Image.new("RGB", (64, 64), (128, 128, 128)).save(copy["tac_path"])  # as if an augmentation went flat
-    vparams = ValidationParams(reports_dir=tmp_path / "v", data_docs_dir=tmp_path / "d", build_data_docs=False)
+    vparams = ValidationParams(reports_dir=tmp_path / "v", data_docs_dir=tmp_path / "d", build_data_docs=False, replay_dir=None)
     summary = {"quarantined": 0, "candidates": 20, "bad_fraction": 0.0}
     failures = run_validation("prepare", validation_tables(manifest, summary, 0.1), vparams).blocking_failures
     assert [(f.table, f.kwargs["column"], f.unexpected_examples) for f in failures] == [

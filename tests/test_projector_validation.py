@@ -32,7 +32,7 @@ def _stage1(history, best=0.25):
 
 @pytest.fixture
 def vparams(tmp_path) -> ValidationParams:
-    return ValidationParams(reports_dir=tmp_path / "val", data_docs_dir=tmp_path / "docs", build_data_docs=False)
+    return ValidationParams(reports_dir=tmp_path / "val", data_docs_dir=tmp_path / "docs", build_data_docs=False, replay_dir=None)
 
 
 def _failed_columns(report) -> set[str]:

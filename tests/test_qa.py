@@ -201,7 +201,7 @@ def test_evaluate_validation_needs_one_prediction_per_test_id_and_scores_in_rang
     from touchvl.evaluation import validation_tables
     from touchvl.params import ValidationParams
 
-    vp = ValidationParams(reports_dir=tmp_path, build_data_docs=False)
+    vp = ValidationParams(reports_dir=tmp_path, build_data_docs=False, replay_dir=None)
     good = pd.DataFrame({"uid": [1000, 2000, 3000], "prediction": ["a", "b", "c"]})
     metrics = {"bleu": 0.1, "meteor": 0.3, "bertscore_f1": 0.8, "adjective_f1": 0.5, "gpt_judge": {"mean": 6.5}}
     assert run_validation("evaluate", validation_tables(good, [1000, 2000, 3000], metrics), vp).success

@@ -88,7 +88,7 @@ def test_validation_passes_the_sample_and_catches_a_constant_image(tmp_path):
 
     p = SampleParams(n_ids=12, image_size=32)
     items, captions, split = generate(p)
-    vp = ValidationParams(reports_dir=tmp_path / "val", build_data_docs=False)
+    vp = ValidationParams(reports_dir=tmp_path / "val", build_data_docs=False, replay_dir=None)
     assert run_validation("sample", validation_tables(items, captions, split, p), vp).success
     flat = dataclasses.replace(items[3], tactile=items[3].tactile * 0 + 255)  # what a broken renderer would write
     report = run_validation("sample", validation_tables([*items[:3], flat, *items[4:]], captions, split, p), vp)

@@ -12,7 +12,7 @@ from tests.conftest import make_params
 
 @pytest.fixture
 def vparams(tmp_path):
-    return ValidationParams(reports_dir=tmp_path / "validation", data_docs_dir=tmp_path / "docs")
+    return ValidationParams(reports_dir=tmp_path / "validation", data_docs_dir=tmp_path / "docs", replay_dir=None)
 
 
 @pytest.fixture

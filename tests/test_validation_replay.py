@@ -17,7 +17,7 @@ from touchvl.params import ValidationParams
 
 @pytest.fixture
 def vparams(tmp_path):
-    return ValidationParams(reports_dir=tmp_path / "validation", data_docs_dir=tmp_path / "docs")
+    return ValidationParams(reports_dir=tmp_path / "validation", data_docs_dir=tmp_path / "docs", replay_dir=None)
 
 
 def _unit(n=5, dim=4, seed=0) -> np.ndarray:

@@ -222,10 +222,12 @@ def run_validation(stage: str, tables: list[Table], params: ValidationParams,
                    replay_dir: Path | None = None) -> ValidationReport:
     """Run each table's expectations in one ephemeral GX context; write JSON report and Data Docs.
 
-    With ``replay_dir`` and every expectation an :class:`Expect`, a passing result is stored there, and a later
+    With ``replay_dir`` (default: ``params.replay_dir``) and every expectation an :class:`Expect`, a passing
+    result is stored there, and a later
     run on identical content and suite replays it without importing GX (not when Data Docs are wanted: those
     are GX's own rendering of a real run).
     """
+    replay_dir = params.replay_dir if replay_dir is None else replay_dir  # embed keeps its records in its cache
     key = replay_key(stage, tables) if replay_dir is not None else None
     if key and not params.build_data_docs:
         report = _replayed(Path(replay_dir), stage, key)

@@ -581,6 +581,11 @@ class ValidationParams(_Section):
     build_data_docs: bool = False
     """Also build GX's Data Docs under data_docs_dir (they load CSS/JS from CDNs: blank offline, and copy ~4 MB of
     fonts per stage). Every stage always writes its own self-contained <reports_dir>/<stage>.html."""
+    replay_dir: Path | None = Path(".touchvl/validation")
+    """Passing validations, keyed by the content hash of what was validated and of the suite: a stage rerun on
+    identical content (``dvc repro --force``, an experiment that changes only later stages' params, a restored
+    checkout) writes the same report without importing Great Expectations (~3 s per stage). Git-ignored, not a
+    DVC output; null: every validation runs GX. A failure is never stored (touchvl/checks.py, "Replay")."""
 
 
 class Params(_Section):
