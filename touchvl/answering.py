@@ -17,9 +17,10 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-import openai
+if TYPE_CHECKING:  # imported where a client is made or its errors are caught: an offline answer, a plan
+    import openai  # or a search never pays the SDK's import (~1.2 s a process)
 
 from touchvl.errors import StageError
 from touchvl.finetune.remote import KEY_VARS, api_errors, make_client
@@ -161,6 +162,8 @@ class Completion:
         yield (response.choices[0].message.content or "") if response.choices else ""
 
     def _streamed(self) -> Iterator[str]:
+        import openai
+
         with api_errors(self.backend.provider):
             try:
                 chunks = self.client.chat.completions.create(**self.request, stream=True)

@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import openai
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where a client is made or its errors are caught: an offline answer, a plan
+    import openai  # or a search never pays the SDK's import (~1.2 s a process)
 
 from touchvl import disk, imagefile
 from touchvl.answering import Backend, keyword_intent, offline_answer

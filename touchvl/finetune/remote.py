@@ -14,7 +14,11 @@ import os
 import time
 from pathlib import Path
 
-import openai
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where a client is made or its errors are caught: an offline answer, a plan
+    import openai  # or a search never pays the SDK's import (~1.2 s a process)
 
 from touchvl import disk
 from touchvl.errors import StageError
@@ -32,6 +36,8 @@ def serve_url(p: FinetuneParams) -> str:
 
 
 def make_client(p: FinetuneParams) -> openai.OpenAI:
+    import openai
+
     if p.provider == "local":  # the served local model: TouchQA and evaluate use it through the same client
         return openai.OpenAI(base_url=serve_url(p), api_key=os.environ.get(KEY_VARS["local"]) or "local",
                              max_retries=p.max_retries, timeout=p.timeout_s)
@@ -84,6 +90,8 @@ class Submission:
                                   self.params.jsonl.max_duplicate_fraction)
 
     def upload(self, role: str, path: Path) -> str:
+        import openai
+
         if role in self.state["files"]:
             return self.state["files"][role]
         name = f"{self.sha[:16]}-{path.name}"  # the sha in the name finds an upload whose response was lost
@@ -112,6 +120,8 @@ class Submission:
         return None
 
     def create_job(self) -> str:
+        import openai
+
         if self.state.get("job_id"):
             return self.state["job_id"]
         train_id = self.upload("train", self.files.train)
@@ -160,6 +170,8 @@ class Submission:
 
     def transient(self, exc: Exception) -> bool:
         """No answer, a timeout, a 5xx or a 429: worth another poll (a 4xx other than 429 is not)."""
+        import openai
+
         return isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError)) or (
             isinstance(exc, openai.APIStatusError) and (exc.status_code >= 500 or exc.status_code == 429))
 
@@ -270,6 +282,8 @@ def retry_after(exc: Exception) -> float | None:
 def api_errors(provider: str):
     """4xx (bad key, unknown model, invalid file) stop with the server's own message; a server that cannot be
     reached or does not answer in time (after the client's own retries) stops with one line naming its URL."""
+    import openai
+
     try:
         yield
     except openai.APIStatusError as exc:  # the server's own message, without the client's "Error code: N - " prefix
