@@ -599,15 +599,17 @@ def test_qa_ask_says_one_line_for_an_unreachable_or_silent_server_and_for_a_bomb
     bomb = str(png_header(tmp_path / "bomb.png", 10_000, 10_000))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": KEY}
 
-    def ask(base_url: str, *argv: str) -> list[subprocess.CompletedProcess]:
+    def ask(base_url: str, *argv: str, modules=("touchvl",)) -> list[subprocess.CompletedProcess]:
         raw = updated(pipeline, finetune={"base_url": base_url, "timeout_s": 1.0, "max_retries": 0}).model_dump(mode="json")
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
         (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # what marks a project folder
         return [subprocess.run([sys.executable, "-m", module, "ask", *argv], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=120) for module in ("touchvl", "tasks.qa")]
+                               text=True, timeout=120) for module in modules]
 
     try:
-        cases = [(ask(closed, image, "feel?", "--provider", "compatible", "--sensor", str(sensor)),
+        # the alias once (the same code path: tests/test_cli.py compares the two); each case once through touchvl
+        cases = [(ask(closed, image, "feel?", "--provider", "compatible", "--sensor", str(sensor),
+                      modules=("touchvl", "tasks.qa")),
                   rf"^touchvl ask failed: compatible API at {closed}/chat/completions is unreachable \(.*Connection refused"),
                  (ask(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", image, "feel?", "--provider", "compatible"),
                   r"^touchvl ask failed: compatible API at .* did not answer in time \(finetune.timeout_s\)"),

@@ -69,11 +69,14 @@ def test_search_by_text_and_image_prints_the_indexs_hits_and_the_alias_prints_th
 def test_search_errors_are_one_line(project, tmp_path):
     folder, _ = project
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    errors = []
     for argv in (["search", "--image", str(tmp_path / "bad.jpg")], ["search", "--index", "nope", "--text", "soft"]):
         shown = run(folder, *argv)
         assert shown.returncode != 0 and "Traceback" not in shown.stderr, shown.stderr
         assert len(shown.stderr.strip().splitlines()) == 1, shown.stderr
-    assert "corrupt_image" in run(folder, "search", "--image", str(tmp_path / "bad.jpg")).stderr
+        errors.append(shown.stderr)
+    assert "corrupt_image" in errors[0] and "bad.jpg" in errors[0]
+    assert "nope" in errors[1]
 
 
 def test_ask_offline_answers_with_evidence_from_the_manifest_and_the_alias_agrees(project):
@@ -93,7 +96,7 @@ def test_ask_offline_answers_with_evidence_from_the_manifest_and_the_alias_agree
     named = {w for e in evidence for w in e["caption"].split(", ")}
     assert result["text"].startswith("It most likely feels ") and any(w in result["text"] for w in named)
     # the same answer in every process (Python's string hashing differs per process: no set order leaks out)
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):  # with the first run's random seed: three processes, three string-hash orders
         again = run(folder, "ask", *argv, module="tasks.qa", env={"PYTHONHASHSEED": seed})
         assert json.loads(again.stdout) == result, (again.stdout, again.stderr)
     text = run(folder, "ask", *argv[:-1])  # the readable form: the answer and the evidence's captions

@@ -86,9 +86,11 @@ class Context:
 def cmd_search(ctx: Context) -> int:
     from touchvl import disk
     from touchvl.retrieval.index import Retriever, load_index, search_params
-    from touchvl.retrieval.query import QueryEncoder
+    from touchvl.retrieval.query import QueryEncoder, decode_query
 
     args, params = ctx.args, ctx.params
+    if args.image:
+        decode_query(args.image, params.prepare.max_image_pixels)  # a bad file fails before the encoder loads
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
     retriever = Retriever(*load_index(params.index.out_dir, args.index), manifest)
     encoder = QueryEncoder(params)
@@ -103,13 +105,17 @@ def cmd_search(ctx: Context) -> int:
 
 def cmd_ask(ctx: Context) -> int:
     from touchvl.answering import resolve_backend
-    from touchvl.qa import TouchQAModel, format_answer
+    from touchvl.retrieval.query import decode_query
 
     args, params = ctx.args, ctx.params
     if args.offline and (args.provider or args.model):
         raise UsageError("--offline takes no --provider or --model")
     backend = resolve_backend(params, "offline" if args.offline else args.provider, args.model)
-    result = TouchQAModel(params, backend=backend).answer(args.image, args.question, args.sensor, args.k)
+    # a missing key or a bad file fails in a second, before any model loads
+    client = None if backend.offline else backend.client()
+    decode_query(args.image, params.prepare.max_image_pixels)
+    from touchvl.qa import TouchQAModel, format_answer
+    result = TouchQAModel(params, client=client, backend=backend).answer(args.image, args.question, args.sensor, args.k)
     if args.json:
         print(json.dumps({**asdict(result), "answerer": backend.label}, indent=2))
     else:

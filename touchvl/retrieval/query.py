@@ -20,6 +20,13 @@ from touchvl.projector.training import project
 from touchvl.retrieval.index import QuerySpace
 
 
+def decode_query(path: Path | str, max_pixels: int) -> imagefile.Decoded:
+    """A tactile query image as prepare would publish it, or StageError naming the file and the reason (``corrupt_image``,
+    ``image_too_large`` over ``prepare.max_image_pixels``). Cheap: the CLI calls it before building any model, so a bad
+    file fails in a second, not after the encoder's load."""
+    return imagefile.decode(path, max_pixels, "prepare.max_image_pixels", where=f"tactile image {path}")
+
+
 class QueryEncoder:
     def __init__(self, params: Params):
         self.max_pixels = params.prepare.max_image_pixels
@@ -34,7 +41,7 @@ class QueryEncoder:
 
     def tactile(self, path: Path | str, sensor_id: int | None = None) -> tuple[np.ndarray, QuerySpace]:
         """Embed a tactile image and, when a projector is trained, project it into RGB space."""
-        decoded = imagefile.decode(path, self.max_pixels, "prepare.max_image_pixels", where=f"tactile image {path}")
+        decoded = decode_query(path, self.max_pixels)
         if decoded.as_stored and self.encoder.spec.fast_decode:
             # a file prepare publishes as stored, as embed reads it: the fast path decodes the JPEG at a DCT scale
             with Image.open(path) as img:
