@@ -13,7 +13,6 @@ Speed (bench/jsonl.py): lines are parsed by orjson (Python's json for what orjso
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import io
@@ -28,6 +27,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import orjson
+# simplejpeg: libjpeg-turbo from C, for the JPEGs of a file -- one call decodes a data URL's JPEG at 1/8 scale
+# (every entropy-coded byte read) in ~8 us where PIL's open + draft + load takes ~40-60 us, most of it PIL's
+# Python-level marker parsing (see plain_jpeg_size: what PIL would refuse still goes to PIL).
+import simplejpeg
+# xxhash: the duplicate filter's 128-bit digest of each example, ~20x faster than blake2b on a 1.5 KB line; a
+# candidate duplicate is confirmed by blake2b in the second pass (duplicate_findings), so a crafted xxh3
+# collision cannot make a line a duplicate of another.
+import xxhash
 from PIL import Image
 
 from touchvl.chat.fetch import UrlFetcher, redact_urls
@@ -83,12 +90,16 @@ class TokenCounter:
 
     CACHE_ENTRIES = 4096  # distinct texts remembered (least recently used dropped): system prompts, questions
     CACHE_KEY_CHARS = 256  # a longer text is remembered by its 16-byte blake2b digest, not by itself
+    UNCACHED_CHARS = 64  # quicktok counts a text this short (~0.5 us) faster than a cache miss costs: not cached
 
     def count(self, text: str) -> int:
         """Tokens of ``text``; each distinct text is encoded once while it stays among the CACHE_ENTRIES most
-        recently counted (a system prompt or a templated question repeats on every line)."""
+        recently counted (a system prompt or a templated question repeats on every line) -- with quicktok,
+        a text of at most UNCACHED_CHARS is counted every time (the same count: only the time differs)."""
         if self._encode is None:
             return estimate_tokens(text)
+        if self._len is not None and len(text) <= self.UNCACHED_CHARS and "<|" not in text:
+            return self._len(text)
         cache = self._cache
         key = text if len(text) <= self.CACHE_KEY_CHARS else \
             hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
@@ -189,13 +200,27 @@ class ImageTooLarge(Exception):
     pass
 
 
-def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
+def image_header(data: bytes, fast: bool = True) -> tuple[str, tuple[int, int]]:
     """(format, size) of image bytes, whose pixels are decoded: :class:`ImageTooLarge` when the header claims
     more than MAX_IMAGE_PIXELS (PIL's DecompressionBombError included; checked before any pixel is decoded),
     ValueError when the image cannot be read to its end (any exception of a decoder on hostile bytes means
     "not a readable image"). A header alone is not enough: a JPEG cut to 30 % of its bytes has a valid header.
     JPEGs decode at 1/8 scale (``draft``: libjpeg skips the inverse DCT's full resolution but still reads every
-    entropy-coded byte, so truncation and corrupt scans fail) -- a full decode would cost 8-60x more."""
+    entropy-coded byte, so truncation fails) -- a full decode would cost 8-60x more.
+
+    The verdict is PIL's.  ``fast``: a JPEG that :func:`jpeg_decodes` (simplejpeg, strict) is PIL's too and
+    is answered without PIL; anything else -- PNG, WEBP, a JPEG simplejpeg refuses or whose markers are
+    unusual -- goes to PIL, which decides (a corrupt scan is a libjpeg warning: simplejpeg refuses it, PIL
+    reads it, as before)."""
+    if fast:
+        size = jpeg_decodes(data)
+        if size is not None:
+            return "JPEG", size
+    return pil_image_header(data)
+
+
+def pil_image_header(data: bytes) -> tuple[str, tuple[int, int]]:
+    """:func:`image_header` by PIL alone."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning, "Corrupt EXIF data": the finding says it
         try:
@@ -216,14 +241,88 @@ def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
             raise ValueError(type(exc).__name__) from None
 
 
-def image_outcome(data: bytes, declared: str | None) -> tuple[str | None, object]:
+_PIL_JPEG_APP_PREFIXES = {0xE0: b"JFIF", 0xEE: b"Adobe"}  # PIL reads 2 bytes at offset 5 of these: 7 bytes needed
+_PIL_SOF = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman): the JPEGs one meets
+_PIL_SKIPPED = (0xC4, 0xDD, 0xFE)  # DHT, DRI, COM: PIL reads their length and skips them
+
+
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG whose markers PIL's parser (PIL.JpegImagePlugin) reads without an error and
+    as a plain JPEG (mode L or RGB, not MPO), walking them as it does up to the start of scan; None for
+    anything else, or anything in doubt: a marker other than APPn/DQT/DHT/DRI/COM/SOF0-2, padding or bytes
+    between markers, EXIF (PIL parses it), a Photoshop or MPF block, a short JFIF/Adobe/ICC block or DQT
+    table (PIL raises on those), two frames, a frame of other than 8 bits or 1/3 components, a zero size."""
+    if data[:3] != b"\xff\xd8\xff":  # PIL's JPEG _accept
+        return None
+    end, pos, size = len(data), 2, None
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker, length = data[pos + 1], data[pos + 2] << 8 | data[pos + 3]
+        start, nxt = pos + 4, pos + 2 + length  # the segment's payload: data[start:nxt]
+        if length < 2 or nxt > end:
+            return None
+        if marker == 0xDA:  # start of scan: PIL's parse ends here
+            return size
+        if 0xE0 <= marker <= 0xEF:
+            prefix = _PIL_JPEG_APP_PREFIXES.get(marker)
+            if prefix is not None:
+                if length - 2 < 7 and data.startswith(prefix, start, nxt):
+                    return None
+            elif marker == 0xE1:
+                if data.startswith(b"Exif\0\0", start, nxt):
+                    return None
+            elif marker == 0xE2:
+                if data.startswith(b"MPF\0", start, nxt) or (length - 2 < 14 and data.startswith(b"ICC_PROFILE\0", start, nxt)):
+                    return None
+            elif marker == 0xED and data.startswith(b"Photoshop 3.0\x00", start, nxt):
+                return None
+        elif marker == 0xDB:  # tables of 1 + 64 bytes (8-bit) or 1 + 128 (16-bit): PIL raises on a short one
+            q = start
+            while q < nxt:
+                q += 65 if data[q] < 16 else 129
+            if q != nxt:
+                return None
+        elif marker in _PIL_SOF:
+            if size is not None or length < 8 or (length - 8) % 3 or data[start] != 8 or data[start + 5] not in (1, 3):
+                return None
+            height, width = data[start + 1] << 8 | data[start + 2], data[start + 3] << 8 | data[start + 4]
+            if not (width and height):
+                return None
+            size = (width, height)
+        elif marker not in _PIL_SKIPPED:
+            return None
+        pos = nxt
+    return None
+
+
+def jpeg_decodes(data: bytes) -> tuple[int, int] | None:
+    """(width, height) when PIL's :func:`pil_image_header` would read ``data`` as a JPEG of that size, known
+    without PIL: :func:`plain_jpeg_size` (PIL's parse), not over MAX_IMAGE_PIXELS nor PIL's bomb limit (those
+    go to PIL for its exact finding), and simplejpeg decodes it at 1/8 scale in strict mode -- libjpeg-turbo
+    reads every entropy-coded byte and any warning (premature end of data, corrupt data) is an error, where
+    PIL's own libjpeg decode is lenient about warnings.  None: ask PIL."""
+    size = plain_jpeg_size(data)
+    if size is None:
+        return None
+    pixels = size[0] * size[1]
+    if pixels > MAX_IMAGE_PIXELS or (Image.MAX_IMAGE_PIXELS is not None and pixels > 2 * Image.MAX_IMAGE_PIXELS):
+        return None
+    try:  # GRAY: the chroma planes are entropy-decoded (checked) but not upsampled or colour-converted
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, strict=True)
+    except Exception:  # noqa: BLE001 -- whatever simplejpeg refuses, PIL decides
+        return None
+    return size
+
+
+def image_outcome(data: bytes, declared: str | None, fast: bool = True) -> tuple[str | None, object]:
     """``(None, (width, height))`` for image bytes the service takes, else ``(code, message)``: over 10 MB, not
     decodable to its end (:func:`image_header`), too many pixels, a format other than JPEG/PNG/WEBP, or not
     the ``declared`` one."""
     if len(data) > MAX_IMAGE_BYTES:
         return "image_too_large", f"{len(data) / 2**20:.1f} MB > 10 MB"
     try:
-        actual, size = image_header(data)
+        actual, size = image_header(data, fast)
     except ImageTooLarge as exc:
         return "image_too_large", str(exc)
     except ValueError as exc:
@@ -235,13 +334,13 @@ def image_outcome(data: bytes, declared: str | None) -> tuple[str | None, object
     return None, size
 
 
-def data_url_outcome(payload: str, declared: str) -> tuple[str | None, object]:
+def data_url_outcome(payload: str, declared: str, fast: bool = True) -> tuple[str | None, object]:
     """:func:`image_outcome` of a data URL's base64 payload (which must decode)."""
-    try:
-        data = base64.b64decode(payload, validate=True)
+    try:  # base64.b64decode(payload, validate=True) is this call (non-ASCII text: ValueError)
+        data = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError):
         return "image_data_corrupt", "base64 payload does not decode"
-    return image_outcome(data, declared)
+    return image_outcome(data, declared, fast)
 
 
 class ImageOutcomes:
@@ -251,8 +350,8 @@ class ImageOutcomes:
     finding of its own bytes -- the same bytes decode the same way -- but an image that repeats across
     lines (one photo, several questions) is decoded once."""
 
-    def __init__(self, entries: int = IMAGE_CACHE_ENTRIES):
-        self.entries, self.cache = entries, OrderedDict()
+    def __init__(self, entries: int = IMAGE_CACHE_ENTRIES, fast: bool = True):
+        self.entries, self.cache, self.fast = entries, OrderedDict(), fast
         self.decoded = self.hits = 0
 
     def __call__(self, payload: str, declared: str) -> tuple[str | None, object]:
@@ -261,7 +360,7 @@ class ImageOutcomes:
         cache = self.cache
         outcome = cache.get(key)
         if outcome is None:
-            outcome = cache[key] = data_url_outcome(payload, declared)
+            outcome = cache[key] = data_url_outcome(payload, declared, self.fast)
             self.decoded += 1
             if len(cache) > self.entries:
                 cache.popitem(last=False)  # the least recently used
@@ -312,7 +411,7 @@ class _ExampleChecker:
             except Exception as exc:  # any network failure is the same finding for the user
                 self.error("image_unreachable", f"{where}: {url} could not be fetched ({type(exc).__name__}: {exc})")
                 return
-            self._outcome(where, image_outcome(data, None), detail)
+            self._outcome(where, image_outcome(data, None, getattr(self.data_url, "fast", True)), detail)
         else:
             self.error("image_url_invalid", f"{where}: url must be https://… or a data:image/…;base64 URL, got {url[:40]!r}")
 
@@ -501,19 +600,29 @@ def clean_findings(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def example_digest(obj, via_json: bool = False) -> bytes:
-    """16 bytes naming a JSON value: orjson's sorted-key serialisation, or json's (prefixed, so the two never
+def canonical_bytes(obj, via_json: bool = False) -> bytes:
+    """The bytes naming a JSON value -- two lines that are the same value (whatever their key order or
+    whitespace) have the same bytes: orjson's sorted-key serialisation, or json's (prefixed, so the two never
     meet) for what orjson cannot write or would write as another value: integers beyond 64 bits, lone
     surrogates, deep nesting (it raises), infinities (it writes null; only json's parser makes them)."""
-    data = None
     if not (via_json and _has_non_finite(obj)):
         try:
-            data = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+            return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:
             pass
-    if data is None:
-        data = b"json:" + json.dumps(obj, sort_keys=True).encode()
-    return hashlib.blake2b(data, digest_size=16).digest()
+    return b"json:" + json.dumps(obj, sort_keys=True).encode()
+
+
+def example_digest(obj, via_json: bool = False) -> bytes:
+    """16 bytes naming a JSON value: blake2b of :func:`canonical_bytes` (what the second pass compares)."""
+    return hashlib.blake2b(canonical_bytes(obj, via_json), digest_size=16).digest()
+
+
+def filter_digest(obj, via_json: bool = False) -> bytes:
+    """16 bytes for the duplicate filter: xxh3_128 of :func:`canonical_bytes` (the same value, the same
+    digest; a collision -- chance or crafted -- only makes a candidate, which the second pass's blake2b
+    :func:`example_digest` then weeds out)."""
+    return xxhash.xxh3_128_digest(canonical_bytes(obj, via_json))
 
 
 def _has_non_finite(obj) -> bool:
@@ -555,88 +664,207 @@ _WORDS = struct.Struct("<4I")
 
 
 def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[Finding]:
-    """Second pass, only over candidates: the first line of each candidate digest."""
+    """Second pass, only when the first flagged candidates ``(line, filter_digest)``: a candidate repeats the
+    first earlier line with the same :func:`example_digest` (blake2b, computed only for the lines whose
+    filter digest is a candidate's)."""
     if not candidates:
         return []
     wanted = {digest for _, digest in candidates}
-    first: dict[bytes, int] = {}
+    lines = {line for line, _ in candidates}
+    first: dict[bytes, int] = {}  # example_digest -> its first line
+    exact: dict[int, bytes] = {}  # candidate line -> its example_digest
     for number, raw in iter_lines(path):
         try:
-            digest = example_digest(*parse_line_exact(raw))
+            data = canonical_bytes(*parse_line_exact(raw))
         except (ValueError, RecursionError):  # not an example the first pass counted
             continue
-        if digest in wanted and digest not in first:
-            first[digest] = number
-    return [Finding(line, "duplicate_example", f"same example as line {first[digest]}")
-            for line, digest in candidates if first.get(digest, line) != line]
+        if xxhash.xxh3_128_digest(data) not in wanted:
+            continue
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        first.setdefault(digest, number)
+        if number in lines:
+            exact[number] = digest
+    return [Finding(line, "duplicate_example", f"same example as line {first[exact[line]]}")
+            for line, _ in candidates if line in exact and first[exact[line]] != line]
+
+
+_DETAILS = ("auto", "low", "high")
+
+
+def plain_example(obj: dict, count: Callable[[str], int], role_tokens: dict[str, int],
+                  images: Callable[[str, str], tuple], context: int):
+    """The summary stats of :func:`check_example` -- ``(messages, images, tokens, image tokens, roles,
+    assistant words)``, computed the same way -- for a parsed line in the common shape that check_example
+    finds nothing wrong with; None for anything else, and the general path (the digit scan, json where it
+    applies, :func:`structure_problem`, check_example) then decides.  The common shape:
+    ``{"messages": [...]}`` and nothing else; each message exactly ``role`` (an allowed one) and ``content``
+    (a non-blank string, or a non-empty list of parts); each part exactly ``type`` + ``text`` (a non-blank
+    string) or, in a user message, ``type`` + ``image_url`` = ``{"url": a data URL of JPEG/PNG/WEBP whose
+    image is readable, "detail": auto/low/high (optional)}``; at most MAX_IMAGES images, an assistant
+    message, within ``context`` tokens.  Every value in it is a string: no number that orjson would read
+    otherwise than json (the digit scan), no depth over MAX_DEPTH and no lone surrogate (orjson refuses
+    those) -- what the general path checks first cannot apply."""
+    if len(obj) != 1:
+        return None
+    messages = obj.get("messages")
+    if type(messages) is not list or not messages:
+        return None
+    tokens, roles, words, n_images, img_tokens = 3, {}, [], 0, 0
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return None
+        role, content = message.get("role"), message.get("content")
+        n = role_tokens.get(role) if type(role) is str else None
+        if n is None or content is None:
+            return None
+        roles[role] = roles.get(role, 0) + 1
+        tokens += 3 + n
+        if type(content) is str:
+            if not content or content.isspace():
+                return None
+            tokens += count(content)
+            if role == "assistant":
+                words.append(len(content.split()))
+        elif type(content) is list and content:
+            for part in content:
+                if type(part) is not dict or len(part) != 2:
+                    return None
+                kind = part.get("type")
+                if kind == "text":
+                    text = part.get("text")
+                    if type(text) is not str or not text or text.isspace():
+                        return None
+                    tokens += count(text)
+                    if role == "assistant":
+                        words.append(len(text.split()))
+                elif kind == "image_url" and role == "user":
+                    spec = part.get("image_url")
+                    if type(spec) is not dict:
+                        return None
+                    url, detail = spec.get("url"), spec.get("detail", "auto")
+                    if type(url) is not str or type(detail) is not str or detail not in _DETAILS or \
+                            len(spec) != 1 + ("detail" in spec):
+                        return None
+                    match = DATA_URL.match(url)
+                    fmt = IMAGE_FORMATS.get(match["fmt"].lower()) if match else None
+                    if fmt is None:
+                        return None
+                    code, size = images(url[match.end():], fmt)
+                    if code is not None:
+                        return None
+                    n_images += 1
+                    img_tokens += image_tokens(*size, detail)
+                else:
+                    return None
+        else:
+            return None
+    total = tokens + img_tokens
+    if n_images > MAX_IMAGES or not roles.get("assistant") or total > context:
+        return None
+    return len(messages), n_images, total, img_tokens, roles, words
+
+
+def _general_line(raw: bytes, number: int, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int,
+                  images: Callable[[str, str], tuple], extra_checks) -> tuple[list[Finding], tuple | None, bytes | None]:
+    """(errors, stats or None, filter digest or None) of one non-blank line, by the general checker."""
+    try:
+        obj, via_json = parse_line_exact(raw)
+    except ValueError as exc:
+        return [Finding(number, "invalid_json", f"not valid JSON: {exc}")], None, None
+    problem = structure_problem(obj, raw)
+    if problem:
+        return [Finding(number, *problem)], None, None
+    try:
+        errors, stats = check_example(obj, number, counter, check_urls, fetch, context, images)
+        if isinstance(obj, dict):
+            extra = extra_checks(obj)
+            if extra:
+                errors += [Finding(number, code, message) for code, message in extra]
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
+        return [Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})")], None, None
+    return errors, stats, (filter_digest(obj, via_json) if stats is not None else None)
 
 
 def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool = False,
                   fetch: Fetch = fetch_url, counter: TokenCounter | None = None, target: str = "openai",
-                  max_duplicate_fraction: float | None = DEFAULT_MAX_DUPLICATE_FRACTION) -> Report:
+                  max_duplicate_fraction: float | None = DEFAULT_MAX_DUPLICATE_FRACTION, fast: bool = True) -> Report:
     """The findings and summary of one file.  Raises only OSError (the file cannot be read): every content
     problem is a finding.  More repeated examples than ``max_duplicate_fraction`` of the file is an error
     (``too_many_duplicates``; None: no limit).  ``target``: the service's own rules on top of OpenAI's
-    (touchvl/chat/targets.py)."""
+    (touchvl/chat/targets.py).  ``fast`` (the default): a line in the common shape goes through
+    :func:`plain_example` and a JPEG through simplejpeg (:func:`image_header`); False: every line through
+    the general checker and every image through PIL -- the same findings and summary, slower (the tests
+    compare the two)."""
     counter = counter or TokenCounter()
     extra_checks = TARGET_CHECKS[target]
     report = Report(str(path), model, target)
-    report.summary.text_tokens_exact = counter.exact
-    report.summary.text_tokens_source = counter.source
-    context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
-    seen = DigestFilter()
-    images = ImageOutcomes()
-    candidates: list[tuple[int, bytes]] = []  # (line, digest) the filter has probably seen before
-    last_content = 0
-    pending_blank: list[int] = []
     summary, errors_out, warnings_out = report.summary, report.errors, report.warnings
-    for number, raw in iter_lines(path):
-        if not raw or raw.isspace():  # what bytes.strip() would leave empty
-            pending_blank.append(number)
-            continue
-        if pending_blank:
-            errors_out += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
-            pending_blank = []
-        last_content = number
-        summary.examples += 1
-        try:
-            obj, via_json = parse_line_exact(raw)
-        except ValueError as exc:
-            errors_out.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
-            continue
-        problem = structure_problem(obj, raw)
-        if problem:
-            errors_out.append(Finding(number, *problem))
-            continue
-        try:
-            errors, stats = check_example(obj, number, counter, check_urls, fetch, context, images)
-            if isinstance(obj, dict):
+    summary.text_tokens_exact = counter.exact
+    summary.text_tokens_source = counter.source
+    context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
+    check_and_add = DigestFilter().check_and_add
+    images = ImageOutcomes(fast=fast)
+    count, role_tokens = counter.count, _role_tokens(counter)
+    loads, dumps, sort_keys, xxh3 = orjson.loads, orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_128_digest
+    candidates: list[tuple[int, bytes]] = []  # (line, digest) the filter has probably seen before
+    n_messages_hist, n_images_hist, tokens_hist = {}, {}, {}
+    examples = valid = image_tokens_total = number = last_content = 0
+    pending_blank: list[int] = []
+    with open(path, "rb") as fh:  # iter_lines, inlined: the line with its line ending until it is needed
+        for raw in fh:
+            number += 1
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if raw.isspace() or not raw:  # what bytes.strip() would leave empty, line ending or not
+                pending_blank.append(number)
+                continue
+            if pending_blank:
+                errors_out += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
+                pending_blank = []
+            last_content = number
+            examples += 1
+            stats = None
+            if fast:
+                try:
+                    obj = loads(raw)  # orjson skips the trailing line ending as JSON whitespace
+                except ValueError:
+                    obj = None
+                if type(obj) is dict:
+                    try:
+                        stats = plain_example(obj, count, role_tokens, images, context)
+                    except Exception:  # noqa: BLE001 -- e.g. a special token's text: the general path says what
+                        stats = None
+            if stats is not None:
                 extra = extra_checks(obj)
-                if extra:
-                    errors += [Finding(number, code, message) for code, message in extra]
-        except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
-            errors_out.append(Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})"))
-            continue
-        if errors:
-            errors_out += errors
-        if stats is None:
-            continue
-        n_messages, n_images, tokens, img_tokens, roles, assistant_words = stats
-        summary.messages[n_messages] += 1
-        summary.images[n_images] += 1
-        summary.tokens[tokens] += 1
-        summary.image_tokens += img_tokens
-        summary.valid_examples += not errors
-        if not roles.get("system"):
-            warnings_out.append(Finding(number, "no_system_message", "no system message"))
-        if not roles.get("user"):
-            warnings_out.append(Finding(number, "no_user_message", "no user message"))
-        if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
-            warnings_out.append(Finding(number, "short_assistant_message",
-                                        f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
-        digest = example_digest(obj, via_json)
-        if seen.check_and_add(digest):
-            candidates.append((number, digest))
+                errors = [Finding(number, code, message) for code, message in extra] if extra else None
+                digest = xxh3(dumps(obj, option=sort_keys))  # filter_digest(obj): all strings, orjson writes it
+            else:
+                errors, stats, digest = _general_line(raw.rstrip(b"\r\n"), number, counter, check_urls, fetch,
+                                                      context, images, extra_checks)
+            if errors:
+                errors_out += errors
+            if stats is None:
+                continue
+            n_messages, n_images, tokens, img_tokens, roles, assistant_words = stats
+            n_messages_hist[n_messages] = n_messages_hist.get(n_messages, 0) + 1
+            n_images_hist[n_images] = n_images_hist.get(n_images, 0) + 1
+            tokens_hist[tokens] = tokens_hist.get(tokens, 0) + 1
+            image_tokens_total += img_tokens
+            if not errors:
+                valid += 1
+            if "system" not in roles:
+                warnings_out.append(Finding(number, "no_system_message", "no system message"))
+            if "user" not in roles:
+                warnings_out.append(Finding(number, "no_user_message", "no user message"))
+            if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
+                warnings_out.append(Finding(number, "short_assistant_message",
+                                            f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
+            if check_and_add(digest):
+                candidates.append((number, digest))
+    summary.examples, summary.valid_examples, summary.image_tokens = examples, valid, image_tokens_total
+    summary.messages.update(n_messages_hist)
+    summary.images.update(n_images_hist)
+    summary.tokens.update(tokens_hist)
     report.warnings += duplicate_findings(path, candidates)
     if last_content == 0:
         report.errors.append(Finding(1, "empty_file", "the file has no examples"))
