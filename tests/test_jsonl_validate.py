@@ -416,3 +416,16 @@ def test_duplicates_whatever_the_key_order_and_spacing_and_never_by_a_digest_col
     # every line collides in the filter's fast digest (xxh3): the second pass's blake2b tells them apart
     monkeypatch.setattr(jsonl_validate.xxhash, "xxh3_128_digest", lambda data: b"\0" * 16)
     assert duplicates() == [(13, "same example as line 4")]
+
+
+def test_a_remembered_jpeg_head_still_checks_the_scan_against_the_data():
+    from tests.jsonl_fuzz import jpeg_variants
+    from touchvl.chat.validate import _walk_jpeg, plain_jpeg_size
+
+    base = jpeg_variants()["baseline"]
+    sos = base.find(b"\xff\xda")
+    assert plain_jpeg_size(base) == (64, 48) == plain_jpeg_size(base)  # walked, then looked up
+    cut = base[:sos + 6]  # the head, then a start of scan longer than what is left
+    assert plain_jpeg_size(cut) is None and _walk_jpeg(cut) == (None, -1)
+    hidden = base[:2] + b"\xff\xfe\x00\x06\xff\xda\x00\x00" + base[2:]  # a comment holding the scan marker's bytes
+    assert plain_jpeg_size(hidden) == (64, 48) == plain_jpeg_size(hidden)

@@ -246,54 +246,79 @@ _PIL_SOF = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huf
 _PIL_SKIPPED = (0xC4, 0xDD, 0xFE)  # DHT, DRI, COM: PIL reads their length and skips them
 
 
+_JPEG_HEADS: dict[bytes, tuple[int, int] | None] = {}  # plain_jpeg_size's walks, by the bytes they read
+_JPEG_HEAD_CHARS, _JPEG_HEAD_ENTRIES = 4096, 256  # at most 1 MiB of remembered heads
+
+
 def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG whose markers PIL's parser (PIL.JpegImagePlugin) reads without an error and
     as a plain JPEG (mode L or RGB, not MPO), walking them as it does up to the start of scan; None for
     anything else, or anything in doubt: a marker other than APPn/DQT/DHT/DRI/COM/SOF0-2, padding or bytes
     between markers, EXIF (PIL parses it), a Photoshop or MPF block, a short JFIF/Adobe/ICC block or DQT
-    table (PIL raises on those), two frames, a frame of other than 8 bits or 1/3 components, a zero size."""
+    table (PIL raises on those), two frames, a frame of other than 8 bits or 1/3 components, a zero size.
+
+    The JPEGs of one encoder share their head (tables, and the size when it is the same): a walk that ended
+    at the first start-of-scan marker in the data read only the bytes up to it, so the same head walks the
+    same way and is looked up instead (the scan's length, which the walk checks against the data's, is checked)."""
+    sos = data.find(b"\xff\xda")
+    if 0 < sos <= _JPEG_HEAD_CHARS and sos + 4 <= len(data):
+        head = data[:sos + 4]
+        size = _JPEG_HEADS.get(head, False)
+        if size is not False:
+            length = data[sos + 2] << 8 | data[sos + 3]
+            return size if length >= 2 and sos + 2 + length <= len(data) else None
+    size, at = _walk_jpeg(data)
+    if at == sos and at > 0 and sos <= _JPEG_HEAD_CHARS:  # the walk ended at that scan marker: remember it
+        if len(_JPEG_HEADS) >= _JPEG_HEAD_ENTRIES:
+            _JPEG_HEADS.clear()
+        _JPEG_HEADS[data[:sos + 4]] = size
+    return size
+
+
+def _walk_jpeg(data: bytes) -> tuple[tuple[int, int] | None, int]:
+    """(:func:`plain_jpeg_size`'s answer, the position of the start-of-scan marker it ended at, else -1)."""
     if data[:3] != b"\xff\xd8\xff":  # PIL's JPEG _accept
-        return None
+        return None, -1
     end, pos, size = len(data), 2, None
     while pos + 4 <= end:
         if data[pos] != 0xFF:
-            return None
+            return None, -1
         marker, length = data[pos + 1], data[pos + 2] << 8 | data[pos + 3]
         start, nxt = pos + 4, pos + 2 + length  # the segment's payload: data[start:nxt]
         if length < 2 or nxt > end:
-            return None
+            return None, -1
         if marker == 0xDA:  # start of scan: PIL's parse ends here
-            return size
+            return size, pos
         if 0xE0 <= marker <= 0xEF:
             prefix = _PIL_JPEG_APP_PREFIXES.get(marker)
             if prefix is not None:
                 if length - 2 < 7 and data.startswith(prefix, start, nxt):
-                    return None
+                    return None, -1
             elif marker == 0xE1:
                 if data.startswith(b"Exif\0\0", start, nxt):
-                    return None
+                    return None, -1
             elif marker == 0xE2:
                 if data.startswith(b"MPF\0", start, nxt) or (length - 2 < 14 and data.startswith(b"ICC_PROFILE\0", start, nxt)):
-                    return None
+                    return None, -1
             elif marker == 0xED and data.startswith(b"Photoshop 3.0\x00", start, nxt):
-                return None
+                return None, -1
         elif marker == 0xDB:  # tables of 1 + 64 bytes (8-bit) or 1 + 128 (16-bit): PIL raises on a short one
             q = start
             while q < nxt:
                 q += 65 if data[q] < 16 else 129
             if q != nxt:
-                return None
+                return None, -1
         elif marker in _PIL_SOF:
             if size is not None or length < 8 or (length - 8) % 3 or data[start] != 8 or data[start + 5] not in (1, 3):
-                return None
+                return None, -1
             height, width = data[start + 1] << 8 | data[start + 2], data[start + 3] << 8 | data[start + 4]
             if not (width and height):
-                return None
+                return None, -1
             size = (width, height)
         elif marker not in _PIL_SKIPPED:
-            return None
+            return None, -1
         pos = nxt
-    return None
+    return None, -1
 
 
 def jpeg_decodes(data: bytes) -> tuple[int, int] | None:
@@ -691,12 +716,13 @@ def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[
 _DETAILS = ("auto", "low", "high")
 
 
-def plain_example(obj: dict, count: Callable[[str], int], role_tokens: dict[str, int],
+def plain_example(obj: dict, counter: TokenCounter, role_tokens: dict[str, int],
                   images: Callable[[str, str], tuple], context: int):
     """The summary stats of :func:`check_example` -- ``(messages, images, tokens, image tokens, roles,
-    assistant words)``, computed the same way -- for a parsed line in the common shape that check_example
-    finds nothing wrong with; None for anything else, and the general path (the digit scan, json where it
-    applies, :func:`structure_problem`, check_example) then decides.  The common shape:
+    assistant words)``, computed the same way (the words of each assistant text counted up to
+    SHORT_ANSWER_WORDS: all the short-answer warning asks) -- for a parsed line in the common shape that
+    check_example finds nothing wrong with; None for anything else, and the general path (the digit scan, json
+    where it applies, :func:`structure_problem`, check_example) then decides.  The common shape:
     ``{"messages": [...]}`` and nothing else; each message exactly ``role`` (an allowed one) and ``content``
     (a non-blank string, or a non-empty list of parts); each part exactly ``type`` + ``text`` (a non-blank
     string) or, in a user message, ``type`` + ``image_url`` = ``{"url": a data URL of JPEG/PNG/WEBP whose
@@ -709,6 +735,9 @@ def plain_example(obj: dict, count: Callable[[str], int], role_tokens: dict[str,
     messages = obj.get("messages")
     if type(messages) is not list or not messages:
         return None
+    count = counter.count
+    quick = counter._len if counter._encode is not None else None  # TokenCounter.count's uncached case, inlined
+    short = counter.UNCACHED_CHARS
     tokens, roles, words, n_images, img_tokens = 3, {}, [], 0, 0
     for message in messages:
         if type(message) is not dict or len(message) != 2:
@@ -722,9 +751,10 @@ def plain_example(obj: dict, count: Callable[[str], int], role_tokens: dict[str,
         if type(content) is str:
             if not content or content.isspace():
                 return None
-            tokens += count(content)
+            tokens += quick(content) if quick is not None and len(content) <= short and "<|" not in content \
+                else count(content)
             if role == "assistant":
-                words.append(len(content.split()))
+                words.append(len(content.split(None, SHORT_ANSWER_WORDS - 1)))
         elif type(content) is list and content:
             for part in content:
                 if type(part) is not dict or len(part) != 2:
@@ -734,9 +764,10 @@ def plain_example(obj: dict, count: Callable[[str], int], role_tokens: dict[str,
                     text = part.get("text")
                     if type(text) is not str or not text or text.isspace():
                         return None
-                    tokens += count(text)
+                    tokens += quick(text) if quick is not None and len(text) <= short and "<|" not in text \
+                        else count(text)
                     if role == "assistant":
-                        words.append(len(text.split()))
+                        words.append(len(text.split(None, SHORT_ANSWER_WORDS - 1)))
                 elif kind == "image_url" and role == "user":
                     spec = part.get("image_url")
                     if type(spec) is not dict:
@@ -745,11 +776,14 @@ def plain_example(obj: dict, count: Callable[[str], int], role_tokens: dict[str,
                     if type(url) is not str or type(detail) is not str or detail not in _DETAILS or \
                             len(spec) != 1 + ("detail" in spec):
                         return None
-                    match = DATA_URL.match(url)
-                    fmt = IMAGE_FORMATS.get(match["fmt"].lower()) if match else None
-                    if fmt is None:
-                        return None
-                    code, size = images(url[match.end():], fmt)
+                    if url.startswith("data:image/jpeg;base64,"):  # what DATA_URL matches, the common case
+                        code, size = images(url[23:], "JPEG")
+                    else:
+                        match = DATA_URL.match(url)
+                        fmt = IMAGE_FORMATS.get(match["fmt"].lower()) if match else None
+                        if fmt is None:
+                            return None
+                        code, size = images(url[match.end():], fmt)
                     if code is not None:
                         return None
                     n_images += 1
@@ -802,9 +836,10 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
     summary.text_tokens_exact = counter.exact
     summary.text_tokens_source = counter.source
     context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
-    check_and_add = DigestFilter().check_and_add
+    seen = DigestFilter()
+    bits, mask, unpack = seen.bits, seen.BITS - 1, _WORDS.unpack
     images = ImageOutcomes(fast=fast)
-    count, role_tokens = counter.count, _role_tokens(counter)
+    role_tokens = _role_tokens(counter)
     loads, dumps, sort_keys, xxh3 = orjson.loads, orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_128_digest
     candidates: list[tuple[int, bytes]] = []  # (line, digest) the filter has probably seen before
     n_messages_hist, n_images_hist, tokens_hist = {}, {}, {}
@@ -831,7 +866,7 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
                     obj = None
                 if type(obj) is dict:
                     try:
-                        stats = plain_example(obj, count, role_tokens, images, context)
+                        stats = plain_example(obj, counter, role_tokens, images, context)
                     except Exception:  # noqa: BLE001 -- e.g. a special token's text: the general path says what
                         stats = None
             if stats is not None:
@@ -859,8 +894,17 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
             if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
                 warnings_out.append(Finding(number, "short_assistant_message",
                                             f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
-            if check_and_add(digest):
+            a, b, c, d = unpack(digest)  # DigestFilter.check_and_add, inlined
+            a, b, c, d = a & mask, b & mask, c & mask, d & mask
+            ma, mb, mc, md = 1 << (a & 7), 1 << (b & 7), 1 << (c & 7), 1 << (d & 7)
+            a, b, c, d = a >> 3, b >> 3, c >> 3, d >> 3
+            if bits[a] & ma and bits[b] & mb and bits[c] & mc and bits[d] & md:
                 candidates.append((number, digest))
+            else:
+                bits[a] |= ma
+                bits[b] |= mb
+                bits[c] |= mc
+                bits[d] |= md
     summary.examples, summary.valid_examples, summary.image_tokens = examples, valid, image_tokens_total
     summary.messages.update(n_messages_hist)
     summary.images.update(n_images_hist)
