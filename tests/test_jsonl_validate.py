@@ -429,3 +429,30 @@ def test_a_remembered_jpeg_head_still_checks_the_scan_against_the_data():
     assert plain_jpeg_size(cut) is None and _walk_jpeg(cut) == (None, -1)
     hidden = base[:2] + b"\xff\xfe\x00\x06\xff\xda\x00\x00" + base[2:]  # a comment holding the scan marker's bytes
     assert plain_jpeg_size(hidden) == (64, 48) == plain_jpeg_size(hidden)
+
+
+def _same_with_workers(path, workers, **kw):
+    serial, parallel = validate_file(path, **kw), validate_file(path, workers=workers, **kw)
+    assert parallel.errors == serial.errors
+    assert parallel.warnings == serial.warnings
+    assert parallel.summary == serial.summary
+    return parallel
+
+
+def test_workers_make_the_report_one_process_makes(tmp_path):
+    from tests.jsonl_fuzz import mutants
+
+    lines = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(40)]
+    lines[7] = lines[31] = ""  # blank lines inside the file
+    lines[20:23] = ["", "  ", "{broken"]
+    lines[35] = lines[2]  # a duplicate of an early line, in a later chunk
+    lines += [example(answer="ok"), "", ""]  # a warning, then blank lines at the end (not findings)
+    path = write(tmp_path, lines, newline="\r\n", bom=True)
+    for workers in (2, 3, 5, 16):
+        report = _same_with_workers(path, workers)
+    assert (36, "same example as line 3") in [(w.line, w.message) for w in report.warnings if w.code == "duplicate_example"]
+    assert [f.line for f in report.errors if f.code == "blank_line"] == [8, 21, 22, 32]
+    for name, data in mutants(20_260_402, 40):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        _same_with_workers(path, 3)

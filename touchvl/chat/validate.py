@@ -21,6 +21,7 @@ import math
 import re
 import struct
 import warnings
+from array import array
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -819,34 +820,55 @@ def _general_line(raw: bytes, number: int, counter: TokenCounter, check_urls: bo
     return errors, stats, (filter_digest(obj, via_json) if stats is not None else None)
 
 
-def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool = False,
-                  fetch: Fetch = fetch_url, counter: TokenCounter | None = None, target: str = "openai",
-                  max_duplicate_fraction: float | None = DEFAULT_MAX_DUPLICATE_FRACTION, fast: bool = True) -> Report:
-    """The findings and summary of one file.  Raises only OSError (the file cannot be read): every content
-    problem is a finding.  More repeated examples than ``max_duplicate_fraction`` of the file is an error
-    (``too_many_duplicates``; None: no limit).  ``target``: the service's own rules on top of OpenAI's
-    (touchvl/chat/targets.py).  ``fast`` (the default): a line in the common shape goes through
-    :func:`plain_example` and a JPEG through simplejpeg (:func:`image_header`); False: every line through
-    the general checker and every image through PIL -- the same findings and summary, slower (the tests
-    compare the two)."""
-    counter = counter or TokenCounter()
-    extra_checks = TARGET_CHECKS[target]
-    report = Report(str(path), model, target)
-    summary, errors_out, warnings_out = report.summary, report.errors, report.warnings
-    summary.text_tokens_exact = counter.exact
-    summary.text_tokens_source = counter.source
-    context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
-    seen = DigestFilter()
-    bits, mask, unpack = seen.bits, seen.BITS - 1, _WORDS.unpack
+@dataclass
+class _Scan:
+    """What one pass over a file's lines (all of them, or one chunk of a parallel run) found, before the
+    duplicates: findings in line order, histograms, and either the filter's candidates (a whole file) or every
+    example's line and filter digest (a chunk: the parent runs the one filter over them in line order)."""
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    examples: int = 0
+    valid: int = 0
+    image_tokens: int = 0
+    messages: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    last_content: int = 0  # the last non-blank line (0: none)
+    trailing_blank: list[int] = field(default_factory=list)  # blank lines after it: inside the file if more follows
+    candidates: list[tuple[int, bytes]] = field(default_factory=list)
+    lines: array = field(default_factory=lambda: array("Q"))
+    digests: bytearray = field(default_factory=bytearray)
+
+
+def _limited(fh, size: int):
+    """The lines of ``fh`` from where it is, until ``size`` bytes are read (a chunk ends at a line's end)."""
+    for raw in fh:
+        yield raw
+        size -= len(raw)
+        if size <= 0:
+            return
+
+
+def _scan(path: Path, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int, extra_checks, fast: bool,
+          chunk: tuple[int, int, int] | None = None) -> _Scan:
+    """The first pass over ``path``, or over ``chunk`` = (byte offset, byte length, number of the line before it)."""
+    out = _Scan()
+    errors_out, warnings_out, candidates = out.errors, out.warnings, out.candidates
+    whole = chunk is None
+    seen = DigestFilter() if whole else None  # a chunk's digests go to the parent's one filter
+    bits, mask, unpack = (seen.bits, seen.BITS - 1, _WORDS.unpack) if whole else (None, 0, None)
+    lines_out, digests_out = out.lines.append, out.digests.extend
     images = ImageOutcomes(fast=fast)
     role_tokens = _role_tokens(counter)
     loads, dumps, sort_keys, xxh3 = orjson.loads, orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_128_digest
-    candidates: list[tuple[int, bytes]] = []  # (line, digest) the filter has probably seen before
-    n_messages_hist, n_images_hist, tokens_hist = {}, {}, {}
-    examples = valid = image_tokens_total = number = last_content = 0
+    n_messages_hist, n_images_hist, tokens_hist = out.messages, out.images, out.tokens
+    examples = valid = image_tokens_total = last_content = 0
+    number = 0 if whole else chunk[2]
     pending_blank: list[int] = []
     with open(path, "rb") as fh:  # iter_lines, inlined: the line with its line ending until it is needed
-        for raw in fh:
+        if not whole:
+            fh.seek(chunk[0])
+        for raw in (fh if whole else _limited(fh, chunk[1])):
             number += 1
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -894,6 +916,10 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
             if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
                 warnings_out.append(Finding(number, "short_assistant_message",
                                             f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
+            if not whole:
+                lines_out(number)
+                digests_out(digest)
+                continue
             a, b, c, d = unpack(digest)  # DigestFilter.check_and_add, inlined
             a, b, c, d = a & mask, b & mask, c & mask, d & mask
             ma, mb, mc, md = 1 << (a & 7), 1 << (b & 7), 1 << (c & 7), 1 << (d & 7)
@@ -905,12 +931,123 @@ def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool
                 bits[b] |= mb
                 bits[c] |= mc
                 bits[d] |= md
-    summary.examples, summary.valid_examples, summary.image_tokens = examples, valid, image_tokens_total
-    summary.messages.update(n_messages_hist)
-    summary.images.update(n_images_hist)
-    summary.tokens.update(tokens_hist)
-    report.warnings += duplicate_findings(path, candidates)
-    if last_content == 0:
+    out.examples, out.valid, out.image_tokens, out.last_content = examples, valid, image_tokens_total, last_content
+    out.trailing_blank = pending_blank
+    return out
+
+
+def _chunks(path: Path, n: int) -> list[tuple[int, int, int]]:
+    """``n`` (byte offset, byte length, number of the line before it) cutting ``path`` at line ends, in about
+    equal sizes (an empty one left out); the line numbers by counting newlines, 1 MiB at a time."""
+    size = path.stat().st_size
+    bounds = [0]
+    with open(path, "rb") as fh:
+        for i in range(1, n):
+            target = size * i // n
+            if target <= bounds[-1]:
+                continue
+            fh.seek(target - 1)
+            fh.readline()  # to the start of the line after the one holding byte target - 1
+            if bounds[-1] < fh.tell() < size:
+                bounds.append(fh.tell())
+        bounds.append(size)
+        out, newlines, offset = [], 0, 0
+        fh.seek(0)
+        for start, end in zip(bounds, bounds[1:]):
+            while offset < start:
+                block = fh.read(min(1 << 20, start - offset))
+                newlines += block.count(b"\n")
+                offset += len(block)
+            out.append((start, end - start, newlines))
+    return out
+
+
+_PARALLEL: tuple = ()  # what a forked worker of validate_file reads: (path, counter, check_urls, fetch, context, extra_checks, fast)
+
+
+def _scan_chunk(chunk: tuple[int, int, int]) -> _Scan:
+    return _scan(*_PARALLEL, chunk=chunk)
+
+
+def _scan_parallel(path: Path, workers: int, *args) -> _Scan:
+    """:func:`_scan` of the whole file from ``workers`` forked processes, one chunk each, merged: the findings
+    in line order (blank lines at a chunk's end are inside the file when a later chunk has content), the
+    histograms, and one duplicate filter run over every chunk's digests in line order -- what one pass finds."""
+    global _PARALLEL
+    import concurrent.futures
+    import multiprocessing
+
+    chunks = _chunks(path, workers)
+    if len(chunks) < 2:
+        return _scan(path, *args)
+    _PARALLEL = (path, *args)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_scan_chunk, chunks))
+    finally:
+        _PARALLEL = ()
+    out, seen = _Scan(), DigestFilter()
+    pending: list[int] = []
+    for part in parts:
+        if part.last_content:
+            out.errors += [Finding(n, "blank_line", "blank line inside the file") for n in pending]
+            pending = []
+            out.last_content = part.last_content
+        out.errors += part.errors
+        pending += part.trailing_blank
+        out.warnings += part.warnings
+        out.examples += part.examples
+        out.valid += part.valid
+        out.image_tokens += part.image_tokens
+        for hist, more in ((out.messages, part.messages), (out.images, part.images), (out.tokens, part.tokens)):
+            for key, n in more.items():
+                hist[key] = hist.get(key, 0) + n
+        digests = part.digests
+        for i, number in enumerate(part.lines):
+            digest = bytes(digests[16 * i:16 * i + 16])
+            if seen.check_and_add(digest):
+                out.candidates.append((number, digest))
+    out.trailing_blank = pending
+    return out
+
+
+def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool = False,
+                  fetch: Fetch = fetch_url, counter: TokenCounter | None = None, target: str = "openai",
+                  max_duplicate_fraction: float | None = DEFAULT_MAX_DUPLICATE_FRACTION, fast: bool = True,
+                  workers: int = 1) -> Report:
+    """The findings and summary of one file.  Raises only OSError (the file cannot be read): every content
+    problem is a finding.  More repeated examples than ``max_duplicate_fraction`` of the file is an error
+    (``too_many_duplicates``; None: no limit).  ``target``: the service's own rules on top of OpenAI's
+    (touchvl/chat/targets.py).  ``fast`` (the default): a line in the common shape goes through
+    :func:`plain_example` and a JPEG through simplejpeg (:func:`image_header`); False: every line through
+    the general checker and every image through PIL -- the same findings and summary, slower (the tests
+    compare the two).  ``workers`` > 1: the first pass in that many forked processes, one chunk of the file
+    each, merged into the same report as one process makes (tested); the parent keeps every example's
+    16-byte digest until the merge (memory grows with the file, unlike one process).  Where the platform
+    cannot fork, one process."""
+    import multiprocessing
+
+    counter = counter or TokenCounter()
+    extra_checks = TARGET_CHECKS[target]
+    report = Report(str(path), model, target)
+    summary = report.summary
+    summary.text_tokens_exact = counter.exact
+    summary.text_tokens_source = counter.source
+    context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
+    _role_tokens(counter)  # counted once, before any fork
+    args = (counter, check_urls, fetch, context, extra_checks, fast)
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        scan = _scan_parallel(path, workers, *args)
+    else:
+        scan = _scan(path, *args)
+    report.errors += scan.errors
+    report.warnings += scan.warnings
+    summary.examples, summary.valid_examples, summary.image_tokens = scan.examples, scan.valid, scan.image_tokens
+    summary.messages.update(scan.messages)
+    summary.images.update(scan.images)
+    summary.tokens.update(scan.tokens)
+    report.warnings += duplicate_findings(path, scan.candidates)
+    if scan.last_content == 0:
         report.errors.append(Finding(1, "empty_file", "the file has no examples"))
     elif report.summary.examples < MIN_EXAMPLES:
         report.warnings.append(Finding(0, "few_examples", f"{report.summary.examples} examples; at least {MIN_EXAMPLES} are required to train"))
