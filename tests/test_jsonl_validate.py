@@ -456,3 +456,25 @@ def test_workers_make_the_report_one_process_makes(tmp_path):
         path = tmp_path / f"{name}.jsonl"
         path.write_bytes(data)
         _same_with_workers(path, 3)
+
+
+def test_simplejpeg_and_pil_agree_on_encoder_settings_sizes_and_cuts():
+    import itertools
+
+    import numpy as np
+    import simplejpeg
+
+    from touchvl.chat.validate import image_outcome, jpeg_decodes
+
+    rng, fast = np.random.default_rng(3), 0
+    for (w, h), quality, subsampling, progressive in itertools.product(((1, 1), (17, 9), (160, 120)), (10, 95), (0, 2),
+                                                                      (False, True)):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype="uint8")).save(
+            buf, "JPEG", quality=quality, subsampling=subsampling, progressive=progressive)
+        whole = buf.getvalue()
+        other = simplejpeg.encode_jpeg(rng.integers(0, 255, (h, w, 3), dtype="uint8"), quality=quality)  # libjpeg-turbo's markers
+        for data in (whole, whole[:len(whole) // 2], whole[:int(len(whole) * 0.99)], other, other[:-3]):
+            assert image_outcome(data, "JPEG") == image_outcome(data, "JPEG", fast=False)
+            fast += jpeg_decodes(data) is not None
+    assert fast == 2 * 24  # every whole JPEG of either encoder took the fast path; no cut one did
