@@ -366,13 +366,14 @@ def test_fast_paths_on_the_fuzz_mutants(tmp_path):
 
 def test_simplejpeg_decides_a_plain_jpeg_and_refuses_truncated_and_corrupt_ones():
     from tests.jsonl_fuzz import jpeg_variants
-    from touchvl.chat.validate import image_header, jpeg_decodes, pil_image_header, plain_jpeg_size
+    from touchvl.chat.jpegcheck import jpeg_decodes, plain_jpeg_size
+    from touchvl.chat.validate import image_header, pil_image_header
 
     v = jpeg_variants()
     for name in ("baseline", "progressive", "gray", "444", "restarts", "icc", "comment"):
-        assert jpeg_decodes(v[name]) == (64, 48) == pil_image_header(v[name])[1], name
+        assert jpeg_decodes(v[name], 40_000_000) == (64, 48) == pil_image_header(v[name])[1], name
     for name in ("truncated_30", "truncated_95", "no_eoi", "corrupt_scan_0", "corrupt_scan_1", "corrupt_scan_2"):
-        assert plain_jpeg_size(v[name]) == (64, 48) and jpeg_decodes(v[name]) is None, name  # the header is intact
+        assert plain_jpeg_size(v[name]) == (64, 48) and jpeg_decodes(v[name], 40_000_000) is None, name  # the header is intact
     for name in ("truncated_30", "truncated_95", "no_eoi"):
         with pytest.raises(ValueError):
             image_header(v[name])
@@ -420,7 +421,7 @@ def test_duplicates_whatever_the_key_order_and_spacing_and_never_by_a_digest_col
 
 def test_a_remembered_jpeg_head_still_checks_the_scan_against_the_data():
     from tests.jsonl_fuzz import jpeg_variants
-    from touchvl.chat.validate import _walk_jpeg, plain_jpeg_size
+    from touchvl.chat.jpegcheck import _walk_jpeg, plain_jpeg_size
 
     base = jpeg_variants()["baseline"]
     sos = base.find(b"\xff\xda")
@@ -464,7 +465,8 @@ def test_simplejpeg_and_pil_agree_on_encoder_settings_sizes_and_cuts():
     import numpy as np
     import simplejpeg
 
-    from touchvl.chat.validate import image_outcome, jpeg_decodes
+    from touchvl.chat.jpegcheck import jpeg_decodes
+    from touchvl.chat.validate import image_outcome
 
     rng, fast = np.random.default_rng(3), 0
     for (w, h), quality, subsampling, progressive in itertools.product(((1, 1), (17, 9), (160, 120)), (10, 95), (0, 2),
@@ -476,5 +478,5 @@ def test_simplejpeg_and_pil_agree_on_encoder_settings_sizes_and_cuts():
         other = simplejpeg.encode_jpeg(rng.integers(0, 255, (h, w, 3), dtype="uint8"), quality=quality)  # libjpeg-turbo's markers
         for data in (whole, whole[:len(whole) // 2], whole[:int(len(whole) * 0.99)], other, other[:-3]):
             assert image_outcome(data, "JPEG") == image_outcome(data, "JPEG", fast=False)
-            fast += jpeg_decodes(data) is not None
+            fast += jpeg_decodes(data, 40_000_000) is not None
     assert fast == 2 * 24  # every whole JPEG of either encoder took the fast path; no cut one did
