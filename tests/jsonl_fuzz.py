@@ -3,6 +3,7 @@
 ``mutants(seed, n)`` yields ``(name, bytes)``: byte flips, truncation, deep nesting, huge integers, NaN, lone
 surrogates, control characters, invalid UTF-8, bomb and broken images, wrong types, deleted keys, huge strings,
 blank lines, BOMs and CRLFs in odd places, signed and private image URLs.  Deterministic for a seed.
+``jpeg_variants()``: JPEGs on which PIL's and simplejpeg's verdicts may differ.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import random
 import struct
 import zlib
 
+import numpy as np
 from PIL import Image
 
 
@@ -224,6 +226,59 @@ def _insert_line(rng, data, line: bytes) -> bytes:
     lines = data.split(b"\n")[:-1]
     lines.insert(rng.randrange(len(lines) + 1), line)
     return b"\n".join(lines) + b"\n"
+
+
+def _save(img, fmt="JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    """A JPEG marker segment: 0xFF, the marker, the big-endian length (itself included), the payload."""
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def jpeg_variants() -> dict[str, bytes]:
+    """JPEGs (and a PNG) that PIL and simplejpeg read alike, or not: progressive, grey, 4:4:4, restart markers, ICC,
+    EXIF, CMYK, MPO; truncated, without EOI, with corrupt scans; and segments crafted where PIL's marker parser
+    differs from libjpeg's (short JFIF/Adobe/ICC blocks, padding, TEM, short DQT, 12-bit, two layers, SOF3/SOF9).
+    ``{name: bytes}``, deterministic (tests/test_jsonl_validate.py compares the fast paths with PIL on them)."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype="uint8"))
+    base = _save(noise)
+    exif = Image.Exif()
+    exif[0x010F] = "touchvl"  # Make
+    out = {"baseline": base, "progressive": _save(noise, progressive=True), "gray": _save(noise.convert("L")),
+           "444": _save(noise, subsampling=0), "restarts": _save(noise, restart_marker_blocks=2),
+           "icc": _save(noise, icc_profile=b"\0" * 300), "exif": _save(noise, exif=exif), "comment": _save(noise, comment=b"hi"),
+           "cmyk": _save(noise.convert("CMYK")), "mpo": _save(noise, "MPO", save_all=True, append_images=[noise.rotate(90)]),
+           "png_bytes": _save(noise, "PNG"), "truncated_30": base[:int(len(base) * .3)], "truncated_95": base[:int(len(base) * .95)],
+           "no_eoi": base[:-2], "trailing_bytes": base + b"trailing"}
+    sos = base.rfind(b"\xff\xda")
+    for k in range(4):
+        data = bytearray(base)
+        for p in np.random.default_rng(k).integers(sos + 20, len(base) - 10, 3):
+            data[p] ^= 0x5A
+        out[f"corrupt_scan_{k}"] = bytes(data)
+    head, tail = base[:2], base[2:]  # SOI | the rest: segments inserted right after SOI
+    for name, seg in {"short_jfif": _segment(0xE0, b"JFIF\0"), "short_adobe": _segment(0xEE, b"Adobe\0"),
+                      "short_icc": _segment(0xE2, b"ICC_PROFILE\0\x01"), "mpf_junk": _segment(0xE2, b"MPF\0junk"),
+                      "photoshop_cut": _segment(0xED, b"Photoshop 3.0\x008BIM\x04"), "exif_junk": _segment(0xE1, b"Exif\0\0junk"),
+                      "app15": _segment(0xEF, b"anything"), "padding": b"\xff" + _segment(0xFE, b"c"), "junk_byte": b"\x00" + _segment(0xFE, b"c"),
+                      "tem_marker": b"\xff\x01", "short_dqt": _segment(0xDB, b"\x00" + bytes(10)), "dqt16": _segment(0xDB, b"\x10" + bytes(128)),
+                      "bad_length": b"\xff\xfe\x00\x01", "eoi_first": b"\xff\xd9", "sof_first": _segment(0xC0, b"\x08\x00\x10\x00\x10\x01\x01\x11\x00"),
+                      "dht_empty": _segment(0xC4, b""), "dri": _segment(0xDD, b"\x00\x04")}.items():
+        out[name] = head + seg + tail
+    sof = base.find(b"\xff\xc0")  # +1 the marker, +4 the precision, +5/+6 the height, +9 the components
+    for name, (offset, value) in {"12_bit": (4, 12), "zero_height": (5, 0), "two_layers": (9, 2), "sof3": (1, 0xC3),
+                                  "sof9": (1, 0xC9)}.items():
+        data = bytearray(base)
+        data[sof + offset] = value
+        if name == "zero_height":
+            data[sof + 6] = 0
+        out[name] = bytes(data)
+    return out
 
 
 MUTATORS = [_flip_bytes, _truncate, _deep, _huge_int, _nan, _surrogate, _bad_image, _wrong_type, _delete_key,

@@ -311,3 +311,172 @@ def test_every_image_is_decoded_a_truncated_one_fails_at_its_line(tmp_path):
     report = validate_file(write(tmp_path, lines))
     assert codes(report) == [(2, "image_data_corrupt"), (4, "image_data_corrupt")]
     assert all("not a readable image" in f.message for f in report.errors)
+
+
+# ------------------------------------------------------------------ the fast paths (plain_example, simplejpeg)
+def _jpeg_example(data: bytes, text: str, detail: str = "high"):
+    return example([{"type": "text", "text": text},
+                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode(),
+                                                        "detail": detail}}])
+
+
+def _same_report(path, **kw):
+    """validate_file with the fast paths and without (fast=False: check_example for every line, PIL for every
+    image): asserted equal -- findings, their order and messages, and the summary -- and returned."""
+    fast, reference = validate_file(path, **kw), validate_file(path, fast=False, **kw)
+    assert fast.errors == reference.errors
+    assert fast.warnings == reference.warnings
+    assert fast.summary == reference.summary
+    return fast
+
+
+def test_fast_paths_find_exactly_what_the_general_checker_and_pil_find(tmp_path):
+    from tests.jsonl_fuzz import jpeg_variants
+
+    variants = jpeg_variants()
+    names = list(variants)
+    lines = [_jpeg_example(data, f"What is this surface ({name})?") for name, data in variants.items()]
+    lines += [example(answer="It feels <|endoftext|> smooth."),  # encode raises on a special token's text
+              example(answer="ok"),  # short_assistant_message
+              example([{"type": "text", "text": "Hm?"}, {"type": "image_url", "image_url": {"url": "https://x.test/a.jpg"}}]),
+              example([{"type": "text", "text": "Hm?"}, {"type": "image_url", "image_url": {"url": data_url(), "detail": "max"}}]),
+              {"messages": [{"role": "user", "content": "What is it? 1234567890123456789012"},
+                            {"role": "assistant", "content": "A 19-digit run, in a string: json or orjson alike."}]},
+              {"messages": [{"role": "user", "content": "x", "weight": 12345678901234567890123},
+                            {"role": "assistant", "content": "an integer beyond 64 bits"}]}]
+    report = _same_report(write(tmp_path, lines))
+    found = {names[f.line - 1] if f.line <= len(names) else f.line: f.code for f in report.errors}
+    for name in ("truncated_30", "truncated_95", "no_eoi", "short_jfif", "short_icc", "tem_marker", "12_bit"):
+        assert found[name] == "image_data_corrupt", name
+    assert found["mpo"] == "image_format_unsupported" and found["png_bytes"] == "image_data_corrupt"
+    for name in ("baseline", "progressive", "gray", "restarts", "icc", "exif", "cmyk", "corrupt_scan_0", "corrupt_scan_1"):
+        assert name not in found, name  # a corrupt scan is a libjpeg warning: PIL reads it (simplejpeg, strict, does not)
+    assert found[len(names) + 1] == "data_type" and found[len(names) + 4] == "image_url_invalid"
+
+
+def test_fast_paths_on_the_fuzz_mutants(tmp_path):
+    from tests.jsonl_fuzz import mutants
+
+    for name, data in mutants(20_260_401, 120):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        _same_report(path)
+        _same_report(path, target="together")
+
+
+def test_simplejpeg_decides_a_plain_jpeg_and_refuses_truncated_and_corrupt_ones():
+    from tests.jsonl_fuzz import jpeg_variants
+    from touchvl.chat.jpegcheck import jpeg_decodes, plain_jpeg_size
+    from touchvl.chat.validate import image_header, pil_image_header
+
+    v = jpeg_variants()
+    for name in ("baseline", "progressive", "gray", "444", "restarts", "icc", "comment"):
+        assert jpeg_decodes(v[name], 40_000_000) == (64, 48) == pil_image_header(v[name])[1], name
+    for name in ("truncated_30", "truncated_95", "no_eoi", "corrupt_scan_0", "corrupt_scan_1", "corrupt_scan_2"):
+        assert plain_jpeg_size(v[name]) == (64, 48) and jpeg_decodes(v[name], 40_000_000) is None, name  # the header is intact
+    for name in ("truncated_30", "truncated_95", "no_eoi"):
+        with pytest.raises(ValueError):
+            image_header(v[name])
+    assert image_header(v["corrupt_scan_0"]) == ("JPEG", (64, 48))  # simplejpeg refuses it, PIL reads it: PIL's verdict
+    for name in ("exif", "cmyk", "mpo", "short_jfif", "short_adobe", "short_icc", "tem_marker", "padding", "mpf_junk"):
+        assert plain_jpeg_size(v[name]) is None, name  # simplejpeg reads these; what PIL makes of them is PIL's to say
+
+
+def test_plain_lines_and_jpegs_take_the_fast_paths(tmp_path, monkeypatch):
+    from touchvl.chat import validate as jsonl_validate
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the general path")
+
+    rng = __import__("numpy").random.default_rng(1)
+    lines = []
+    for i in range(12):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype="uint8")).save(buf, format="JPEG")
+        lines.append(_jpeg_example(buf.getvalue(), f"How does sample {i} feel?", detail="low"))
+    path = write(tmp_path, lines)
+    monkeypatch.setattr(jsonl_validate, "check_example", not_called)
+    monkeypatch.setattr(jsonl_validate, "pil_image_header", not_called)
+    report = validate_file(path)
+    assert report.ok and not report.warnings and report.summary.images == {1: 12} and report.summary.valid_examples == 12
+
+
+def test_duplicates_whatever_the_key_order_and_spacing_and_never_by_a_digest_collision(tmp_path, monkeypatch):
+    from touchvl.chat import validate as jsonl_validate
+
+    lines = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(12)]
+    same = example(answer="It feels smooth and hard, sample 3.")
+    reordered = {"messages": [dict(reversed(list(m.items()))) for m in same["messages"]]}
+    lines.append(json.dumps(reordered, separators=(" ,  ", " :\t")))
+    path = write(tmp_path, lines)
+
+    def duplicates():
+        return [(w.line, w.message) for w in _same_report(path).warnings if w.code == "duplicate_example"]
+
+    assert duplicates() == [(13, "same example as line 4")]
+    # every line collides in the filter's fast digest (xxh3): the second pass's blake2b tells them apart
+    monkeypatch.setattr(jsonl_validate.xxhash, "xxh3_128_digest", lambda data: b"\0" * 16)
+    assert duplicates() == [(13, "same example as line 4")]
+
+
+def test_a_remembered_jpeg_head_still_checks_the_scan_against_the_data():
+    from tests.jsonl_fuzz import jpeg_variants
+    from touchvl.chat.jpegcheck import _walk_jpeg, plain_jpeg_size
+
+    base = jpeg_variants()["baseline"]
+    sos = base.find(b"\xff\xda")
+    assert plain_jpeg_size(base) == (64, 48) == plain_jpeg_size(base)  # walked, then looked up
+    cut = base[:sos + 6]  # the head, then a start of scan longer than what is left
+    assert plain_jpeg_size(cut) is None and _walk_jpeg(cut) == (None, -1)
+    hidden = base[:2] + b"\xff\xfe\x00\x06\xff\xda\x00\x00" + base[2:]  # a comment holding the scan marker's bytes
+    assert plain_jpeg_size(hidden) == (64, 48) == plain_jpeg_size(hidden)
+
+
+def _same_with_workers(path, workers, **kw):
+    serial, parallel = validate_file(path, **kw), validate_file(path, workers=workers, **kw)
+    assert parallel.errors == serial.errors
+    assert parallel.warnings == serial.warnings
+    assert parallel.summary == serial.summary
+    return parallel
+
+
+def test_workers_make_the_report_one_process_makes(tmp_path):
+    from tests.jsonl_fuzz import mutants
+
+    lines = [example(answer=f"It feels smooth and hard, sample {i}.") for i in range(40)]
+    lines[7] = lines[31] = ""  # blank lines inside the file
+    lines[20:23] = ["", "  ", "{broken"]
+    lines[35] = lines[2]  # a duplicate of an early line, in a later chunk
+    lines += [example(answer="ok"), "", ""]  # a warning, then blank lines at the end (not findings)
+    path = write(tmp_path, lines, newline="\r\n", bom=True)
+    for workers in (2, 3, 5, 16):
+        report = _same_with_workers(path, workers)
+    assert (36, "same example as line 3") in [(w.line, w.message) for w in report.warnings if w.code == "duplicate_example"]
+    assert [f.line for f in report.errors if f.code == "blank_line"] == [8, 21, 22, 32]
+    for name, data in mutants(20_260_402, 40):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        _same_with_workers(path, 3)
+
+
+def test_simplejpeg_and_pil_agree_on_encoder_settings_sizes_and_cuts():
+    import itertools
+
+    import numpy as np
+    import simplejpeg
+
+    from touchvl.chat.jpegcheck import jpeg_decodes
+    from touchvl.chat.validate import image_outcome
+
+    rng, fast = np.random.default_rng(3), 0
+    for (w, h), quality, subsampling, progressive in itertools.product(((1, 1), (17, 9), (160, 120)), (10, 95), (0, 2),
+                                                                      (False, True)):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype="uint8")).save(
+            buf, "JPEG", quality=quality, subsampling=subsampling, progressive=progressive)
+        whole = buf.getvalue()
+        other = simplejpeg.encode_jpeg(rng.integers(0, 255, (h, w, 3), dtype="uint8"), quality=quality)  # libjpeg-turbo's markers
+        for data in (whole, whole[:len(whole) // 2], whole[:int(len(whole) * 0.99)], other, other[:-3]):
+            assert image_outcome(data, "JPEG") == image_outcome(data, "JPEG", fast=False)
+            fast += jpeg_decodes(data, 40_000_000) is not None
+    assert fast == 2 * 24  # every whole JPEG of either encoder took the fast path; no cut one did

@@ -9,11 +9,19 @@ the real image size when it is known (decoded data URLs; fetched URLs with ``che
 
 Speed (bench/jsonl.py): lines are parsed by orjson (Python's json for what orjson refuses, see
 :func:`parse_line_exact`), each distinct text is tokenized once and each distinct data-URL payload decoded once
-(bounded LRUs): the same findings as parsing, tokenizing and decoding every line, in bounded memory.
+(bounded LRUs): the same findings as parsing, tokenizing and decoding every line, in bounded memory.  A line in
+the common shape (:func:`plain_example`: only strings in it, nothing wrong with it) skips the scans for what
+orjson and json read differently and goes through one specialised pass; anything else -- and any line with a
+finding -- goes through the general checker, whose findings these are.  A data-URL JPEG is decoded by
+simplejpeg (libjpeg-turbo, strict, 1/8 scale: every entropy-coded byte read) once :func:`plain_jpeg_size` has
+walked its markers as PIL's parser does; PIL reads whatever simplejpeg refuses or that walk doubts, and
+decides.  Duplicates: a Bloom filter over xxh3_128 digests of the sorted-key serialisation, candidates
+confirmed by blake2b in a second pass.  ``validate_file(fast=False)`` is the general checker and PIL for
+everything (the tests check both give the same report); ``workers=N`` validates chunks in forked processes and
+merges them into the same report.  Measured figures: README, Benchmarks.
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import io
@@ -22,16 +30,22 @@ import math
 import re
 import struct
 import warnings
+from array import array
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 import orjson
+# xxhash: the duplicate filter's 128-bit digest of each example, ~20x faster than blake2b on a 1.5 KB line; a
+# candidate duplicate is confirmed by blake2b in the second pass (duplicate_findings), so a crafted xxh3
+# collision cannot make a line a duplicate of another.
+import xxhash
 from PIL import Image
 
 from touchvl.chat.fetch import UrlFetcher, redact_urls
 from touchvl.chat.targets import CHECKS as TARGET_CHECKS
+from touchvl.chat.jpegcheck import jpeg_decodes
 
 ALLOWED_ROLES = {"system", "user", "assistant", "tool"}
 ALLOWED_MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "refusal", "function_call"}
@@ -83,12 +97,16 @@ class TokenCounter:
 
     CACHE_ENTRIES = 4096  # distinct texts remembered (least recently used dropped): system prompts, questions
     CACHE_KEY_CHARS = 256  # a longer text is remembered by its 16-byte blake2b digest, not by itself
+    UNCACHED_CHARS = 64  # quicktok counts a text this short (~0.5 us) faster than a cache miss costs: not cached
 
     def count(self, text: str) -> int:
         """Tokens of ``text``; each distinct text is encoded once while it stays among the CACHE_ENTRIES most
-        recently counted (a system prompt or a templated question repeats on every line)."""
+        recently counted (a system prompt or a templated question repeats on every line) -- with quicktok,
+        a text of at most UNCACHED_CHARS is counted every time (the same count: only the time differs)."""
         if self._encode is None:
             return estimate_tokens(text)
+        if self._len is not None and len(text) <= self.UNCACHED_CHARS and "<|" not in text:
+            return self._len(text)
         cache = self._cache
         key = text if len(text) <= self.CACHE_KEY_CHARS else \
             hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
@@ -189,13 +207,27 @@ class ImageTooLarge(Exception):
     pass
 
 
-def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
+def image_header(data: bytes, fast: bool = True) -> tuple[str, tuple[int, int]]:
     """(format, size) of image bytes, whose pixels are decoded: :class:`ImageTooLarge` when the header claims
     more than MAX_IMAGE_PIXELS (PIL's DecompressionBombError included; checked before any pixel is decoded),
     ValueError when the image cannot be read to its end (any exception of a decoder on hostile bytes means
     "not a readable image"). A header alone is not enough: a JPEG cut to 30 % of its bytes has a valid header.
     JPEGs decode at 1/8 scale (``draft``: libjpeg skips the inverse DCT's full resolution but still reads every
-    entropy-coded byte, so truncation and corrupt scans fail) -- a full decode would cost 8-60x more."""
+    entropy-coded byte, so truncation fails) -- a full decode would cost 8-60x more.
+
+    The verdict is PIL's.  ``fast``: a JPEG that :func:`jpeg_decodes` (simplejpeg, strict) is PIL's too and
+    is answered without PIL; anything else -- PNG, WEBP, a JPEG simplejpeg refuses or whose markers are
+    unusual -- goes to PIL, which decides (a corrupt scan is a libjpeg warning: simplejpeg refuses it, PIL
+    reads it, as before)."""
+    if fast:
+        size = jpeg_decodes(data, MAX_IMAGE_PIXELS)
+        if size is not None:
+            return "JPEG", size
+    return pil_image_header(data)
+
+
+def pil_image_header(data: bytes) -> tuple[str, tuple[int, int]]:
+    """:func:`image_header` by PIL alone."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning, "Corrupt EXIF data": the finding says it
         try:
@@ -216,14 +248,14 @@ def image_header(data: bytes) -> tuple[str, tuple[int, int]]:
             raise ValueError(type(exc).__name__) from None
 
 
-def image_outcome(data: bytes, declared: str | None) -> tuple[str | None, object]:
+def image_outcome(data: bytes, declared: str | None, fast: bool = True) -> tuple[str | None, object]:
     """``(None, (width, height))`` for image bytes the service takes, else ``(code, message)``: over 10 MB, not
     decodable to its end (:func:`image_header`), too many pixels, a format other than JPEG/PNG/WEBP, or not
     the ``declared`` one."""
     if len(data) > MAX_IMAGE_BYTES:
         return "image_too_large", f"{len(data) / 2**20:.1f} MB > 10 MB"
     try:
-        actual, size = image_header(data)
+        actual, size = image_header(data, fast)
     except ImageTooLarge as exc:
         return "image_too_large", str(exc)
     except ValueError as exc:
@@ -235,13 +267,13 @@ def image_outcome(data: bytes, declared: str | None) -> tuple[str | None, object
     return None, size
 
 
-def data_url_outcome(payload: str, declared: str) -> tuple[str | None, object]:
+def data_url_outcome(payload: str, declared: str, fast: bool = True) -> tuple[str | None, object]:
     """:func:`image_outcome` of a data URL's base64 payload (which must decode)."""
-    try:
-        data = base64.b64decode(payload, validate=True)
+    try:  # base64.b64decode(payload, validate=True) is this call (non-ASCII text: ValueError)
+        data = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError):
         return "image_data_corrupt", "base64 payload does not decode"
-    return image_outcome(data, declared)
+    return image_outcome(data, declared, fast)
 
 
 class ImageOutcomes:
@@ -251,8 +283,8 @@ class ImageOutcomes:
     finding of its own bytes -- the same bytes decode the same way -- but an image that repeats across
     lines (one photo, several questions) is decoded once."""
 
-    def __init__(self, entries: int = IMAGE_CACHE_ENTRIES):
-        self.entries, self.cache = entries, OrderedDict()
+    def __init__(self, entries: int = IMAGE_CACHE_ENTRIES, fast: bool = True):
+        self.entries, self.cache, self.fast = entries, OrderedDict(), fast
         self.decoded = self.hits = 0
 
     def __call__(self, payload: str, declared: str) -> tuple[str | None, object]:
@@ -261,12 +293,29 @@ class ImageOutcomes:
         cache = self.cache
         outcome = cache.get(key)
         if outcome is None:
-            outcome = cache[key] = data_url_outcome(payload, declared)
+            outcome = cache[key] = data_url_outcome(payload, declared, self.fast)
             self.decoded += 1
             if len(cache) > self.entries:
                 cache.popitem(last=False)  # the least recently used
         else:
             cache.move_to_end(key)  # the most recently used
+            self.hits += 1
+        return outcome
+
+    def data_url(self, url: str, start: int, declared: str) -> tuple[str | None, object]:
+        """``self(url[start:], declared)`` for a data URL whose payload starts at ``start`` and whose prefix
+        declares ``declared``, keyed by the URL itself (which names both: no slice of the payload on a hit)."""
+        if len(url) - start > IMAGE_KEY_CHARS:
+            return self(url[start:], declared)
+        cache = self.cache
+        outcome = cache.get(url)  # a str: never equal to the (declared, payload) keys of __call__
+        if outcome is None:
+            outcome = cache[url] = data_url_outcome(url[start:], declared, self.fast)
+            self.decoded += 1
+            if len(cache) > self.entries:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(url)
             self.hits += 1
         return outcome
 
@@ -312,7 +361,7 @@ class _ExampleChecker:
             except Exception as exc:  # any network failure is the same finding for the user
                 self.error("image_unreachable", f"{where}: {url} could not be fetched ({type(exc).__name__}: {exc})")
                 return
-            self._outcome(where, image_outcome(data, None), detail)
+            self._outcome(where, image_outcome(data, None, getattr(self.data_url, "fast", True)), detail)
         else:
             self.error("image_url_invalid", f"{where}: url must be https://… or a data:image/…;base64 URL, got {url[:40]!r}")
 
@@ -501,19 +550,29 @@ def clean_findings(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def example_digest(obj, via_json: bool = False) -> bytes:
-    """16 bytes naming a JSON value: orjson's sorted-key serialisation, or json's (prefixed, so the two never
+def canonical_bytes(obj, via_json: bool = False) -> bytes:
+    """The bytes naming a JSON value -- two lines that are the same value (whatever their key order or
+    whitespace) have the same bytes: orjson's sorted-key serialisation, or json's (prefixed, so the two never
     meet) for what orjson cannot write or would write as another value: integers beyond 64 bits, lone
     surrogates, deep nesting (it raises), infinities (it writes null; only json's parser makes them)."""
-    data = None
     if not (via_json and _has_non_finite(obj)):
         try:
-            data = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+            return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:
             pass
-    if data is None:
-        data = b"json:" + json.dumps(obj, sort_keys=True).encode()
-    return hashlib.blake2b(data, digest_size=16).digest()
+    return b"json:" + json.dumps(obj, sort_keys=True).encode()
+
+
+def example_digest(obj, via_json: bool = False) -> bytes:
+    """16 bytes naming a JSON value: blake2b of :func:`canonical_bytes` (what the second pass compares)."""
+    return hashlib.blake2b(canonical_bytes(obj, via_json), digest_size=16).digest()
+
+
+def filter_digest(obj, via_json: bool = False) -> bytes:
+    """16 bytes for the duplicate filter: xxh3_128 of :func:`canonical_bytes` (the same value, the same
+    digest; a collision -- chance or crafted -- only makes a candidate, which the second pass's blake2b
+    :func:`example_digest` then weeds out)."""
+    return xxhash.xxh3_128_digest(canonical_bytes(obj, via_json))
 
 
 def _has_non_finite(obj) -> bool:
@@ -555,90 +614,365 @@ _WORDS = struct.Struct("<4I")
 
 
 def duplicate_findings(path: Path, candidates: list[tuple[int, bytes]]) -> list[Finding]:
-    """Second pass, only over candidates: the first line of each candidate digest."""
+    """Second pass, only when the first flagged candidates ``(line, filter_digest)``: a candidate repeats the
+    first earlier line with the same :func:`example_digest` (blake2b, computed only for the lines whose
+    filter digest is a candidate's)."""
     if not candidates:
         return []
     wanted = {digest for _, digest in candidates}
-    first: dict[bytes, int] = {}
+    lines = {line for line, _ in candidates}
+    first: dict[bytes, int] = {}  # example_digest -> its first line
+    exact: dict[int, bytes] = {}  # candidate line -> its example_digest
     for number, raw in iter_lines(path):
         try:
-            digest = example_digest(*parse_line_exact(raw))
+            data = canonical_bytes(*parse_line_exact(raw))
         except (ValueError, RecursionError):  # not an example the first pass counted
             continue
-        if digest in wanted and digest not in first:
-            first[digest] = number
-    return [Finding(line, "duplicate_example", f"same example as line {first[digest]}")
-            for line, digest in candidates if first.get(digest, line) != line]
+        if xxhash.xxh3_128_digest(data) not in wanted:
+            continue
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        first.setdefault(digest, number)
+        if number in lines:
+            exact[number] = digest
+    return [Finding(line, "duplicate_example", f"same example as line {first[exact[line]]}")
+            for line, _ in candidates if line in exact and first[exact[line]] != line]
+
+
+_DETAILS = ("auto", "low", "high")
+
+
+def plain_example(obj: dict, counter: TokenCounter, role_tokens: dict[str, int], images: ImageOutcomes,
+                  context: int):
+    """The summary stats of :func:`check_example` -- ``(messages, images, tokens, image tokens, roles,
+    assistant words)``, computed the same way (the words of each assistant text counted up to
+    SHORT_ANSWER_WORDS: all the short-answer warning asks) -- for a parsed line in the common shape that
+    check_example finds nothing wrong with; None for anything else, and the general path (the digit scan, json
+    where it applies, :func:`structure_problem`, check_example) then decides.  The common shape:
+    ``{"messages": [...]}`` and nothing else; each message exactly ``role`` (an allowed one) and ``content``
+    (a non-blank string, or a non-empty list of parts); each part exactly ``type`` + ``text`` (a non-blank
+    string) or, in a user message, ``type`` + ``image_url`` = ``{"url": a data URL of JPEG/PNG/WEBP whose
+    image is readable, "detail": auto/low/high (optional)}``; at most MAX_IMAGES images, an assistant
+    message, within ``context`` tokens.  Every value in it is a string: no number that orjson would read
+    otherwise than json (the digit scan), no depth over MAX_DEPTH and no lone surrogate (orjson refuses
+    those) -- what the general path checks first cannot apply."""
+    if len(obj) != 1:
+        return None
+    messages = obj.get("messages")
+    if type(messages) is not list or not messages:
+        return None
+    count = counter.count
+    quick = counter._len if counter._encode is not None else None  # TokenCounter.count's uncached case, inlined
+    short = counter.UNCACHED_CHARS
+    tokens, roles, words, n_images, img_tokens = 3, {}, [], 0, 0
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return None
+        role, content = message.get("role"), message.get("content")
+        n = role_tokens.get(role) if type(role) is str else None
+        if n is None or content is None:
+            return None
+        roles[role] = roles.get(role, 0) + 1
+        tokens += 3 + n
+        if type(content) is str:
+            if not content or content.isspace():
+                return None
+            tokens += quick(content) if quick is not None and len(content) <= short and "<|" not in content \
+                else count(content)
+            if role == "assistant":
+                words.append(len(content.split(None, SHORT_ANSWER_WORDS - 1)))
+        elif type(content) is list and content:
+            for part in content:
+                if type(part) is not dict or len(part) != 2:
+                    return None
+                kind = part.get("type")
+                if kind == "text":
+                    text = part.get("text")
+                    if type(text) is not str or not text or text.isspace():
+                        return None
+                    tokens += quick(text) if quick is not None and len(text) <= short and "<|" not in text \
+                        else count(text)
+                    if role == "assistant":
+                        words.append(len(text.split(None, SHORT_ANSWER_WORDS - 1)))
+                elif kind == "image_url" and role == "user":
+                    spec = part.get("image_url")
+                    if type(spec) is not dict:
+                        return None
+                    url, detail = spec.get("url"), spec.get("detail", "auto")
+                    if type(url) is not str or type(detail) is not str or detail not in _DETAILS or \
+                            len(spec) != 1 + ("detail" in spec):
+                        return None
+                    if url.startswith("data:image/jpeg;base64,"):  # what DATA_URL matches, the common case
+                        code, size = images.data_url(url, 23, "JPEG")
+                    else:
+                        match = DATA_URL.match(url)
+                        fmt = IMAGE_FORMATS.get(match["fmt"].lower()) if match else None
+                        if fmt is None:
+                            return None
+                        code, size = images.data_url(url, match.end(), fmt)
+                    if code is not None:
+                        return None
+                    n_images += 1
+                    img_tokens += image_tokens(*size, detail)
+                else:
+                    return None
+        else:
+            return None
+    total = tokens + img_tokens
+    if n_images > MAX_IMAGES or not roles.get("assistant") or total > context:
+        return None
+    return len(messages), n_images, total, img_tokens, roles, words
+
+
+def _general_line(raw: bytes, number: int, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int,
+                  images: Callable[[str, str], tuple], extra_checks) -> tuple[list[Finding], tuple | None, bytes | None]:
+    """(errors, stats or None, filter digest or None) of one non-blank line, by the general checker."""
+    try:
+        obj, via_json = parse_line_exact(raw)
+    except ValueError as exc:
+        return [Finding(number, "invalid_json", f"not valid JSON: {exc}")], None, None
+    problem = structure_problem(obj, raw)
+    if problem:
+        return [Finding(number, *problem)], None, None
+    try:
+        errors, stats = check_example(obj, number, counter, check_urls, fetch, context, images)
+        if isinstance(obj, dict):
+            extra = extra_checks(obj)
+            if extra:
+                errors += [Finding(number, code, message) for code, message in extra]
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
+        return [Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})")], None, None
+    return errors, stats, (filter_digest(obj, via_json) if stats is not None else None)
+
+
+@dataclass
+class _Scan:
+    """What one pass over a file's lines (all of them, or one chunk of a parallel run) found, before the
+    duplicates: findings in line order, histograms, and either the filter's candidates (a whole file) or every
+    example's line and filter digest (a chunk: the parent runs the one filter over them in line order)."""
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    examples: int = 0
+    valid: int = 0
+    image_tokens: int = 0
+    messages: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    last_content: int = 0  # the last non-blank line (0: none)
+    trailing_blank: list[int] = field(default_factory=list)  # blank lines after it: inside the file if more follows
+    candidates: list[tuple[int, bytes]] = field(default_factory=list)
+    lines: array = field(default_factory=lambda: array("Q"))
+    digests: bytearray = field(default_factory=bytearray)
+
+
+def _limited(fh, size: int):
+    """The lines of ``fh`` from where it is, until ``size`` bytes are read (a chunk ends at a line's end)."""
+    for raw in fh:
+        yield raw
+        size -= len(raw)
+        if size <= 0:
+            return
+
+
+def _scan(path: Path, counter: TokenCounter, check_urls: bool, fetch: Fetch, context: int, extra_checks, fast: bool,
+          chunk: tuple[int, int, int] | None = None) -> _Scan:
+    """The first pass over ``path``, or over ``chunk`` = (byte offset, byte length, number of the line before it)."""
+    out = _Scan()
+    errors_out, warnings_out, candidates = out.errors, out.warnings, out.candidates
+    whole = chunk is None
+    seen = DigestFilter() if whole else None  # a chunk's digests go to the parent's one filter
+    bits, mask, unpack = (seen.bits, seen.BITS - 1, _WORDS.unpack) if whole else (None, 0, None)
+    lines_out, digests_out = out.lines.append, out.digests.extend
+    images = ImageOutcomes(fast=fast)
+    role_tokens = _role_tokens(counter)
+    loads, dumps, sort_keys, xxh3 = orjson.loads, orjson.dumps, orjson.OPT_SORT_KEYS, xxhash.xxh3_128_digest
+    n_messages_hist, n_images_hist, tokens_hist = out.messages, out.images, out.tokens
+    no_extra = TARGET_CHECKS["openai"]  # OpenAI's own rules add nothing: not called on the fast path
+    examples = valid = image_tokens_total = last_content = 0
+    number = 0 if whole else chunk[2]
+    pending_blank: list[int] = []
+    with open(path, "rb") as fh:  # iter_lines, inlined: the line with its line ending until it is needed
+        if not whole:
+            fh.seek(chunk[0])
+        for raw in (fh if whole else _limited(fh, chunk[1])):
+            number += 1
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if raw.isspace() or not raw:  # what bytes.strip() would leave empty, line ending or not
+                pending_blank.append(number)
+                continue
+            if pending_blank:
+                errors_out += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
+                pending_blank = []
+            last_content = number
+            examples += 1
+            stats = None
+            if fast:
+                try:
+                    obj = loads(raw)  # orjson skips the trailing line ending as JSON whitespace
+                except ValueError:
+                    obj = None
+                if type(obj) is dict:
+                    try:
+                        stats = plain_example(obj, counter, role_tokens, images, context)
+                    except Exception:  # noqa: BLE001 -- e.g. a special token's text: the general path says what
+                        stats = None
+            if stats is not None:
+                extra = extra_checks(obj) if extra_checks is not no_extra else None
+                errors = [Finding(number, code, message) for code, message in extra] if extra else None
+                digest = xxh3(dumps(obj, option=sort_keys))  # filter_digest(obj): all strings, orjson writes it
+            else:
+                errors, stats, digest = _general_line(raw.rstrip(b"\r\n"), number, counter, check_urls, fetch,
+                                                      context, images, extra_checks)
+            if errors:
+                errors_out += errors
+            if stats is None:
+                continue
+            n_messages, n_images, tokens, img_tokens, roles, assistant_words = stats
+            n_messages_hist[n_messages] = n_messages_hist.get(n_messages, 0) + 1
+            n_images_hist[n_images] = n_images_hist.get(n_images, 0) + 1
+            tokens_hist[tokens] = tokens_hist.get(tokens, 0) + 1
+            image_tokens_total += img_tokens
+            if not errors:
+                valid += 1
+            if "system" not in roles:
+                warnings_out.append(Finding(number, "no_system_message", "no system message"))
+            if "user" not in roles:
+                warnings_out.append(Finding(number, "no_user_message", "no user message"))
+            if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
+                warnings_out.append(Finding(number, "short_assistant_message",
+                                            f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
+            if not whole:
+                lines_out(number)
+                digests_out(digest)
+                continue
+            a, b, c, d = unpack(digest)  # DigestFilter.check_and_add, inlined
+            a, b, c, d = a & mask, b & mask, c & mask, d & mask
+            ma, mb, mc, md = 1 << (a & 7), 1 << (b & 7), 1 << (c & 7), 1 << (d & 7)
+            a, b, c, d = a >> 3, b >> 3, c >> 3, d >> 3
+            if bits[a] & ma and bits[b] & mb and bits[c] & mc and bits[d] & md:
+                candidates.append((number, digest))
+            else:
+                bits[a] |= ma
+                bits[b] |= mb
+                bits[c] |= mc
+                bits[d] |= md
+    out.examples, out.valid, out.image_tokens, out.last_content = examples, valid, image_tokens_total, last_content
+    out.trailing_blank = pending_blank
+    return out
+
+
+def _chunks(path: Path, n: int) -> list[tuple[int, int, int]]:
+    """``n`` (byte offset, byte length, number of the line before it) cutting ``path`` at line ends, in about
+    equal sizes (an empty one left out); the line numbers by counting newlines, 1 MiB at a time."""
+    size = path.stat().st_size
+    bounds = [0]
+    with open(path, "rb") as fh:
+        for i in range(1, n):
+            target = size * i // n
+            if target <= bounds[-1]:
+                continue
+            fh.seek(target - 1)
+            fh.readline()  # to the start of the line after the one holding byte target - 1
+            if bounds[-1] < fh.tell() < size:
+                bounds.append(fh.tell())
+        bounds.append(size)
+        out, newlines, offset = [], 0, 0
+        fh.seek(0)
+        for start, end in zip(bounds, bounds[1:]):
+            while offset < start:
+                block = fh.read(min(1 << 20, start - offset))
+                newlines += block.count(b"\n")
+                offset += len(block)
+            out.append((start, end - start, newlines))
+    return out
+
+
+_PARALLEL: tuple = ()  # what a forked worker of validate_file reads: (path, counter, check_urls, fetch, context, extra_checks, fast)
+
+
+def _scan_chunk(chunk: tuple[int, int, int]) -> _Scan:
+    return _scan(*_PARALLEL, chunk=chunk)
+
+
+def _scan_parallel(path: Path, workers: int, *args) -> _Scan:
+    """:func:`_scan` of the whole file from ``workers`` forked processes, one chunk each, merged: the findings
+    in line order (blank lines at a chunk's end are inside the file when a later chunk has content), the
+    histograms, and one duplicate filter run over every chunk's digests in line order -- what one pass finds."""
+    global _PARALLEL
+    import concurrent.futures
+    import multiprocessing
+
+    chunks = _chunks(path, workers)
+    if len(chunks) < 2:
+        return _scan(path, *args)
+    _PARALLEL = (path, *args)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_scan_chunk, chunks))
+    finally:
+        _PARALLEL = ()
+    out, seen = _Scan(), DigestFilter()
+    pending: list[int] = []
+    for part in parts:
+        if part.last_content:
+            out.errors += [Finding(n, "blank_line", "blank line inside the file") for n in pending]
+            pending = []
+            out.last_content = part.last_content
+        out.errors += part.errors
+        pending += part.trailing_blank
+        out.warnings += part.warnings
+        out.examples += part.examples
+        out.valid += part.valid
+        out.image_tokens += part.image_tokens
+        for hist, more in ((out.messages, part.messages), (out.images, part.images), (out.tokens, part.tokens)):
+            for key, n in more.items():
+                hist[key] = hist.get(key, 0) + n
+        digests = part.digests
+        for i, number in enumerate(part.lines):
+            digest = bytes(digests[16 * i:16 * i + 16])
+            if seen.check_and_add(digest):
+                out.candidates.append((number, digest))
+    out.trailing_blank = pending
+    return out
 
 
 def validate_file(path: Path, model: str = "gpt-4o-2024-08-06", check_urls: bool = False,
                   fetch: Fetch = fetch_url, counter: TokenCounter | None = None, target: str = "openai",
-                  max_duplicate_fraction: float | None = DEFAULT_MAX_DUPLICATE_FRACTION) -> Report:
+                  max_duplicate_fraction: float | None = DEFAULT_MAX_DUPLICATE_FRACTION, fast: bool = True,
+                  workers: int = 1) -> Report:
     """The findings and summary of one file.  Raises only OSError (the file cannot be read): every content
     problem is a finding.  More repeated examples than ``max_duplicate_fraction`` of the file is an error
     (``too_many_duplicates``; None: no limit).  ``target``: the service's own rules on top of OpenAI's
-    (touchvl/chat/targets.py)."""
+    (touchvl/chat/targets.py).  ``fast`` (the default): a line in the common shape goes through
+    :func:`plain_example` and a JPEG through simplejpeg (:func:`image_header`); False: every line through
+    the general checker and every image through PIL -- the same findings and summary, slower (the tests
+    compare the two).  ``workers`` > 1: the first pass in that many forked processes, one chunk of the file
+    each, merged into the same report as one process makes (tested); the parent keeps every example's
+    16-byte digest until the merge (memory grows with the file, unlike one process).  Where the platform
+    cannot fork, one process."""
+    import multiprocessing
+
     counter = counter or TokenCounter()
     extra_checks = TARGET_CHECKS[target]
     report = Report(str(path), model, target)
-    report.summary.text_tokens_exact = counter.exact
-    report.summary.text_tokens_source = counter.source
+    summary = report.summary
+    summary.text_tokens_exact = counter.exact
+    summary.text_tokens_source = counter.source
     context = MODEL_CONTEXT.get(model, DEFAULT_CONTEXT)
-    seen = DigestFilter()
-    images = ImageOutcomes()
-    candidates: list[tuple[int, bytes]] = []  # (line, digest) the filter has probably seen before
-    last_content = 0
-    pending_blank: list[int] = []
-    summary, errors_out, warnings_out = report.summary, report.errors, report.warnings
-    for number, raw in iter_lines(path):
-        if not raw or raw.isspace():  # what bytes.strip() would leave empty
-            pending_blank.append(number)
-            continue
-        if pending_blank:
-            errors_out += [Finding(n, "blank_line", "blank line inside the file") for n in pending_blank]
-            pending_blank = []
-        last_content = number
-        summary.examples += 1
-        try:
-            obj, via_json = parse_line_exact(raw)
-        except ValueError as exc:
-            errors_out.append(Finding(number, "invalid_json", f"not valid JSON: {exc}"))
-            continue
-        problem = structure_problem(obj, raw)
-        if problem:
-            errors_out.append(Finding(number, *problem))
-            continue
-        try:
-            errors, stats = check_example(obj, number, counter, check_urls, fetch, context, images)
-            if isinstance(obj, dict):
-                extra = extra_checks(obj)
-                if extra:
-                    errors += [Finding(number, code, message) for code, message in extra]
-        except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a shape no rule above anticipated
-            errors_out.append(Finding(number, "data_type", f"unexpected structure ({type(exc).__name__}: {exc})"))
-            continue
-        if errors:
-            errors_out += errors
-        if stats is None:
-            continue
-        n_messages, n_images, tokens, img_tokens, roles, assistant_words = stats
-        summary.messages[n_messages] += 1
-        summary.images[n_images] += 1
-        summary.tokens[tokens] += 1
-        summary.image_tokens += img_tokens
-        summary.valid_examples += not errors
-        if not roles.get("system"):
-            warnings_out.append(Finding(number, "no_system_message", "no system message"))
-        if not roles.get("user"):
-            warnings_out.append(Finding(number, "no_user_message", "no user message"))
-        if assistant_words and max(assistant_words) < SHORT_ANSWER_WORDS:
-            warnings_out.append(Finding(number, "short_assistant_message",
-                                        f"assistant answer has fewer than {SHORT_ANSWER_WORDS} words"))
-        digest = example_digest(obj, via_json)
-        if seen.check_and_add(digest):
-            candidates.append((number, digest))
-    report.warnings += duplicate_findings(path, candidates)
-    if last_content == 0:
+    _role_tokens(counter)  # counted once, before any fork
+    args = (counter, check_urls, fetch, context, extra_checks, fast)
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        scan = _scan_parallel(path, workers, *args)
+    else:
+        scan = _scan(path, *args)
+    report.errors += scan.errors
+    report.warnings += scan.warnings
+    summary.examples, summary.valid_examples, summary.image_tokens = scan.examples, scan.valid, scan.image_tokens
+    summary.messages.update(scan.messages)
+    summary.images.update(scan.images)
+    summary.tokens.update(scan.tokens)
+    report.warnings += duplicate_findings(path, scan.candidates)
+    if scan.last_content == 0:
         report.errors.append(Finding(1, "empty_file", "the file has no examples"))
     elif report.summary.examples < MIN_EXAMPLES:
         report.warnings.append(Finding(0, "few_examples", f"{report.summary.examples} examples; at least {MIN_EXAMPLES} are required to train"))
