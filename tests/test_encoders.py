@@ -54,8 +54,16 @@ def test_preprocessing_is_imagebinds_transform_bit_for_bit():
         transforms.ToTensor(),
         transforms.Normalize(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
     ])
-    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 411, 3), dtype=np.uint8))
-    assert torch.equal(preprocess_image(noise), reference(noise))
+    rng = np.random.default_rng(0)
+    # landscape, portrait, odd sizes (rounding of the resize and of the centre crop), already 224 on the short side
+    # (Resize returns it as is), square, a 1-px strip upsampled, a large photo
+    for h, w in ((300, 411), (411, 300), (225, 301), (224, 500), (500, 224), (224, 224), (97, 97), (1, 640),
+                 (1537, 1023)):
+        noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert torch.equal(preprocess_image(noise), reference(noise)), (h, w)
+    for mode in ("L", "RGBA", "P", "CMYK", "I;16"):  # converted to RGB first, as ImageBind's loader does
+        img = Image.fromarray(rng.integers(0, 256, (230, 260, 3), dtype=np.uint8)).convert(mode)
+        assert torch.equal(preprocess_image(img), reference(img.convert("RGB"))), mode
 
 
 def test_preprocessing_resizes_shorter_side_then_centre_crops():
@@ -188,3 +196,26 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(StageError, match="embed.device='cuda' but CUDA is not available"):
             resolve_device("cuda", "embed.device")
+
+
+def test_a_query_embeds_without_importing_torchvision_or_timms_package_and_timm_still_imports_after():
+    """Meta's model code takes DropPath and trunc_normal_ from timm's own files, not through timm's package (whose
+    __init__ imports its model zoo and torchvision's: seconds per process); a later ``import timm`` is the real one."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from PIL import Image
+from touchvl.imagebind.encoder import EncoderSpec, ImageBindEncoder, imagebind_model_module, preprocess_image
+enc = ImageBindEncoder(EncoderSpec(device="cpu"))  # random weights from the seed
+vector = enc.encode_images(preprocess_image(Image.new("RGB", (300, 200), (9, 99, 199))).unsqueeze(0))
+assert vector.shape == (1, 64), vector.shape
+assert "torchvision" not in sys.modules and "timm" not in sys.modules, sorted(m for m in sys.modules if "vision" in m or m.startswith("timm"))
+import timm, timm.layers
+transformer = sys.modules["imagebind.models.transformer"]
+assert transformer.DropPath is timm.layers.DropPath and hasattr(timm, "create_model")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -112,10 +112,10 @@ def _worker_context():
     services, which assert at the worker's exit: every worker then ends with code 1 and the DataLoader raises
     after the last batch. The fork server is a fresh interpreter that imported this module once (the preload),
     so a worker still starts in milliseconds with torch and PIL already imported (named here: this module
-    imports torch only when it embeds, and preprocessing imports torchvision on first use).
+    imports torch only when it embeds).
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torchvision.transforms", __name__])
+    context.set_forkserver_preload(["torch", __name__])
     return context
 
 

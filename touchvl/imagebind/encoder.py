@@ -19,8 +19,10 @@ first use, so a fully cached ``embed`` rerun never loads torch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -81,9 +83,39 @@ def imagebind_model_module() -> types.ModuleType:
         package = types.ModuleType("imagebind")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["imagebind"] = package
-    import imagebind.models.imagebind_model as module
+    with _timm_layers():
+        import imagebind.models.imagebind_model as module
 
     return module
+
+
+@contextlib.contextmanager
+def _timm_layers():
+    """``from timm.layers import DropPath, trunc_normal_`` -- all Meta's model code takes from timm -- answered by
+    timm's own ``timm/layers/drop.py`` and ``weight_init.py`` (they import only torch) under bare package entries,
+    while the model code imports. timm's package ``__init__`` imports its whole model zoo and, through
+    ``timm.layers._fx``, torchvision's: ~2.5 s of every process that loads the encoder to embed one query. The
+    bare entries are removed afterwards, so a later ``import timm`` gets the real package. With timm already
+    imported, or not installed as expected, the real package is used."""
+    if "timm" in sys.modules:
+        yield
+        return
+    spec = importlib.util.find_spec("timm")
+    layers = Path(next(iter(spec.submodule_search_locations or []), "")) / "layers" if spec else None
+    if layers is None or not (layers / "drop.py").is_file() or not (layers / "weight_init.py").is_file():
+        yield
+        return
+    bare = {"timm": types.ModuleType("timm"), "timm.layers": types.ModuleType("timm.layers")}
+    bare["timm"].__path__, bare["timm.layers"].__path__ = [str(layers.parent)], [str(layers)]
+    sys.modules.update(bare)
+    try:
+        bare["timm.layers"].DropPath = importlib.import_module("timm.layers.drop").DropPath
+        bare["timm.layers"].trunc_normal_ = importlib.import_module("timm.layers.weight_init").trunc_normal_
+        yield
+    finally:
+        for name, module in bare.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 @functools.lru_cache(maxsize=1)

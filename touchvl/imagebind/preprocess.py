@@ -11,8 +11,9 @@ from the exact path's slightly (the DCT downscale is a box-like filter, then bic
 image; tests/test_fast_decode.py bounds it), so the fast path has its own version string and hence
 its own encoder fingerprint and cache namespace.  Other formats take the exact path.
 
-torch and torchvision are imported on first use, not with the module: the version strings decide the encoder
-fingerprint, and a fully cached ``embed`` rerun computes that fingerprint without ever loading torch.
+torch is imported on first use, not with the module: the version strings decide the encoder fingerprint, and a
+fully cached ``embed`` rerun computes that fingerprint without ever loading torch. torchvision is never imported:
+the exact path runs the operations of its four transforms itself (see :func:`preprocess_image`).
 """
 from __future__ import annotations
 
@@ -35,17 +36,11 @@ Preprocess = Callable[[Image.Image], "torch.Tensor"]
 
 
 @functools.cache
-def _vision_transform():
-    """ImageBind's load_and_transform_vision_data, transform for transform: resizing the PIL image (not a
-    tensor) keeps PIL's bicubic filter, so the pixels match Meta's to the last bit."""
-    from torchvision import transforms
+def _mean_std():
+    import torch
 
-    return transforms.Compose([
-        transforms.Resize(SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(SIZE),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-    ])
+    return (torch.as_tensor(CLIP_MEAN, dtype=torch.float32).view(-1, 1, 1),
+            torch.as_tensor(CLIP_STD, dtype=torch.float32).view(-1, 1, 1))
 
 
 @functools.cache
@@ -59,8 +54,26 @@ def _scale_shift():
 
 
 def preprocess_image(img: Image.Image) -> torch.Tensor:
-    """[3, 224, 224] float32: RGB, shorter side 224 bicubic, centre crop 224, CLIP mean/std (Meta's, exactly)."""
-    return _vision_transform()(img.convert("RGB"))
+    """[3, 224, 224] float32: RGB, shorter side 224 bicubic, centre crop 224, CLIP mean/std (Meta's, exactly).
+
+    Meta's ``load_and_transform_vision_data`` is torchvision's Resize(224, BICUBIC) + CenterCrop(224) + ToTensor
+    + Normalize on the PIL image; these are the operations those four run on a PIL image, in their order and
+    dtypes (PIL's bicubic resize and crop, uint8 -> float32 / 255, then subtract the mean and divide by the std),
+    so the tensor is the same to the last bit (tests/test_encoders.py compares it with torchvision's Compose on
+    many sizes and modes) without importing torchvision, whose import (~2 s, all its model zoo) every process
+    that embeds one query would pay."""
+    import torch
+
+    img = img.convert("RGB")
+    width, height = img.size
+    w, h = resized_size(width, height)
+    if (w, h) != (width, height):  # Resize returns the image itself when it already has the size
+        img = img.resize((w, h), Image.BICUBIC)
+    top, left = int(round((h - SIZE) / 2.0)), int(round((w - SIZE) / 2.0))  # CenterCrop's rounding
+    img = img.crop((left, top, left + SIZE, top + SIZE))
+    tensor = torch.from_numpy(np.array(img, np.uint8)).permute(2, 0, 1).contiguous().float().div(255)  # ToTensor
+    mean, std = _mean_std()
+    return tensor.sub_(mean).div_(std)  # Normalize
 
 
 def resized_size(width: int, height: int, size: int = SIZE) -> tuple[int, int]:
