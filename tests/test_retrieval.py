@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from touchvl.errors import StageError
 from touchvl.params import IndexParams
 from touchvl.retrieval.build import Database, save_database, update_or_build
 from touchvl.retrieval.index import (IndexMeta, QueryMismatch, QuerySpace, Retriever, SearchParams, build_index,
@@ -150,3 +151,8 @@ def test_ivf_pq_update_adds_incrementally_and_rebuilds_on_removal(tmp_path):
     assert run(np.arange(600)) == {"mode": "incremental", "added": 100, "removed": 0}
     # IndexRefineFlat cannot remove ids: a deletion rebuilds instead of failing
     assert run(np.arange(10, 600))["mode"] == "rebuild"
+
+
+def test_ivf_pq_refuses_a_pq_m_that_does_not_divide_the_dimension():
+    with pytest.raises(StageError, match="index.pq_m 6 does not divide the dimension 16"):
+        build_index(_unit(200), np.arange(200), "ivf_pq", nlist=2, pq_m=6)

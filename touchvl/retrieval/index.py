@@ -75,7 +75,7 @@ _ADD_CHUNK = 65_536  # rows normalised and added at a time: a build holds the ca
 
 def build_index(vectors: np.ndarray, ids: np.ndarray, index_type: str = "flat", *, nlist: int = 100,
                 nprobe: int = 10, hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 64,
-                train_size: int = 50_000, pq_m: int = 64, refine_k_factor: float = 16.0, seed: int = 0,
+                train_size: int = 50_000, pq_m: int = 128, refine_k_factor: float = 64.0, seed: int = 0,
                 encoding: str | None = None) -> faiss.Index:
     """An ``IndexIDMap2`` (ids = manifest uids) over normalised vectors, inner-product metric.
 
@@ -92,6 +92,8 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, index_type: str = "flat", 
         inner = faiss.IndexFlatIP(dim)
     elif index_type in ("ivf", "ivf_pq"):
         nlist = max(1, min(nlist, len(vectors) // 39 or 1))  # FAISS wants >= 39 training points per list
+        if index_type == "ivf_pq" and dim % pq_m:
+            raise StageError(f"index.pq_m {pq_m} does not divide the dimension {dim}")
         if encoding is None:
             encoding = "Flat" if index_type == "ivf" else f"PQ{pq_m}x4fsr,RFlat"
         inner = faiss.index_factory(dim, f"IVF{nlist},{encoding}", faiss.METRIC_INNER_PRODUCT)
@@ -123,7 +125,7 @@ def set_search_params(index: faiss.Index, index_type: str, params: dict) -> None
         ivf.nprobe = min(params.get("nprobe", 10), ivf.nlist)
         inner = faiss.downcast_index(faiss.downcast_index(index).index)
         if isinstance(inner, faiss.IndexRefine):
-            inner.k_factor = float(params.get("refine_k_factor", 16.0))
+            inner.k_factor = float(params.get("refine_k_factor", 64.0))
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
