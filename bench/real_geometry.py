@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real-ssvtp"
+# $TOUCHVL_REAL_SSVTP: the folder, for a checkout (a git worktree) whose parent holds no shared/
+REAL = Path(os.environ.get("TOUCHVL_REAL_SSVTP") or Path(__file__).resolve().parents[2] / "shared" / "real-ssvtp")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -79,6 +80,28 @@ def synthesize(n: int, latent: int, noise: float, seed: int, real_tac: np.ndarra
     s_tac = _solve_scale(m_tac, tac_spread, mean_pairwise_cosine(real_tac))
     return (unit(m_tac + s_tac * tac_spread).astype(np.float32), unit(m_rgb + s_rgb * rgb_spread).astype(np.float32),
             unit(m_rgb + s_rgb * rgb_clean).astype(np.float32))
+
+
+def synthesize_rgb(n: int, latent: int, noise: float, seed: int, real_tac: np.ndarray, real_rgb: np.ndarray,
+                   chunk: int = 32_768):
+    """The RGB side of :func:`synthesize` (the same random stream, so the same rows), in float32 chunks of
+    ``chunk`` rows: yields ``(start, noisy, clean)``. Memory is the chunks', not ``n x dim`` float64 arrays
+    (8 GB each at a million 1,024-d rows). The tactile side is not drawn (its noise comes after the RGB noise)."""
+    rng = np.random.default_rng(seed)
+    dim = real_rgb.shape[1]
+    k = min(latent, len(real_tac) - 1)
+    u_rgb = principal_axes(real_rgb, k)
+    rng.normal(size=(k, k))  # synthesize's mixing matrix: drawn to keep the stream aligned
+    z = rng.normal(size=(n, k))
+    m_rgb = unit(real_rgb).mean(0)
+    chunk = max(chunk, 400)  # the first chunk holds the 400 rows the cone's scale is solved on
+    s_rgb = None
+    for start in range(0, n, chunk):
+        clean = z[start:start + chunk] @ u_rgb.T
+        spread = clean + noise * rng.normal(size=(len(clean), dim)) * np.sqrt(k / dim)
+        if s_rgb is None:
+            s_rgb = _solve_scale(m_rgb, spread, mean_pairwise_cosine(real_rgb))
+        yield start, unit(m_rgb + s_rgb * spread).astype(np.float32), unit(m_rgb + s_rgb * clean).astype(np.float32)
 
 
 def ridge(x: np.ndarray, y: np.ndarray, lam: float):

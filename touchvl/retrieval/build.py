@@ -46,8 +46,11 @@ def vector_digests(vectors: np.ndarray) -> np.ndarray:
 
 
 def index_kwargs(p: IndexParams) -> dict:
-    return dict(nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m, ef_construction=p.ef_construction,
-                ef_search=p.ef_search, train_size=p.train_size)
+    kwargs = dict(nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m, ef_construction=p.ef_construction,
+                  ef_search=p.ef_search, train_size=p.train_size)
+    if p.type == "ivf_pq":  # only this type's metadata names them (the other types' saved metadata is unchanged)
+        kwargs.update(pq_m=p.pq_m, refine_k_factor=p.refine_k_factor)
+    return kwargs
 
 
 def update_or_build(db: Database, p: IndexParams, folder: Path) -> tuple[faiss.Index, IndexMeta, dict]:
@@ -68,9 +71,11 @@ def update_or_build(db: Database, p: IndexParams, folder: Path) -> tuple[faiss.I
         (old_meta.space, old_meta.dim, old_meta.encoder_fingerprint, old_meta.projector_hash, old_meta.index_type,
          old_meta.index_params) == (meta.space, meta.dim, meta.encoder_fingerprint, meta.projector_hash, meta.index_type,
                                     meta.index_params))
-    if compatible and set(old) == set(index_ids(old_index).tolist()):
-        new = dict(zip(db.ids.tolist(), digests.tolist()))
-        stale = [uid for uid, d in old.items() if new.get(uid) != d]  # deleted or changed
+    new = dict(zip(db.ids.tolist(), digests.tolist()))
+    stale = [uid for uid, d in old.items() if new.get(uid) != d]  # deleted or changed
+    # ivf_pq's exact re-ranking (IndexRefineFlat) cannot remove ids: a deletion rebuilds it
+    removable = not stale or p.type != "ivf_pq"
+    if compatible and removable and set(old) == set(index_ids(old_index).tolist()):
         fresh = [i for i, uid in enumerate(db.ids.tolist()) if old.get(uid) != new[uid]]
         if stale:
             old_index.remove_ids(np.array(stale, dtype=np.int64))

@@ -20,7 +20,7 @@ from touchvl import disk
 from touchvl.errors import StageError
 from touchvl.params import IndexParams
 
-INDEX_TYPES = ("flat", "ivf", "hnsw")
+INDEX_TYPES = ("flat", "ivf", "ivf_pq", "hnsw")
 
 
 class QueryMismatch(StageError):
@@ -70,21 +70,38 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+_ADD_CHUNK = 65_536  # rows normalised and added at a time: a build holds the caller's array and the index, no third copy
+
+
 def build_index(vectors: np.ndarray, ids: np.ndarray, index_type: str = "flat", *, nlist: int = 100,
                 nprobe: int = 10, hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 64,
-                train_size: int = 50_000, seed: int = 0) -> faiss.Index:
-    """An ``IndexIDMap2`` (ids = manifest uids) over normalised vectors, inner-product metric."""
-    vectors = normalize(vectors)
+                train_size: int = 50_000, pq_m: int = 128, refine_k_factor: float = 64.0, seed: int = 0,
+                encoding: str | None = None) -> faiss.Index:
+    """An ``IndexIDMap2`` (ids = manifest uids) over normalised vectors, inner-product metric.
+
+    ``ivf_pq``: an inverted file whose lists hold 4-bit product-quantizer codes of the residuals (FAISS's
+    fast-scan ``IVF<nlist>,PQ<pq_m>x4fsr``: ``pq_m / 2`` bytes a vector), re-ranked exactly: ``IndexRefineFlat``
+    keeps the full vectors and re-scores the ``refine_k_factor * k`` best candidates. It cannot remove ids
+    (:func:`touchvl.retrieval.build.update_or_build` rebuilds instead). ``encoding`` (a FAISS factory suffix
+    such as ``"SQ8"`` or ``"PQ128x4fsr,RFlat"``) builds any other IVF variant the same way (benchmarks).
+    """
+    vectors = np.asarray(vectors)
+    ids = np.asarray(ids, dtype=np.int64)
     dim = vectors.shape[1]
     if index_type == "flat":
         inner = faiss.IndexFlatIP(dim)
-    elif index_type == "ivf":
+    elif index_type in ("ivf", "ivf_pq"):
         nlist = max(1, min(nlist, len(vectors) // 39 or 1))  # FAISS wants >= 39 training points per list
-        inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if index_type == "ivf_pq" and dim % pq_m:
+            raise StageError(f"index.pq_m {pq_m} does not divide the dimension {dim}")
+        if encoding is None:
+            encoding = "Flat" if index_type == "ivf" else f"PQ{pq_m}x4fsr,RFlat"
+        inner = faiss.index_factory(dim, f"IVF{nlist},{encoding}", faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = vectors[rng.choice(len(vectors), size=min(train_size, len(vectors)), replace=False)]
-        inner.train(sample)
-        inner.nprobe = min(nprobe, nlist)
+        inner.train(normalize(vectors[rng.choice(len(vectors), size=min(train_size, len(vectors)), replace=False)]))
+        faiss.extract_index_ivf(inner).nprobe = min(nprobe, nlist)
+        if isinstance(inner, faiss.IndexRefine):
+            inner.k_factor = float(refine_k_factor)
     elif index_type == "hnsw":
         inner = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = ef_construction
@@ -92,8 +109,23 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, index_type: str = "flat", 
     else:
         raise StageError(f"index type {index_type!r} is not one of {INDEX_TYPES}")
     index = faiss.IndexIDMap2(inner)
-    index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+    # HNSW inserts a batch level by level, so chunks would change its graph: one batch, as before
+    chunk = len(vectors) if index_type == "hnsw" else _ADD_CHUNK
+    for start in range(0, len(vectors), max(1, chunk)):
+        index.add_with_ids(normalize(vectors[start:start + chunk]), ids[start:start + chunk])
     return index
+
+
+def set_search_params(index: faiss.Index, index_type: str, params: dict) -> None:
+    """Search-time settings (``nprobe``, ``ef_search``, ``refine_k_factor``) on an index :func:`build_index` made."""
+    if index_type == "hnsw":
+        faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = params.get("ef_search", 64)
+    elif index_type in ("ivf", "ivf_pq"):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(params.get("nprobe", 10), ivf.nlist)
+        inner = faiss.downcast_index(faiss.downcast_index(index).index)
+        if isinstance(inner, faiss.IndexRefine):
+            inner.k_factor = float(params.get("refine_k_factor", 64.0))
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
@@ -113,10 +145,7 @@ def load_index(folder: Path, name: str) -> tuple[faiss.Index, IndexMeta]:
         raise StageError(f"{path}: index not found (run `dvc repro index`)")
     meta = IndexMeta.from_dict(json.loads((folder / f"{name}.json").read_text()))
     index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
-    if meta.index_type == "hnsw":
-        faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = meta.index_params.get("ef_search", 64)
-    elif meta.index_type == "ivf":
-        faiss.downcast_index(faiss.downcast_index(index).index).nprobe = meta.index_params.get("nprobe", 10)
+    set_search_params(index, meta.index_type, meta.index_params)
     return index, meta
 
 
