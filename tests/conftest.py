@@ -34,10 +34,13 @@ def _snapshot() -> dict[str, tuple[int, int]]:
     return files
 
 
-# The two files that each run whole pipelines (minutes): collected first, so that under `make test`'s two
-# xdist workers (--dist loadfile --no-loadscope-reorder) they start at once on different workers and the
-# rest of the suite fills in around them.
-LONGEST_FIRST = ("tests/test_dvc_pipeline.py", "tests/test_flows.py")
+# The longest files first (measured: `make test PYTEST_ARGS=--durations=60`), longest first: under `make test`'s two
+# xdist workers (--dist loadfile --no-loadscope-reorder) a worker takes the next file when it is done, so the
+# files that build whole pipelines (test_flows: one build serves the flow and the DVC CLI checks, minutes) start at
+# once and the short ones fill in at the end, where they keep both workers busy to the last minute.
+LONGEST_FIRST = ("tests/test_flows.py", "tests/test_chat.py", "tests/test_cli.py", "tests/test_finetune_local.py",
+                 "tests/test_encoder_sees.py", "tests/test_dvc_prepare.py", "tests/test_embed_cached.py",
+                 "tests/test_jsonl_validate.py", "tests/test_finetune_together.py", "tests/test_serve.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,4 +1,6 @@
-"""The real DVC pipeline in a throwaway git repo: repro, no-op rerun, param change reruns what depends on it.
+"""The real DVC pipeline in a throwaway git repo: no-op rerun, forced rerun, experiments, param change reruns what
+depends on it (:func:`check_dvc_cli_on_a_built_repo`, run by tests/test_flows.py on the repo its build flow made),
+and a params typo failing the stage.
 
 DVC is called as ``.venv/bin/dvc`` with the venv NOT on PATH (as the README tells users): the stage commands
 (``bin/stage``) find the project's interpreter themselves.
@@ -62,9 +64,13 @@ def repo(tmp_path):
     return make_repo(tmp_path / "repo")
 
 
-def test_repro_then_up_to_date_then_param_change(repo):
-    first = sh("dvc", "repro", cwd=repo)
-    assert first.returncode == 0, first.stderr + first.stdout
+def check_dvc_cli_on_a_built_repo(repo: Path) -> None:
+    """What a user does with ``.venv/bin/dvc`` (the venv not on PATH) once the pipeline is built: its outputs are
+    all there and validated, ``dvc repro`` finds nothing to do, ``dvc repro --force`` runs every stage again from
+    the command line and writes the same bytes, the curves render offline, two experiments compare, and a param
+    change reruns what depends on it. tests/test_flows.py runs it on a copy of the repo its build flow made (the
+    flow runs ``dvc repro --single-item`` per stage): one build of the pipeline serves both, and the forced CLI
+    rerun must reproduce the flow's outputs byte for byte."""
     manifest = pd.read_csv(repo / "data/prepared/manifest.csv")
     assert manifest["source_id"].nunique() == 40
     for stage in ("sample", "prepare", "embed", "train_projector_stage1", "train_projector_stage2", "index", "upload",
@@ -84,10 +90,10 @@ def test_repro_then_up_to_date_then_param_change(repo):
     assert plan["submit"] is False and plan["files"]["train"]["errors"] == 0 and not (repo / "artifacts/finetune/job.json").exists()
     assert (repo / "dvc.lock").is_file()
 
-    again = sh("dvc", "repro", cwd=repo)
+    again = sh("dvc", "repro", cwd=repo)  # DVC's CLI sees the build as fresh
     assert again.returncode == 0 and "Data and pipelines are up to date" in again.stdout
 
-    # same inputs on the same machine, every stage run again from its inputs: the same bytes in dvc.lock
+    # same inputs on the same machine, every stage run again from its inputs by the CLI: the same bytes in dvc.lock
     def hashes():
         lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
         return {(stage, o["path"]): o.get("md5") for stage, s in lock.items() for o in s.get("outs", [])}

@@ -113,6 +113,18 @@ def test_build_runs_stages_in_dag_order_then_skips_them_and_fails_on_validation(
     assert any("FAILED" in (a.data or "") for a in latest)
 
 
+def test_the_dvc_cli_on_the_flows_build(built, tmp_path):
+    """tests/test_dvc_pipeline.py's user checks on a copy of the flow-built repo: up to date for ``dvc repro``, a
+    forced CLI rerun writes the flow's bytes, experiments compare (a copy: the nightly test goes on with the original)."""
+    import shutil
+
+    from tests.test_dvc_pipeline import check_dvc_cli_on_a_built_repo
+
+    copy = tmp_path / "repo"
+    shutil.copytree(built[0], copy, symlinks=True)
+    check_dvc_cli_on_a_built_repo(copy)
+
+
 def test_reindex_adds_only_new_images(built):
     from PIL import Image
 

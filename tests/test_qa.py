@@ -224,6 +224,34 @@ def test_meteor_is_a_number_on_a_known_pair():
     assert synonym == pytest.approx(meteor(["it feels rough"], ["it feels rough"]), abs=0.4) and synonym > unrelated
 
 
+def test_the_remembered_wordnet_index_reads_as_nltk_parses_it(tmp_path, monkeypatch):
+    """The parsed index is pickled under $XDG_CACHE_HOME/touchvl/wordnet/ by the content of the files: the second
+    reader answers as the first, and an unreadable cache file is parsed again (never an error)."""
+    from pathlib import Path
+
+    from nltk.translate.meteor_score import meteor_score
+
+    from touchvl.evaluation import WORDNET_DIRS, _folder_wordnet
+
+    folder = next((d for d in WORDNET_DIRS if (Path(d) / "index.noun").is_file()), None)
+    if folder is None:
+        pytest.fail("WordNet is not installed: apt-get install wordnet-base (see .ci/run)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    parsed = _folder_wordnet(folder)
+    (record,) = (tmp_path / "touchvl/wordnet").iterdir()
+    remembered = _folder_wordnet(folder)
+
+    def seen(wn):
+        return ([sorted(lemma.name() for s in wn.synsets(w) for lemma in s.lemmas()) for w in ("rough", "glossy", "soft")],
+                [str(s) for s in wn.synsets("glossy", "s")], wn.morphy("softer", "a"),
+                meteor_score([["it", "feels", "rough"]], ["it", "feels", "coarse"], wordnet=wn))
+
+    assert remembered._lemma_pos_offset_map == parsed._lemma_pos_offset_map
+    assert remembered.satellite_offsets == parsed.satellite_offsets and seen(remembered) == seen(parsed)
+    record.write_bytes(b"not a pickle")
+    assert seen(_folder_wordnet(folder)) == seen(parsed)
+
+
 def test_baseline_answers_constant_and_neighbour_captions_leave_the_query_out():
     import numpy as np
 
