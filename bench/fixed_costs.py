@@ -93,12 +93,12 @@ def main() -> None:
               "load_average_before": [round(x, 2) for x in os.getloadavg()], "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         # the replay record the "touchvl" validation case replays: one real run first
-        timed([a.format(tmp=tmp) for a in CASES["validation_identical"]["touchvl"][:-1]] + ["store"])
+        timed([a.replace("{tmp}", tmp) for a in CASES["validation_identical"]["touchvl"][:-1]] + ["store"])
         times = {case: {"touchvl": [], "naive": []} for case in CASES}
         for _ in range(runs):  # interleaved: a drift in the machine's load hits both sides alike
             for case, sides in CASES.items():
                 for side, argv in sides.items():
-                    times[case][side].append(timed([a.format(tmp=tmp) for a in argv]))
+                    times[case][side].append(timed([a.replace("{tmp}", tmp) for a in argv]))
     for case, sides in times.items():
         t, n = sides["touchvl"], sides["naive"]
         row = result["cases"][case] = {
