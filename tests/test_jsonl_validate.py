@@ -320,14 +320,19 @@ def _jpeg_example(data: bytes, text: str, detail: str = "high"):
                                                         "detail": detail}}])
 
 
+def _reports_agree(path, variant: dict, **kw):
+    """validate_file as configured and with ``variant``'s options on top: asserted equal -- findings, their order
+    and messages, and the summary -- and the first returned."""
+    report, other = validate_file(path, **kw), validate_file(path, **variant, **kw)
+    assert report.errors == other.errors
+    assert report.warnings == other.warnings
+    assert report.summary == other.summary
+    return report
+
+
 def _same_report(path, **kw):
-    """validate_file with the fast paths and without (fast=False: check_example for every line, PIL for every
-    image): asserted equal -- findings, their order and messages, and the summary -- and returned."""
-    fast, reference = validate_file(path, **kw), validate_file(path, fast=False, **kw)
-    assert fast.errors == reference.errors
-    assert fast.warnings == reference.warnings
-    assert fast.summary == reference.summary
-    return fast
+    """The fast paths against fast=False (check_example for every line, PIL for every image)."""
+    return _reports_agree(path, {"fast": False}, **kw)
 
 
 def test_fast_paths_find_exactly_what_the_general_checker_and_pil_find(tmp_path):
@@ -433,11 +438,7 @@ def test_a_remembered_jpeg_head_still_checks_the_scan_against_the_data():
 
 
 def _same_with_workers(path, workers, **kw):
-    serial, parallel = validate_file(path, **kw), validate_file(path, workers=workers, **kw)
-    assert parallel.errors == serial.errors
-    assert parallel.warnings == serial.warnings
-    assert parallel.summary == serial.summary
-    return parallel
+    return _reports_agree(path, {"workers": workers}, **kw)
 
 
 def test_workers_make_the_report_one_process_makes(tmp_path):
