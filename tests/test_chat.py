@@ -739,6 +739,31 @@ def test_touchvl_chat_binds_loopback_and_sigterm_stops_it_and_the_model_server_i
     assert not _answers_http(model_url + "/models") and not _answers_http(f"http://127.0.0.1:{port}/")
 
 
+def test_a_sigterm_while_gradio_is_still_starting_is_the_same_clean_stop(pipeline, tmp_path, monkeypatch):
+    """SIGTERM can land after gradio's server answers but before its wait (block_thread) takes Ctrl-C/SIGTERM over
+    (a loaded machine widens that window; CI's fresh clone hit it: exit 130, "interrupted"). serve() then closes the
+    page itself and returns as on any SIGTERM; the handler it replaced is back."""
+    from touchvl.ui import app as app_module
+
+    port = free_port()
+    params = updated(pipeline, chat={"provider": "offline", "port": port})
+    real_launch = app_module.launch
+    started = []
+
+    def launch_then_sigterm(app, chat, host=None, port=None, **kwargs):
+        real_launch(app, chat, host, port, block=False)  # the server thread answers ...
+        started.append(_answers_http(f"http://127.0.0.1:{chat.port}/"))
+        os.kill(os.getpid(), signal.SIGTERM)  # ... and the signal comes before any wait
+        time.sleep(30)  # the handler raises here
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(app_module, "launch", launch_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    app_module.serve(params, root=tmp_path)  # returns: no KeyboardInterrupt out of it
+    assert started == [True] and not _answers_http(f"http://127.0.0.1:{port}/")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_touchvl_chat_says_in_one_line_when_the_local_model_server_cannot_start(pipeline, tmp_path):
     out = tmp_path / "ft"
     out.mkdir()

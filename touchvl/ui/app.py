@@ -236,21 +236,31 @@ def serve(params, host: str | None = None, port: int | None = None, root: Path |
     server started here is stopped and the SIGTERM handler that was there before is put back.
     """
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks, one line each
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt  # what gradio's wait (block_thread) ends on, as on Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     service = None
     try:
         service = TouchQAService(params, root=Path(root))
         service.start()  # provider local: the model server, started here if it is not running
         log.info("answerer: %s", service.status())
+        app = build_app(params.chat, service)
         try:
-            launch(build_app(params.chat, service), params.chat, host, port)  # returns on Ctrl-C / SIGTERM
+            launch(app, params.chat, host, port)  # returns on Ctrl-C / SIGTERM once gradio waits
         except OSError as exc:
             raise StageError(f"cannot listen on {host or params.chat.host}:{port or params.chat.port}: {exc}") from None
+        except KeyboardInterrupt:
+            # arrived while gradio was still starting (its server may already answer, before its wait took over):
+            # close it; a SIGTERM is then the same clean stop as once it waits (exit 0), a Ctrl-C says "interrupted"
+            app.close()
+            if not terminated:
+                raise
     finally:
         if service is not None:
             service.stop()
         signal.signal(signal.SIGTERM, previous)
 
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
