@@ -106,3 +106,46 @@ def test_a_source_id_in_both_splits_is_refused_by_name():
                              "rgb_path": ["a", "b", "c"], "caption": ["x", "y", "z"]})
     with pytest.raises(PretrainError, match=r"\[5\].*refuses to train on test ids"):
         training_photos(manifest)
+
+
+def _augment_out_of_place(pixels, config, rng):
+    """The augmentation as first written (out of place, boolean-mask gathers): the reference the in-place
+    version must equal bit for bit, so the same seed still trains the same weights."""
+    from touchvl.imagebind.pretrain import _MEAN, _STD
+
+    rgb = pixels * _STD + _MEAN
+    grey = torch.from_numpy(rng.random(len(pixels)) < config.grayscale_p)
+    if grey.any():
+        luma = (0.299 * rgb[grey, 0] + 0.587 * rgb[grey, 1] + 0.114 * rgb[grey, 2]).unsqueeze(1)
+        rgb[grey] = luma.expand(-1, 3, -1, -1)
+    low = rng.random(len(pixels)) < config.low_contrast_p
+    factor = torch.from_numpy(np.where(low, rng.uniform(0.25, 1.0, len(pixels)), 1.0)).float().view(-1, 1, 1, 1)
+    mean = rgb.mean(dim=(1, 2, 3), keepdim=True)
+    rgb = mean + (rgb - mean) * factor
+    lo, hi = config.crop_scale
+    if lo < 1.0:
+        size = rgb.shape[-1]
+        for i, side in enumerate(rng.uniform(lo, hi, len(rgb))):
+            crop = max(8, int(round(side * size)))
+            top, left = rng.integers(0, size - crop + 1, 2)
+            patch = rgb[i:i + 1, :, top:top + crop, left:left + crop]
+            rgb[i] = torch.nn.functional.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)[0]
+    return (rgb - _MEAN) / _STD
+
+
+@pytest.mark.parametrize("grey, low, crop", [(0.8, 0.0, (1.0, 1.0)), (0.5, 0.5, (1.0, 1.0)), (0.3, 0.4, (0.5, 1.0)),
+                                             (1.0, 0.0, (1.0, 1.0)), (0.0, 1.0, (1.0, 1.0))])
+def test_the_in_place_augmentation_is_the_out_of_place_one_bit_for_bit(grey, low, crop):
+    from touchvl.imagebind.pretrain import PretrainConfig, _augment
+
+    config = PretrainConfig(grayscale_p=grey, low_contrast_p=low, crop_scale=crop)
+    pixels = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    before = pixels.clone()
+    fast = _augment(pixels, config, np.random.default_rng(5))
+    assert torch.equal(pixels, before)  # the batch it was given is left alone
+    assert torch.equal(fast, _augment_out_of_place(pixels, config, np.random.default_rng(5)))
+    if grey == 1.0:  # every view grey: its three channels are one luma image once un-normalised
+        from touchvl.imagebind.pretrain import _MEAN, _STD
+
+        rgb = fast * _STD + _MEAN
+        assert torch.allclose(rgb[:, 0], rgb[:, 1], atol=1e-5) and torch.allclose(rgb[:, 1], rgb[:, 2], atol=1e-5)
