@@ -137,3 +137,43 @@ def test_sensor_ids_reader_names_a_missing_or_misaligned_file(tmp_path):
     save_npy(tmp_path / "sensor_ids.npy", np.zeros(3, dtype=np.float32))
     with pytest.raises(StageError, match=r"float32 \(3,\) does not match"):
         read_sensor_ids(tmp_path, 3)
+
+
+def test_batches_decoded_a_thread_ahead_are_the_dataloaders(tmp_path):
+    """Without worker processes the next batches are decoded by a thread: the same batches as torch's
+    DataLoader(num_workers=0) gives -- uids, pixels to the bit, a bad file's error in its batch, the short last
+    batch -- in the same order, and abandoning the loop midway leaves no thread behind."""
+    import threading
+
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from touchvl.imagebind.embedding import _PairImages, _stack, pair_loader
+    from touchvl.imagebind.preprocess import preprocess_image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(11):
+        paths = []
+        for kind in ("tac", "rgb"):
+            path = tmp_path / f"image_{i}_{kind}.jpg"
+            Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(path)
+            paths.append(str(path))
+        rows.append((i * 1000, *paths))
+    (tmp_path / "image_6_rgb.jpg").write_bytes(b"not a jpeg")
+    reference = list(DataLoader(_PairImages(rows, preprocess_image), batch_size=4, num_workers=0,
+                                collate_fn=_stack, shuffle=False))
+    threaded = list(pair_loader(rows, preprocess_image, 4, 0))
+    assert [len(uids) + len(errors) for uids, _, errors in threaded] == [4, 4, 3]
+    assert len(threaded) == len(reference)
+    for (uids, pixels, errors), (ref_uids, ref_pixels, ref_errors) in zip(threaded, reference):
+        assert uids == ref_uids and errors == ref_errors
+        assert torch.equal(pixels, ref_pixels)
+    assert threaded[1][2][0][0] == 6000 and "image_6_rgb.jpg" in threaded[1][2][0][1]
+
+    before = {t for t in threading.enumerate() if t.name.startswith("touchvl-decode")}
+    batches = pair_loader(rows, preprocess_image, 2, 0)
+    next(iter(batches))
+    batches.close()  # what a for loop that raises does to it
+    assert {t for t in threading.enumerate() if t.name.startswith("touchvl-decode")} <= before

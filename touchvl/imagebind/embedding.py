@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,6 @@ from touchvl.imagebind.cache import VectorCache, image_key, text_key
 
 if TYPE_CHECKING:
     import torch
-    from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 MODALITIES = ("tac", "rgb", "text")
@@ -65,7 +64,7 @@ class EmbeddingSet:
 
 
 class _PairImages:
-    """Decodes and preprocesses the tactile and RGB image of each pair (in DataLoader workers).
+    """Decodes and preprocesses the tactile and RGB image of each pair (in DataLoader workers, or a thread).
 
     A plain map-style dataset (``__len__`` + ``__getitem__`` is all DataLoader asks), not a torch ``Dataset``
     subclass, so defining it does not import torch."""
@@ -120,15 +119,46 @@ def _worker_context():
 
 
 def pair_loader(rows: list[tuple[int, str, str]], preprocess: Preprocess, batch_size: int, num_workers: int,
-                pin_memory: bool = False) -> DataLoader:
-    """Batches of (uids, pixels tac0, rgb0, tac1, ..., errors) decoded by ``num_workers`` processes."""
+                pin_memory: bool = False) -> Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """Batches of (uids, pixels tac0, rgb0, tac1, ..., errors) decoded by ``num_workers`` processes, or with
+    none, by one thread of this process a batch ahead (:func:`_batches_a_thread_ahead`)."""
+    dataset = _PairImages(rows, preprocess)
+    if not num_workers:
+        return _batches_a_thread_ahead(dataset, batch_size, pin_memory)
     from torch.utils.data import DataLoader
 
-    return DataLoader(_PairImages(rows, preprocess), batch_size=batch_size, num_workers=num_workers,
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                       collate_fn=_stack, shuffle=False, pin_memory=pin_memory,
-                      worker_init_fn=one_thread_worker if num_workers else None,
-                      multiprocessing_context=_worker_context() if num_workers else None,
-                      prefetch_factor=4 if num_workers else None)  # a few batches ahead: decode never waits on the GPU
+                      worker_init_fn=one_thread_worker, multiprocessing_context=_worker_context(),
+                      prefetch_factor=4)  # a few batches ahead: decode never waits on the GPU
+
+
+def _batches_a_thread_ahead(dataset: _PairImages, batch_size: int, pin_memory: bool = False, ahead: int = 2):
+    """The DataLoader's batches without worker processes (the same batches, in the same order): one thread
+    decodes and preprocesses up to ``ahead`` batches while this one runs the forward.
+
+    Why not ``DataLoader(num_workers=0)``: it decodes in the loop that runs the model, so on a CPU the two take
+    turns on one core.  Why not worker processes there: on a small CPU their start-up and the pickled tensors
+    cost more than they save (measured: bench/embed.py), and their cores are the forward's.  A thread costs
+    neither, and Pillow's decode and resample and torch's ops release the GIL, so the next batch is decoded
+    on another core while this one is embedded (bench/embed.py: ``batched_exact``)."""
+    from collections import deque
+
+    chunks = [range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
+
+    def load(chunk: range):
+        uids, pixels, errors = _stack([dataset[i] for i in chunk])
+        return uids, (pixels.pin_memory() if pin_memory and pixels is not None else pixels), errors
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="touchvl-decode") as pool:
+        pending = deque(pool.submit(load, chunk) for chunk in chunks[:ahead])
+        queued = len(pending)
+        while pending:
+            batch = pending.popleft().result()
+            if queued < len(chunks):
+                pending.append(pool.submit(load, chunks[queued]))
+                queued += 1
+            yield batch
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -137,7 +167,8 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def default_num_workers(device: torch.device) -> int:
-    # measured: on CPU, decoding workers steal cores from the forward and cost ~1.8x; a GPU frees them
+    # measured: on CPU, decoding workers steal cores from the forward and cost ~1.8x, where a decoding thread
+    # (what 0 workers means: pair_loader) pays 1.9x; a GPU frees the cores for worker processes
     return 0 if device.type == "cpu" else min(8, usable_cpus())
 
 
