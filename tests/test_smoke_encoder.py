@@ -111,7 +111,7 @@ def test_a_source_id_in_both_splits_is_refused_by_name():
 def _augment_out_of_place(pixels, config, rng):
     """The augmentation as first written (out of place, boolean-mask gathers): the reference the in-place
     version must equal bit for bit, so the same seed still trains the same weights."""
-    from touchvl.imagebind.pretrain import _MEAN, _STD
+    from touchvl.imagebind.pretrain import _MEAN, _STD, random_crops_
 
     rgb = pixels * _STD + _MEAN
     grey = torch.from_numpy(rng.random(len(pixels)) < config.grayscale_p)
@@ -122,14 +122,7 @@ def _augment_out_of_place(pixels, config, rng):
     factor = torch.from_numpy(np.where(low, rng.uniform(0.25, 1.0, len(pixels)), 1.0)).float().view(-1, 1, 1, 1)
     mean = rgb.mean(dim=(1, 2, 3), keepdim=True)
     rgb = mean + (rgb - mean) * factor
-    lo, hi = config.crop_scale
-    if lo < 1.0:
-        size = rgb.shape[-1]
-        for i, side in enumerate(rng.uniform(lo, hi, len(rgb))):
-            crop = max(8, int(round(side * size)))
-            top, left = rng.integers(0, size - crop + 1, 2)
-            patch = rgb[i:i + 1, :, top:top + crop, left:left + crop]
-            rgb[i] = torch.nn.functional.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)[0]
+    random_crops_(rgb, config.crop_scale, rng)  # unchanged by the rewrite: the same function, the same draws
     return (rgb - _MEAN) / _STD
 
 

@@ -145,7 +145,7 @@ def _augment(pixels: torch.Tensor, config: PretrainConfig, rng: np.random.Genera
         return pixels
     # in place, one image at a time for the grey ones: the same float operations on every element in the same
     # order as the out-of-place version (IEEE + and * are commutative), so the same bits -- and the same weights
-    # from the same seed (tests/test_pretrain.py) -- at a quarter of the time (no 77 MB temporaries, no
+    # from the same seed (tests/test_smoke_encoder.py) -- at a quarter of the time (no 77 MB temporaries, no
     # boolean-mask gathers and scatters; it was a third of the stage)
     rgb = torch.mul(pixels, _STD).add_(_MEAN)
     grey = rng.random(len(pixels)) < grey_p
@@ -157,7 +157,13 @@ def _augment(pixels: torch.Tensor, config: PretrainConfig, rng: np.random.Genera
     factor = torch.from_numpy(np.where(low, rng.uniform(0.25, 1.0, len(pixels)), 1.0)).float().view(-1, 1, 1, 1)
     mean = rgb.mean(dim=(1, 2, 3), keepdim=True)
     rgb.sub_(mean).mul_(factor).add_(mean)  # mean + (rgb - mean) * factor
-    lo, hi = config.crop_scale
+    random_crops_(rgb, config.crop_scale, rng)
+    return rgb.sub_(_MEAN).div_(_STD)
+
+
+def random_crops_(rgb: torch.Tensor, crop_scale: tuple[float, float], rng: np.random.Generator) -> None:
+    """In place: each view replaced by a random square crop (side a ``crop_scale`` fraction) resized back."""
+    lo, hi = crop_scale
     if lo < 1.0:
         size = rgb.shape[-1]
         for i, side in enumerate(rng.uniform(lo, hi, len(rgb))):
@@ -165,7 +171,6 @@ def _augment(pixels: torch.Tensor, config: PretrainConfig, rng: np.random.Genera
             top, left = rng.integers(0, size - crop + 1, 2)
             patch = rgb[i:i + 1, :, top:top + crop, left:left + crop]
             rgb[i] = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)[0]
-    return rgb.sub_(_MEAN).div_(_STD)
 
 
 def _encode(model: torch.nn.Module, modality: str, inputs: torch.Tensor) -> torch.Tensor:
