@@ -1,7 +1,11 @@
 """Concurrent uploader vs a sequential loop (the original toolkit's way) against the local OSS test
 server with injected latency; then a rerun that should send 0 bytes.
 
-    .venv/bin/python -m bench.upload [--files 200] [--latency 0.02] [--workers 16]
+Each of ``--runs`` rounds (>= 3) uploads every file once sequentially and once concurrently, each under its
+own key prefix (so nothing is skipped), then reruns the concurrent upload with that round's records; min and
+median of the rounds, and the load average before and after, are printed.
+
+    .venv/bin/python -m bench.upload [--files 200] [--latency 0.02] [--workers 16] [--runs 3]
 Writes bench/results/upload.json and prints a table.
 """
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,41 +33,57 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=20_000)
     ap.add_argument("--latency", type=float, default=0.02)
     ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3, help="timed rounds (at least 3)")
     args = ap.parse_args()
+    runs = max(3, args.runs)
     os.environ.setdefault("OSS_ACCESS_KEY_ID", "bench-key")
     os.environ.setdefault("OSS_ACCESS_KEY_SECRET", "bench-secret")
     state = OssState({os.environ["OSS_ACCESS_KEY_ID"]: os.environ["OSS_ACCESS_KEY_SECRET"]}, {"bench"},
                      Faults(latency_s=args.latency))
+    load_before = os.getloadavg()
+    sequential, concurrent, rerun_s, rerun_sent, rerun_bytes = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp, OssServer(state) as server:
-        blobs = []
+        paths = []
         for i in range(args.files):
             path = Path(tmp) / f"image_{i}_tac.jpg"
             path.write_bytes(os.urandom(args.size))
-            blobs.append(Blob(f"tac/{path.name}", path, args.size, hashlib.md5(path.read_bytes()).hexdigest()))
+            paths.append(path)
         # the original image2cloud.py: one bucket, one put_object_from_file after another
         bucket = oss2.Bucket(oss2.Auth(os.environ["OSS_ACCESS_KEY_ID"], os.environ["OSS_ACCESS_KEY_SECRET"]),
                              server.endpoint, "bench")
-        start = time.perf_counter()
-        for blob in blobs:
-            bucket.put_object_from_file("seq/" + blob.key, str(blob.path))
-        sequential = time.perf_counter() - start
         storage = OssStorage(UploadParams(backend="oss", endpoint=server.endpoint, bucket="bench", workers=args.workers,
                                           manifest=Path(tmp) / "m.csv"))
-        start = time.perf_counter()
-        first = upload_all(storage, blobs, {}, args.workers, "tac/")
-        concurrent = time.perf_counter() - start
-        state.bytes_received = 0
-        start = time.perf_counter()
-        rerun = upload_all(storage, blobs, first.records, args.workers, "tac/")
-        rerun_s = time.perf_counter() - start
+        for round_ in range(runs):
+            start = time.perf_counter()
+            for path in paths:
+                bucket.put_object_from_file(f"seq{round_}/tac/{path.name}", str(path))
+            sequential.append(time.perf_counter() - start)
+            blobs = [Blob(f"run{round_}/tac/{p.name}", p, args.size, hashlib.md5(p.read_bytes()).hexdigest())
+                     for p in paths]
+            start = time.perf_counter()
+            first = upload_all(storage, blobs, {}, args.workers, f"run{round_}/tac/")
+            concurrent.append(time.perf_counter() - start)
+            assert first.sent == args.files, first
+            state.bytes_received = 0
+            start = time.perf_counter()
+            rerun = upload_all(storage, blobs, first.records, args.workers, f"run{round_}/tac/")
+            rerun_s.append(time.perf_counter() - start)
+            rerun_sent.append(rerun.sent)
+            rerun_bytes.append(state.bytes_received)
+    load_after = os.getloadavg()
+    stats = lambda v: {"min": round(min(v), 4), "median": round(statistics.median(v), 4)}  # noqa: E731
     result = {"files": args.files, "file_bytes": args.size, "latency_s": args.latency, "workers": args.workers,
-              "sequential_s": round(sequential, 3), "concurrent_s": round(concurrent, 3),
-              "speedup": round(sequential / concurrent, 1), "rerun_s": round(rerun_s, 4),
-              "rerun_objects_sent": rerun.sent, "rerun_bytes_received_by_server": state.bytes_received}
+              "runs": runs, "cpu_count": os.cpu_count(),
+              "load_average_before": [round(v, 2) for v in load_before],
+              "load_average_after": [round(v, 2) for v in load_after],
+              "sequential_s": stats(sequential), "concurrent_s": stats(concurrent),
+              "speedup": {"min": round(min(sequential) / min(concurrent), 1),
+                          "median": round(statistics.median(sequential) / statistics.median(concurrent), 1)},
+              "rerun_s": stats(rerun_s), "rerun_objects_sent": max(rerun_sent),
+              "rerun_bytes_received_by_server": max(rerun_bytes)}
     disk.write_json(Path(__file__).parent / "results" / "upload.json", result)
     for key, value in result.items():
         print(f"{key:32s} {value}")
-
 
 if __name__ == "__main__":
     main()
