@@ -192,6 +192,24 @@ def test_duplicate_detection_survives_bloom_false_positives(tmp_path, monkeypatc
     assert [(w.line, w.message) for w in report.warnings if w.code == "duplicate_example"] == [(13, "same example as line 4")]
 
 
+def test_the_filter_checked_a_block_at_a_time_answers_as_one_digest_at_a_time(monkeypatch):
+    import os
+
+    from touchvl.chat.validate import DigestFilter
+
+    for bits in (64, 1 << 12, 1 << 26):  # nearly everything collides .. almost nothing does
+        monkeypatch.setattr(DigestFilter, "BITS", bits)
+        digests = [os.urandom(16) for _ in range(3000)]
+        digests += digests[100:400:7] + [digests[-1]] * 3  # real repeats, one of them back to back
+        one, block = DigestFilter(), DigestFilter()
+        expected = [i for i, d in enumerate(digests) if one.check_and_add(d)]
+        got = block.check_and_add_many(b"".join(digests[:1000])) + \
+            [1000 + i for i in block.check_and_add_many(b"".join(digests[1000:]))]  # two calls: state carries over
+        assert got == expected and block.bits == one.bits
+        assert len(expected) >= 46  # the repeats at least
+    assert DigestFilter().check_and_add_many(b"") == []
+
+
 # ------------------------------------------------------------------ the duplicate rate
 def test_duplicate_rate_is_in_the_banner_and_over_the_limit_fails(tmp_path):
     from touchvl.chat.report import report_dict, write_reports
