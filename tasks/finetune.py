@@ -13,7 +13,7 @@ import logging
 import sys
 
 from touchvl import disk
-from touchvl.finetune.contract import dataset_files, validation_tables
+from touchvl.finetune.contract import dataset_files, provider_notice, validation_tables
 from touchvl.finetune.providers import plan, submission
 from touchvl.logs import run_stage
 from touchvl.params import Params
@@ -33,10 +33,11 @@ def _check(params: Params, the_plan: dict, files) -> None:
 def run(params: Params, today: dt.date | None = None) -> dict:
     p = params.finetune
     files = dataset_files(params)
-    the_plan = plan(params, files, today or dt.date.today())
+    today = today or dt.date.today()
+    the_plan = plan(params, files, today)
     disk.write_json(p.out_dir / "plan.json", the_plan)
-    if the_plan["notice"]:
-        log.warning(the_plan["notice"])
+    if the_plan["notice"]:  # the log counts the days; the plan (a DVC output) does not
+        log.warning(provider_notice(p.provider, today))
     if not p.submit:
         _check(params, the_plan, files)
         log.info("finetune.submit is false: wrote %s, no network call", p.out_dir / "plan.json")

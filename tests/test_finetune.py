@@ -58,6 +58,22 @@ def test_dry_run_writes_a_plan_and_makes_no_call(files, monkeypatch):
     assert not (files / "ft/job.json").exists()
 
 
+def test_the_plan_is_the_same_bytes_whatever_the_day(files, monkeypatch, caplog):
+    """plan.json is a DVC output: an OpenAI countdown inside it changed dvc.lock every day (found on a fresh
+    clone's `make repro`, a day after the commit). The days left go to the log only."""
+    monkeypatch.delenv("OPENAI_API_KEY")
+    caplog.set_level(logging.WARNING)
+    raw = _raw(files)
+    raw["finetune"]["provider"] = "openai"
+    params = parse_params(raw)
+    written = []
+    for today in (dt.date(2026, 12, 2), dt.date(2026, 12, 6)):
+        finetune_stage.run(params, today=today)
+        written.append((files / "ft/plan.json").read_bytes())
+    assert written[0] == written[1] and b"2027-01-06" in written[0] and b"days left" not in written[0]
+    assert "31 days left" in caplog.text and "35 days left" in caplog.text
+
+
 def test_happy_path_to_a_fine_tuned_model(files, caplog):
     caplog.set_level(logging.INFO)
     state = ApiState(KEY)

@@ -53,14 +53,18 @@ def dataset_files(params: Params) -> DatasetFiles:
     return files
 
 
-def provider_notice(provider: str, today: dt.date) -> str | None:
-    """OpenAI's wind-down: warn before the cut-off, refuse from it."""
+def provider_notice(provider: str, today: dt.date, countdown: bool = True) -> str | None:
+    """OpenAI's wind-down: warn before the cut-off, refuse from it.
+
+    ``countdown=False`` for what goes into an artifact (the stage's plan.json, a DVC output): the days left
+    change every day, and an output that changes with the calendar is one `dvc repro` can never reproduce."""
     if provider != "openai":
         return None
     if today >= OPENAI_SHUTDOWN:
         raise StageError(f"OpenAI accepts no new fine-tuning jobs since {OPENAI_SHUTDOWN}. Use finetune.provider: "
                          f"azure (Azure OpenAI) or compatible (an OpenAI-compatible endpoint), or local LoRA training.")
-    return (f"OpenAI stops accepting new fine-tuning jobs on {OPENAI_SHUTDOWN} ({(OPENAI_SHUTDOWN - today).days} days left); "
+    left = f" ({(OPENAI_SHUTDOWN - today).days} days left)" if countdown else ""
+    return (f"OpenAI stops accepting new fine-tuning jobs on {OPENAI_SHUTDOWN}{left}; "
             f"finetune.provider: azure or compatible keep working after that.")
 
 

@@ -55,7 +55,7 @@ def plan(params: Params, files: DatasetFiles, today: dt.date) -> dict:
             "files": {role: {"path": str(getattr(files, role)), "sha256": shas[role], "examples": checked[role]["examples"],
                              "errors": checked[role]["errors"]} for role in ("train", "val")},
             "estimated_cost": checked["cost"], "approved": files.dataset_sha256() in approvals,
-            "notice": provider_notice(p.provider, today), "submit": p.submit}
+            "notice": provider_notice(p.provider, today, countdown=False), "submit": p.submit}
 
 
 def approve(params: Params, files: DatasetFiles, confirm, reviewer: str | None = None, note: str = "") -> dict:
