@@ -41,6 +41,7 @@ def run(params: Params) -> EmbeddingSet:
     apply_threads(p.threads, p.num_workers or 0)
 
     def embed_missing(rows):  # only on a cache miss: the device, the model and any Dask cluster start here
+        checks.start_background_gx(params.validation)  # new vectors: their validation cannot be a replay
         workers = default_num_workers(encoder.device) if p.num_workers is None else p.num_workers
         batch_size = p.batch_size or default_batch_size(encoder.device)
         apply_threads(p.threads, workers)  # the decoding workers run one thread each (one_thread_worker)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("embedded %d pairs (dim %d, %d newly computed) -> %s",
                  len(result.uids), result.meta["dim"], result.embedded_now, params.embed.out_dir)
 
-    run_stage("embed", __doc__, body, argv)
+    run_stage("embed", __doc__, body, argv, background_gx="when_asked")
 
 
 if __name__ == "__main__":

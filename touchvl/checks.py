@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _gx():
+def import_gx():
     """Great Expectations, imported on first use (about 4 s): importing touchvl.checks costs nothing, so a stage
     or library caller pays for GX only when it actually builds expectations or validates."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline: no usage statistics calls
@@ -62,9 +62,9 @@ def _gx():
 def __getattr__(name: str):
     # ``checks.gx`` and ``checks.gxe`` (the expectation classes) resolve lazily, PEP 562
     if name == "gxe":
-        return _gx().expectations
+        return import_gx().expectations
     if name == "gx":
-        return _gx()
+        return import_gx()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -82,7 +82,7 @@ class Expect:
     kwargs: dict
 
     def build(self):
-        return getattr(_gx().expectations, self.type)(**self.kwargs)
+        return getattr(import_gx().expectations, self.type)(**self.kwargs)
 
     def definition(self) -> dict:
         return {"type": self.type, "kwargs": _jsonable(self.kwargs)}
@@ -237,7 +237,7 @@ def run_validation(stage: str, tables: list[Table], params: ValidationParams,
                      "Great Expectations not run) -> %s", stage, report.content_hash, len(report.results),
                      len(report.warnings), params.reports_dir / f"{stage}.json")
             return report
-    report = ValidationReport(stage, _run_gx(stage, tables, params), content_hash=key["content"] if key else None)
+    report = ValidationReport(stage, _outcomes(stage, tables, params), content_hash=key["content"] if key else None)
     _write_report(report, params)
     log.info("validation %s: %d expectations, %d blocking failures, %d warnings -> %s",
              stage, len(report.results), len(report.blocking_failures), len(report.warnings),
@@ -260,8 +260,58 @@ def _write_report(report: ValidationReport, params: ValidationParams) -> None:
         log.warning("validation warning: %s", w.describe())
 
 
-def _run_gx(stage: str, tables: list[Table], params: ValidationParams) -> list[ExpectationOutcome]:
-    gx = _gx()
+# --- GX in a side process (touchvl/gx_worker.py) -------------------------------------------------------------
+
+_side = None  # the gx_worker.SideProcess this process started, if any
+_side_allowed = False
+
+
+def allow_background_gx() -> None:
+    """Called by a stage's ``main()`` (touchvl.logs.run_stage): this process is a stage's own, so a side process
+    may be started for it. A library caller (a test, a notebook, a flow calling a stage's ``run()``) never gets
+    one unless it asks: GX then runs in its own process, as before."""
+    global _side_allowed
+    _side_allowed = True
+
+
+def start_background_gx(params: ValidationParams) -> None:
+    """Start importing Great Expectations in a side process now, while the stage computes, so that its
+    validation does not wait ~3 s for the import (``validation.background``; only with 2 or more usable CPUs,
+    where the stage's ``threads: auto`` leaves one free). Nothing when not allowed, already started, or
+    switched off. An unused side process (the validation was replayed) is killed at exit, not waited for."""
+    global _side
+    from touchvl.devices import usable_cpus
+
+    if _side is not None or not _side_allowed or not params.background or usable_cpus() < 2:
+        return
+    from touchvl.gx_worker import SideProcess
+
+    try:
+        _side = SideProcess()
+    except OSError as exc:  # no process to spare: GX runs here, as without the side process
+        log.warning("validation: could not start Great Expectations in a side process (%s); running it in-process", exc)
+
+
+def _outcomes(stage: str, tables: list[Table], params: ValidationParams) -> list[ExpectationOutcome]:
+    """:func:`gx_outcomes` in the side process when one was started and the suite is plain data, else here."""
+    global _side
+    if _side is None or not all(isinstance(e, Expect) for t in tables for e in t.expectations):
+        return gx_outcomes(stage, tables, params)
+    from touchvl.gx_worker import Unavailable
+
+    # only what GX reads: the frames can be large, the arrays they were derived from larger
+    sent = [Table(t.name, t.frame, t.expectations, t.id_column) for t in tables]
+    try:
+        return _side.run(stage, sent, params)
+    except Unavailable as exc:
+        log.warning("validation %s: the Great Expectations side process is unavailable (%s); running it in-process",
+                    stage, exc)
+        _side = None
+        return gx_outcomes(stage, tables, params)
+
+
+def gx_outcomes(stage: str, tables: list[Table], params: ValidationParams) -> list[ExpectationOutcome]:
+    gx = import_gx()
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 

@@ -591,6 +591,10 @@ class ValidationParams(_Section):
     identical content (``dvc repro --force``, an experiment that changes only later stages' params, a restored
     checkout) writes the same report without importing Great Expectations (~3 s per stage). Git-ignored, not a
     DVC output; null: every validation runs GX. A failure is never stored (touchvl/checks.py, "Replay")."""
+    background: bool = True
+    """A stage run from ``dvc repro`` starts importing GX in a side process as it starts, so its ~3 s import
+    overlaps the stage's own work (with 2 or more usable CPUs; touchvl/gx_worker.py); false: GX is imported when
+    the stage validates, in the stage's process. The results are the same either way."""
 
 
 class Params(_Section):
