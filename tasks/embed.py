@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("embedded %d pairs (dim %d, %d newly computed) -> %s",
                  len(result.uids), result.meta["dim"], result.embedded_now, params.embed.out_dir)
 
-    run_stage("embed", __doc__, body, argv, background_gx="when_asked")
+    run_stage("embed", __doc__, body, argv, start=checks.stage_may_start)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from touchvl import disk, headline
 from touchvl.devices import apply_threads
 from touchvl.errors import StageError
 from touchvl.evaluation import (adjective_prf, bertscore_setup, constant_answer, judge, neighbour_answers, paired_comparison,
-                                retrieval_answer, score_all, tune_prior_weight, validation_tables, word_prior, words)
+                                retrieval_answer, score_answer_sets, tune_prior_weight, validation_tables, word_prior, words)
 from touchvl.finetune.remote import KEY_VARS, api_errors
+from touchvl import checks  # light: Great Expectations is imported only when it runs
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict:
-    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
     from touchvl.qa import TouchQAModel
 
     p = params.evaluate
@@ -53,15 +53,16 @@ def run(params: Params) -> dict:
             predictions.append(retrieved[-1])
         else:
             predictions.append(qa.answer(row.tac_path, p.prompt, row.sensor_id, exclude_source=row.source_id).text)
-    def score(answers: list[str]) -> dict:
-        return score_all(answers, test["caption"].tolist(), vocabulary, p.bertscore_model, p.bertscore_layers,
-                         p.wordnet_dir)
-
+    # the answerer and the baselines scored together: one BERTScore call embeds the references once for all four
+    baseline_sets = baseline_answers(params, manifest, test)
+    scores = score_answer_sets({"answerer": predictions, **baseline_sets}, test["caption"].tolist(), vocabulary,
+                               p.bertscore_model, p.bertscore_layers, p.wordnet_dir)
     metrics = {"answerer": p.answerer, "model": None if p.answerer == "retrieval" else qa.model, "prompt": p.prompt,
-               **score(predictions), **bertscore_setup(p.bertscore_model, p.bertscore_layers),
+               **scores["answerer"], **bertscore_setup(p.bertscore_model, p.bertscore_layers),
                "retrieval_prior_weight": weight,
                "retrieval_prior_curve": None if curve is None else {str(w): f1 for w, f1 in curve.items()}}
-    metrics["baselines"] = baselines(params, manifest, test, score)
+    metrics["baselines"] = {name: {key: scores[name][key] for key in BASELINE_SCORES} for name in baseline_sets}
+    log.info("baselines (constant answer %r): %s", baseline_sets["constant"][0], metrics["baselines"])
     # is the answerer's lead over the constant answer more than noise? per item, paired (Wilcoxon signed-rank)
     constant = constant_answer(manifest[manifest["split"] == "train"]["caption"].astype(str).tolist())
     per_item = lambda answers: [adjective_prf(a, ref, vocabulary)[2] for a, ref in zip(answers, test["caption"])]  # noqa: E731
@@ -113,7 +114,7 @@ def prior_weight(params: Params, train_originals, vocabulary: set[str], prior: d
 BASELINE_SCORES = ("adjective_f1", "bertscore_f1", "meteor", "bleu")
 
 
-def baselines(params: Params, manifest, test, score) -> dict:
+def baseline_answers(params: Params, manifest, test) -> dict[str, list[str]]:
     """The same test items answered three ways, side by side: a constant answer (the training captions' most
     used adjectives), the captions of the nearest RGB photos to the *raw* tactile vector (no projector), and to
     the projected one (the pipeline). An answerer that does not beat the first two has learnt nothing."""
@@ -131,16 +132,11 @@ def baselines(params: Params, manifest, test, score) -> dict:
         queries = vectors[[pos[int(u)] for u in test["uid"]]]
         answers[name] = neighbour_answers(queries, test["source_id"].to_numpy(), rgb,
                                           gallery_sources, gallery_captions, k)
-    rows = {}
-    for name, predicted in answers.items():
-        scores = score(predicted)
-        rows[name] = {key: scores[key] for key in BASELINE_SCORES}
-    log.info("baselines (constant answer %r): %s", answers["constant"][0], rows)
-    return rows
+    return answers
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("evaluate", __doc__, lambda params, args: log.info("evaluate: %s", run(params)), argv)
+    run_stage("evaluate", __doc__, lambda params, args: log.info("evaluate: %s", run(params)), argv, start=checks.stage_starts)
 
 
 if __name__ == "__main__":

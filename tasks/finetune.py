@@ -15,6 +15,7 @@ import sys
 from touchvl import disk
 from touchvl.finetune.contract import dataset_files, provider_notice, validation_tables
 from touchvl.finetune.providers import plan, submission
+from touchvl import checks  # light: Great Expectations is imported only when it runs
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
@@ -23,7 +24,6 @@ COMMANDS = ("plan", "approve", "submit", "status", "events", "cancel", "list", "
 
 
 def _check(params: Params, the_plan: dict, files) -> None:
-    from touchvl import checks  # Great Expectations is slow to import
 
     p = params.finetune
     tables = validation_tables(the_plan, files, disk.read_json(p.out_dir / "job.json"), disk.read_json(p.out_dir / "model.json"))
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] and argv[0] in COMMANDS:  # the former module commands: now `touchvl finetune ...`
         cli = importlib.import_module("touchvl.cli").main  # at run time: the alias is not part of the stage's deps
         sys.exit(cli(["-C", ".", *(argv if argv[0] == "export" else ["finetune", *argv])]))
-    run_stage("finetune", __doc__, lambda params, args: run(params), argv)
+    run_stage("finetune", __doc__, lambda params, args: run(params), argv, start=checks.stage_starts)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 
 from touchvl import disk
 from touchvl.devices import apply_threads
+from touchvl import checks  # light: Great Expectations is imported only when it runs
 from touchvl.logs import run_stage
 from touchvl.params import Params
 from touchvl.retrieval.build import load_databases, retrieval_metrics, save_database, update_or_build, validation_tables
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict:
-    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.index
     # a killed run's half-written temporaries, before DVC could record them as part of an output
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = run(params)
         log.info("tactile->RGB on test: %s", metrics["tac_to_rgb"]["index"])
 
-    run_stage("index", __doc__, body, argv)
+    run_stage("index", __doc__, body, argv, start=checks.stage_starts)
 
 
 if __name__ == "__main__":

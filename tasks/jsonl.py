@@ -19,6 +19,7 @@ from touchvl.chat.prices import cost_estimate
 from touchvl.chat.report import composition, example_tables, report_dict, samples, write_reports
 from touchvl.chat.validate import validate_file
 from touchvl.errors import StageError
+from touchvl import checks  # light: Great Expectations is imported only when it runs
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict:
-    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.jsonl
     # a killed run's half-written temporaries, before DVC could record them as part of an output
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] and argv[0] in ("validate", "rgb_tac", "tactile"):  # the former module commands
         cli = importlib.import_module("touchvl.cli").main  # at run time: the alias is not part of the stage's deps
         sys.exit(cli(["-C", ".", *(argv if argv[0] == "validate" else ["generate", *argv])]))
-    run_stage("jsonl", __doc__, lambda params, args: log.info("jsonl: %s", run(params)), argv)
+    run_stage("jsonl", __doc__, lambda params, args: log.info("jsonl: %s", run(params)), argv, start=checks.stage_starts)
 
 
 if __name__ == "__main__":

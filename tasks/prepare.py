@@ -16,6 +16,7 @@ import pandas as pd
 
 from touchvl import disk, headline
 from touchvl.data.prepare import PrepareError, ScanResult, build_manifest, scan_dataset, threshold_error, validation_tables
+from touchvl import checks  # light: Great Expectations is imported only when it runs
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
@@ -30,7 +31,6 @@ def _staged(path: str, final_dir: Path, staging: Path) -> str:
 
 def run(params: Params) -> tuple[pd.DataFrame, ScanResult]:
     """Scan ``data.root``, write prepared images, manifest and quarantine; validate; return both."""
-    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.prepare
     scan = scan_dataset(params.data.root, params.data.captions, params.data.splits, p)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("manifest: %d rows (%d source pairs, %d quarantined) -> %s",
                  len(manifest), len(scan.pairs), len(scan.quarantine), params.prepare.out_dir / "manifest.csv")
 
-    run_stage("prepare", __doc__, body, argv)
+    run_stage("prepare", __doc__, body, argv, start=checks.stage_starts)
 
 
 if __name__ == "__main__":

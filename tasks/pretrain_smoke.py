@@ -82,7 +82,7 @@ def run(params: Params) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("pretrain_smoke", __doc__, lambda params, args: run(params), argv, background_gx="never")
+    run_stage("pretrain_smoke", __doc__, lambda params, args: run(params), argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from touchvl.data.sample import generate, validation_tables, write_dataset
+from touchvl import checks  # light: Great Expectations is imported only when it runs
 from touchvl.logs import run_stage
 from touchvl.params import Params
 
@@ -17,7 +18,6 @@ log = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> None:
     def body(params: Params, args) -> None:
-        from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
         p = params.sample
         items, captions, split = generate(p)
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         write_dataset(items, captions, split, p.out_dir)
         log.info("wrote %d ids (%d test) to %s", len(items), (split["split"] == "test").sum(), p.out_dir)
 
-    run_stage("sample", __doc__, body, argv)
+    run_stage("sample", __doc__, body, argv, start=checks.stage_starts)
 
 
 if __name__ == "__main__":

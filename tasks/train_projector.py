@@ -20,6 +20,7 @@ import torch
 from touchvl import disk, headline
 from touchvl.devices import apply_threads, resolve_device
 from touchvl.errors import StageError
+from touchvl import checks  # light: Great Expectations is imported only when it runs
 from touchvl.logs import run_stage
 from touchvl.params import Params
 from touchvl.projector.model import ProjectorConfig, ViTProjector, checkpoint_dict, projector_from_checkpoint
@@ -54,7 +55,6 @@ def pairs(params: Params) -> PairedEmbeddings:
 
 
 def run_stage1(params: Params) -> dict:
-    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.projector
     data = pairs(params)
@@ -80,7 +80,6 @@ def run_stage1(params: Params) -> dict:
 
 
 def run_stage2(params: Params) -> dict:
-    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.projector
     # a killed run's half-written temporaries, before DVC could record them as part of an output
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = run_stage1(params) if args.stage == 1 else run_stage2(params)
         log.info("stage %d: %s", args.stage, json.dumps(summary)[:400])
 
-    run_stage("train_projector", __doc__, body, argv,
+    run_stage("train_projector", __doc__, body, argv, start=checks.stage_starts,
               configure=lambda ap: ap.add_argument("--stage", type=int, choices=(1, 2), required=True))
 
 

@@ -11,6 +11,7 @@ import logging
 
 from touchvl import disk
 from touchvl.errors import StageError
+from touchvl import checks  # light: Great Expectations is imported only when it runs
 from touchvl.logs import run_stage
 from touchvl.params import Params
 from touchvl.storage.backends import make_storage
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> UploadResult:
-    from touchvl import checks  # Great Expectations is slow to import: only when the stage really runs
 
     p = params.upload
     manifest = disk.read_manifest(params.prepare.out_dir / "manifest.csv")
@@ -43,7 +43,7 @@ def run(params: Params) -> UploadResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage("upload", __doc__, lambda params, args: run(params), argv)
+    run_stage("upload", __doc__, lambda params, args: run(params), argv, start=checks.stage_starts)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,12 @@ from tasks.embed import main
 try:
     main(sys.argv[1:])
 finally:  # also when the stage fails (sys.exit): which heavy packages did this run load?
-    print("LOADED " + json.dumps({m: m in sys.modules for m in %r}))
+    loaded = {m: m in sys.modules for m in %r}
+    # GX validated for real here or in the side process the stage started for it (touchvl/gx_side.py)
+    side = getattr(sys.modules.get("touchvl.checks"), "_side", None)
+    loaded["great_expectations"] = loaded["great_expectations"] or bool(side and side.answered)
+    loaded["gx_side_started"] = side is not None
+    print("LOADED " + json.dumps(loaded))
 """ % (HEAVY,)
 
 
@@ -62,7 +67,11 @@ def _stage(params: Path) -> tuple[int, dict, str]:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's code, not an installed one
     line = [x for x in proc.stdout.splitlines() if x.startswith("LOADED ")]
     assert line, proc.stdout + proc.stderr
-    return proc.returncode, json.loads(line[-1][len("LOADED "):]), proc.stderr
+    loaded = json.loads(line[-1][len("LOADED "):])
+    side_started = loaded.pop("gx_side_started")
+    # nothing embedded: no side process either (a replay needs none; a failure validates in the stage's process)
+    assert loaded["torch"] or not side_started, "a run that embedded nothing started a GX side process"
+    return proc.returncode, loaded, proc.stderr
 
 
 def _outputs(out: Path) -> dict[str, bytes]:

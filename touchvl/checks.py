@@ -260,18 +260,31 @@ def _write_report(report: ValidationReport, params: ValidationParams) -> None:
         log.warning("validation warning: %s", w.describe())
 
 
-# --- GX in a side process (touchvl/gx_worker.py) -------------------------------------------------------------
+# --- GX in a side process (touchvl/gx_side.py) -------------------------------------------------------------
 
-_side = None  # the gx_worker.SideProcess this process started, if any
+_side = None  # the gx_side.SideProcess this process started, if any
 _side_allowed = False
 
 
 def allow_background_gx() -> None:
-    """Called by a stage's ``main()`` (touchvl.logs.run_stage): this process is a stage's own, so a side process
-    may be started for it. A library caller (a test, a notebook, a flow calling a stage's ``run()``) never gets
-    one unless it asks: GX then runs in its own process, as before."""
+    """This process is a stage's own (its ``main()``), so a side process may be started for it. A library caller
+    (a test, a notebook, a flow calling a stage's ``run()``) never gets one unless it asks: GX then runs in its
+    own process, as before."""
     global _side_allowed
     _side_allowed = True
+
+
+def stage_starts(params) -> None:
+    """``run_stage(..., start=checks.stage_starts)``: a validating stage's process starts GX in a side process
+    at once."""
+    allow_background_gx()
+    start_background_gx(params.validation)
+
+
+def stage_may_start(params) -> None:
+    """``run_stage(..., start=checks.stage_may_start)``: the stage starts it itself once it knows it validates new
+    content (embed, on a cache miss: a fully cached rerun replays its validation and must not pay for GX)."""
+    allow_background_gx()
 
 
 def start_background_gx(params: ValidationParams) -> None:
@@ -284,7 +297,7 @@ def start_background_gx(params: ValidationParams) -> None:
 
     if _side is not None or not _side_allowed or not params.background or usable_cpus() < 2:
         return
-    from touchvl.gx_worker import SideProcess
+    from touchvl.gx_side import SideProcess
 
     try:
         _side = SideProcess()
@@ -297,7 +310,7 @@ def _outcomes(stage: str, tables: list[Table], params: ValidationParams) -> list
     global _side
     if _side is None or not all(isinstance(e, Expect) for t in tables for e in t.expectations):
         return gx_outcomes(stage, tables, params)
-    from touchvl.gx_worker import Unavailable
+    from touchvl.gx_side import Unavailable
 
     # only what GX reads: the frames can be large, the arrays they were derived from larger
     sent = [Table(t.name, t.frame, t.expectations, t.id_column) for t in tables]

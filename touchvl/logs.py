@@ -71,13 +71,13 @@ def stage_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 def run_stage(name: str, doc: str | None, body: Callable, argv: list[str] | None = None,
               configure: Callable[[argparse.ArgumentParser], None] | None = None,
-              background_gx: str = "start") -> None:
+              start: Callable | None = None) -> None:
     """The whole ``main()`` of a DVC stage: parse (``--help`` exits here), load params once, run ``body``.
 
     ``body(params, args)`` does the work; a :class:`StageError` anywhere ends in one line, exit 1.
-    ``background_gx``: ``start`` begins importing Great Expectations in a side process before ``body`` runs
-    (touchvl.checks.start_background_gx); ``when_asked`` lets the stage start it once it knows it validates
-    new content (embed, on a cache miss); ``never`` for a stage that does not validate.
+    ``start(params)`` runs first, in the stage's own process only (not when a test or a flow calls the stage's
+    ``run()``): a validating stage passes ``touchvl.checks.stage_starts``, which starts importing Great
+    Expectations in a side process while ``body`` works.
     """
     parser = stage_parser(f"python -m tasks.{name}", doc)
     if configure:
@@ -88,12 +88,8 @@ def run_stage(name: str, doc: str | None, body: Callable, argv: list[str] | None
         from touchvl.params import load_params
 
         params = load_params(args.params)
-        if background_gx != "never":
-            from touchvl import checks
-
-            checks.allow_background_gx()
-            if background_gx == "start":
-                checks.start_background_gx(params.validation)
+        if start is not None:
+            start(params)
         body(params, args)
 
     run_main(name, go, verbose=args.verbose)

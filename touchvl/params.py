@@ -593,7 +593,7 @@ class ValidationParams(_Section):
     DVC output; null: every validation runs GX. A failure is never stored (touchvl/checks.py, "Replay")."""
     background: bool = True
     """A stage run from ``dvc repro`` starts importing GX in a side process as it starts, so its ~3 s import
-    overlaps the stage's own work (with 2 or more usable CPUs; touchvl/gx_worker.py); false: GX is imported when
+    overlaps the stage's own work (with 2 or more usable CPUs; touchvl/gx_side.py); false: GX is imported when
     the stage validates, in the stage's process. The results are the same either way."""
 
 

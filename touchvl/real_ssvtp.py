@@ -64,7 +64,7 @@ def adjectives(caption: str) -> list[str]:
 
 def evaluate(data: RealSet, bert_model: str, bert_layers: int, wordnet_dir: Path | None = None) -> dict:
     from touchvl.answering import keyword_intent
-    from touchvl.evaluation import bertscore_setup, score_all, words
+    from touchvl.evaluation import bertscore_setup, score_answer_sets, words
 
     row = {i: k for k, i in enumerate(data.ids)}
     tac_rgb = data.tac @ data.rgb.T
@@ -85,8 +85,8 @@ def evaluate(data: RealSet, bert_model: str, bert_layers: int, wordnet_dir: Path
                  "nearest_raw_tactile": lambda i: nearest(tac_tac, i), "oracle_own_caption": lambda i: data.captions[i]}
     references = [q["answer"] for q in data.questions]
     vocabulary = {w for c in data.captions.values() for w in words(c)}
-    scores = {name: score_all([answer(str(q["index"])) for q in data.questions], references, vocabulary,
-                              bert_model, bert_layers, wordnet_dir) for name, answer in answerers.items()}
+    scores = score_answer_sets({name: [answer(str(q["index"])) for q in data.questions] for name, answer in answerers.items()},
+                               references, vocabulary, bert_model, bert_layers, wordnet_dir)
     predicted = [keyword_intent(q["question"]) for q in data.questions]
     real = [q["intent"] for q in data.questions]
     right = [p in REAL_TO_OURS.get(r, ()) for p, r in zip(predicted, real)]
