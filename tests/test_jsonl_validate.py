@@ -499,3 +499,52 @@ def test_simplejpeg_and_pil_agree_on_encoder_settings_sizes_and_cuts():
             assert image_outcome(data, "JPEG") == image_outcome(data, "JPEG", fast=False)
             fast += jpeg_decodes(data, 40_000_000) is not None
     assert fast == 2 * 24  # every whole JPEG of either encoder took the fast path; no cut one did
+
+
+def test_base64_payload_is_binascii_strict_verdict_on_fuzzed_and_crafted_payloads():
+    """pybase64 goes first, binascii decides where it refuses: the bytes (or None) are always binascii's strict ones."""
+    import binascii
+    import random
+
+    from touchvl.chat.validate import base64_payload
+
+    def strict(text):
+        try:
+            return binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    crafted = ["", "QQ==", "QQ=", "QQ", "Q", "QUJD", "QUJD\n", "QUJ D", "QQ==QQ==", "=QQ=", "QQ=A", "QUJD=",
+               "QUJDRA===", "Qé==", "QQ==\x00", "-_-_", "QU+/", "AAAAAAAAAAAA=", "  QQ=="]
+    rng = random.Random(7)
+    alphabet = "ABCab01+/=\n -_é\x00\r"
+    fuzzed = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(20000)]
+    fuzzed += [base64.b64encode(rng.randbytes(rng.randint(0, 30))).decode() + rng.choice(["", "=", "==", "A"])
+               for _ in range(5000)]
+    accepted = 0
+    for text in crafted + fuzzed:
+        assert base64_payload(text) == strict(text), repr(text)
+        accepted += strict(text) is not None
+    assert "QUJD=" in crafted and base64_payload("QUJD=") == b"ABC"  # pybase64 refuses it; binascii takes it
+    assert 3000 < accepted < len(fuzzed) - 3000  # the fuzz reaches both verdicts
+
+
+def test_the_last_jpeg_head_shortcut_answers_as_the_walk(tmp_path):
+    """plain_jpeg_size's last-head comparison gives the walk's answer: the same size for another scan of the same
+    head, None for a scan cut short, and a different head is walked, not taken for the last one."""
+    from touchvl.chat import jpegcheck
+
+    def jpeg(colour, size=(64, 48)):
+        out = io.BytesIO()
+        Image.new("RGB", size, colour).save(out, "JPEG", quality=75)
+        return out.getvalue()
+
+    first, second, other_size = jpeg((10, 20, 30)), jpeg((200, 100, 50)), jpeg((10, 20, 30), (32, 40))
+    assert jpegcheck.plain_jpeg_size(first) == (64, 48)
+    assert jpegcheck._LAST_HEAD[0] == first[:first.find(b"\xff\xda") + 4]
+    assert second.startswith(jpegcheck._LAST_HEAD[0])  # the shortcut's case
+    assert jpegcheck.plain_jpeg_size(second) == jpegcheck._walk_jpeg(second)[0] == (64, 48)
+    sos = second.find(b"\xff\xda")
+    assert jpegcheck.plain_jpeg_size(second[:sos + 5]) is None  # the scan header claims more bytes than there are
+    assert jpegcheck.plain_jpeg_size(other_size) == (32, 40)
+    assert jpegcheck.jpeg_decodes(second[:len(second) * 3 // 10], 10**8) is None  # truncated: PIL decides

@@ -22,6 +22,9 @@ _PIL_SKIPPED = (0xC4, 0xDD, 0xFE)  # DHT, DRI, COM: PIL reads their length and s
 
 _JPEG_HEADS: dict[bytes, tuple[int, int] | None] = {}  # plain_jpeg_size's walks, by the bytes they read
 _JPEG_HEAD_CHARS, _JPEG_HEAD_ENTRIES = 4096, 256  # at most 1 MiB of remembered heads
+# the last head walked or looked up, with its answer.  The first one is no head: what starts with it has 0xFF
+# padding after the first marker, which the walk answers None too (PIL decides)
+_LAST_HEAD: tuple[bytes, tuple[int, int] | None] = (b"\xff\xd8\xff" * 2, None)
 
 
 def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -33,12 +36,20 @@ def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
 
     The JPEGs of one encoder share their head (tables, and the size when it is the same): a walk that ended
     at the first start-of-scan marker in the data read only the bytes up to it, so the same head walks the
-    same way and is looked up instead (the scan's length, which the walk checks against the data's, is checked)."""
+    same way and is looked up instead (the scan's length, which the walk checks against the data's, is checked).
+    The head looked up last is tried first, by comparing the data's start with it: no search, copy or hash."""
+    global _LAST_HEAD
+    last_head, last_size = _LAST_HEAD
+    if data.startswith(last_head):  # the same first start-of-scan marker, at len(last_head) - 4
+        sos = len(last_head) - 4
+        length = data[sos + 2] << 8 | data[sos + 3]
+        return last_size if length >= 2 and sos + 2 + length <= len(data) else None
     sos = data.find(b"\xff\xda")
     if 0 < sos <= _JPEG_HEAD_CHARS and sos + 4 <= len(data):
         head = data[:sos + 4]
         size = _JPEG_HEADS.get(head, False)
         if size is not False:
+            _LAST_HEAD = head, size
             length = data[sos + 2] << 8 | data[sos + 3]
             return size if length >= 2 and sos + 2 + length <= len(data) else None
     size, at = _walk_jpeg(data)
@@ -46,6 +57,7 @@ def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
         if len(_JPEG_HEADS) >= _JPEG_HEAD_ENTRIES:
             _JPEG_HEADS.clear()
         _JPEG_HEADS[data[:sos + 4]] = size
+        _LAST_HEAD = data[:sos + 4], size
     return size
 
 
