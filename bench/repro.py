@@ -69,15 +69,21 @@ def parse_stage_log(text: str) -> dict[str, float]:
     return seconds
 
 
+def write_wrapper(path: Path, log: Path) -> Path:
+    """An executable that runs this interpreter with its arguments, passes its exit status on, and appends
+    ``start_ns end_ns argv`` to ``log``."""
+    path.write_text(_WRAPPER.format(python=sys.executable, log=log))
+    path.chmod(0o755)
+    return path
+
+
 def repro_once(rev: str, workdir: Path) -> dict:
     """Clone ``rev`` into ``workdir``, ``dvc repro`` from clean there; wall seconds and each stage's seconds."""
     _git("clone", "--quiet", "--no-checkout", "--shared", str(ROOT), str(workdir))
     _git("checkout", "--quiet", "--detach", rev, cwd=workdir)
     (workdir / ".venv").symlink_to(VENV_BIN.parent)  # bin/stage, and the Makefile, find the venv here
     log = workdir / ".stage-times.log"
-    wrapper = workdir / ".stage-python"
-    wrapper.write_text(_WRAPPER.format(python=sys.executable, log=log))
-    wrapper.chmod(0o755)
+    wrapper = write_wrapper(workdir / ".stage-python", log)
     env = {**os.environ, "TOUCHVL_PYTHON": str(wrapper), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = time.perf_counter()
     done = subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=workdir, env=env, capture_output=True, text=True)
