@@ -69,6 +69,16 @@ def parse_stage_log(text: str) -> dict[str, float]:
     return seconds
 
 
+def check_every_stage_timed(dvc_output: str, stage_log: str, rev: str) -> None:
+    """Stop when ``dvc repro`` ran a stage the wrapper did not time (a stage that does not go through
+    ``bin/stage``): its seconds would silently count as DVC's overhead."""
+    ran = dvc_output.count("Running stage '")
+    timed = len(stage_log.splitlines())
+    if ran != timed:
+        raise SystemExit(f"bench.repro: at {rev[:8]} dvc repro ran {ran} stages but {timed} went through bin/stage's "
+                         f"timing wrapper: the figures would put the others' time into DVC's overhead")
+
+
 def write_wrapper(path: Path, log: Path) -> Path:
     """An executable that runs this interpreter with its arguments, passes its exit status on, and appends
     ``start_ns end_ns argv`` to ``log``."""
@@ -91,7 +101,8 @@ def repro_once(rev: str, workdir: Path) -> dict:
     if done.returncode:
         raise SystemExit(f"bench.repro: dvc repro at {rev} failed (exit {done.returncode}):\n{done.stdout[-3000:]}"
                          f"\n{done.stderr[-3000:]}")
-    stages = parse_stage_log(log.read_text())
+    stages = parse_stage_log(log.read_text() if log.exists() else "")
+    check_every_stage_timed(done.stdout + done.stderr, log.read_text() if log.exists() else "", rev)
     return {"wall_s": wall, "stages_s": stages, "dvc_overhead_s": wall - sum(stages.values())}
 
 

@@ -35,3 +35,10 @@ def test_like_for_like_leaves_out_only_the_stages_one_side_lacks():
     assert (lfl["baseline_stages_s"], lfl["head_stages_s"]) == (90.0, 60.0)
     # DVC's own work stays in the walls: 100 - 2 and 130 - 60
     assert (lfl["baseline_wall_s"], lfl["head_wall_s"]) == (pytest.approx(98.0), pytest.approx(70.0))
+
+
+def test_a_stage_that_bypasses_the_wrapper_stops_the_bench():
+    log = "0 1000000000 -m tasks.sample\n"
+    repro.check_every_stage_timed("Running stage 'sample':\n", log, "abc1234567")  # one ran, one timed
+    with pytest.raises(SystemExit, match="ran 2 stages but 1 went through"):
+        repro.check_every_stage_timed("Running stage 'sample':\nRunning stage 'prepare':\n", log, "abc1234567")
