@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from touchvl.adamw import AdamW
 from touchvl.errors import StageError
 from touchvl.imagebind.encoder import preprocess_image, tokenize
 
@@ -216,8 +217,8 @@ def pretrain(model: torch.nn.Module, data: PretrainData, config: PretrainConfig,
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer = AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     model.train()
     history: list[dict] = []
     step = 0

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from touchvl.adamw import AdamW
 from touchvl.projector.model import ViTProjector
 from touchvl.errors import StageError
 
@@ -231,24 +232,27 @@ def train(model: ViTProjector, train_tac: np.ndarray, train_rgb: np.ndarray, tra
     # temperature only pulls them towards 0 for no regularisation benefit
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2] + ([log_tau] if cfg.learnable_tau else [])
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sampler = MultiSensorBatchSampler(train_sensors, cfg.batch_size, cfg.sigma, cfg.seed)
     total = cfg.epochs * len(sampler)
     warmup = round(cfg.warmup_epochs * len(sampler))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup, cfg.min_lr_ratio))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay else None
     evaluated = ema if ema is not None else model
     best = TrainResult(best_state={}, best_epoch=-1, best_val_r1=-1.0)
     stale = 0
+    step = 0
     for epoch in range(cfg.epochs):
         model.train()
         sampler.set_epoch(epoch)
         losses = []
         for batch in sampler:
             idx = torch.as_tensor(batch, device=device)
+            lr = cfg.lr * _lr_factor(step, total, warmup, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 loss = info_nce(model(tac[idx], sensors[idx]), rgb[idx], log_tau.exp())
             optimizer.zero_grad(set_to_none=True)
@@ -257,8 +261,7 @@ def train(model: ViTProjector, train_tac: np.ndarray, train_rgb: np.ndarray, tra
             torch.nn.utils.clip_grad_norm_(decay + no_decay, cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            step += 1
             if cfg.learnable_tau:
                 # clamp the parameter, not its use: a clamped exp() would have zero gradient and stick
                 with torch.no_grad():
