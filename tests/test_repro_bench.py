@@ -42,3 +42,9 @@ def test_a_stage_that_bypasses_the_wrapper_stops_the_bench():
     repro.check_every_stage_timed("Running stage 'sample':\n", log, "abc1234567")  # one ran, one timed
     with pytest.raises(SystemExit, match="ran 2 stages but 1 went through"):
         repro.check_every_stage_timed("Running stage 'sample':\nRunning stage 'prepare':\n", log, "abc1234567")
+
+
+def test_zero_rounds_is_refused_before_any_clone(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        repro.main(["--runs", "0"])
+    assert stopped.value.code == 2 and "--runs must be at least 1, got 0" in capsys.readouterr().err
