@@ -5,10 +5,12 @@ depend on the weights), writes ``--images`` 1024-px photo-like JPEGs, and runs t
 path over them as pairs: ``pair_loader`` (DataLoader decode workers, pinned batches) and
 ``encode_images`` (bf16 autocast, inference mode, unit vectors copied back), once per decode path.
 
-Prints per path: images/s, the fraction of the GPU's bf16 dense peak the forward reaches, the GPU's
+Each of ``--runs`` rounds (default 3) runs both paths, interleaved, over one model; per path it prints the min /
+median of the rounds' images/s, the fraction of the GPU's bf16 dense peak the forward reaches, the GPU's
 idle time (wall clock minus the forwards' time on CUDA events; the loader wait is the part spent
 blocked on decode), and peak GPU memory.  A model-only run (one batch already on the GPU, repeated)
-gives the ceiling decode has to keep up with.
+gives the ceiling decode has to keep up with.  The load average before and after is printed and written (decode
+runs on the host's cores: other work there slows it).
 
 FLOPs per image (vision tower, multiply-add = 2 FLOPs; d width, L blocks, N = patches + 1 tokens):
     patch conv 2 * P * (3 * kt * kh * kw) * d  +  L * (24 * N * d^2 + 4 * N^2 * d)  +  head 2 * d * out
@@ -17,7 +19,7 @@ FLOPs per image (vision tower, multiply-add = 2 FLOPs; d width, L blocks, N = pa
 which agrees on the convolution and linear layers; on the CPU it does not see the fused attention
 products, so it reads 3% low there (checked with huge's width at 1 and 2 blocks).
 
-    python bench/gpu_embed.py --images 1000 [--workers 8] [--batch-pairs 64] [--peak-tflops 989]
+    python bench/gpu_embed.py --images 1000 [--runs 3] [--workers 8] [--batch-pairs 64] [--peak-tflops 989]
     python bench/gpu_embed.py --dry-run      # CPU, tiny encoder, 8 images: the same code minus CUDA
 Writes bench/results/gpu_embed.json (gpu_embed_dry_run.json for --dry-run).
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -70,8 +73,13 @@ class RandomWeightEncoder(ImageBindEncoder):
         self._info = {"encoder": spec.name, "weights": f"random-seed-{spec.seed}",
                       "preprocess": preprocess_version(spec.fast_decode), "smoke": True}
         self.fingerprint = "bench-random-weights"
-        self.preprocess = preprocess_fn(spec.fast_decode)
         self._autocast_dtype = torch.bfloat16  # autocast is enabled on CUDA only, as in the stage
+        self.use_decode(spec.fast_decode)
+
+    def use_decode(self, fast: bool) -> None:
+        """Switch the decode path; the model (1.2 B parameters on the GPU) stays, so rounds can interleave."""
+        self.preprocess = preprocess_fn(fast)
+        self._info["preprocess"] = preprocess_version(fast)
 
 
 def vision_flops_per_image(config: dict, image_size: int = SIZE) -> float:
@@ -188,6 +196,20 @@ def model_only(encoder: ImageBindEncoder, batch_images: int, flops: float, peak:
     return out
 
 
+def summarise(rounds: list[dict]) -> dict:
+    """One path's rounds: the min and median of each figure (images/s: the max is the best), and every round."""
+    out: dict = {"runs": rounds}
+    for key, value in rounds[0].items():
+        values = [r[key] for r in rounds]
+        if key == "decode_errors":
+            out[key] = max(values)
+        elif isinstance(value, (int, float)) and all(isinstance(v, (int, float)) for v in values):
+            out[key] = {"min": min(values), "median": round(statistics.median(values), 3), "max": max(values)}
+        else:  # None where it does not apply (no CUDA, no known peak): the same in every round
+            out[key] = value
+    return out
+
+
 def bf16_peak(name: str, override: float | None) -> float | None:
     if override:
         return override
@@ -197,12 +219,15 @@ def bf16_peak(name: str, override: float | None) -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3, help="interleaved rounds of both decode paths (at least 3)")
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default: the embed stage's)")
     ap.add_argument("--batch-pairs", type=int, default=None, help="pairs per forward (default: the stage's, 64)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak if the GPU is not in the table")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny encoder, 8 images: check the code, not the GPU")
     ap.add_argument("--out", type=Path, default=None, help="report file (default: bench/results/gpu_embed*.json)")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1 (3 or more for a figure)")
     if args.dry_run:
         device, spec, args.images = torch.device("cpu"), EncoderSpec(name="imagebind_tiny", device="cpu"), 8
         args.workers = 2 if args.workers is None else args.workers
@@ -218,32 +243,38 @@ def main(argv: list[str] | None = None) -> dict:
     batch_pairs = args.batch_pairs or default_batch_size(device)
     peak = None if args.dry_run else bf16_peak(name, args.peak_tflops)
     flops = vision_flops_per_image(spec.config())
-    report = {"device": name, "encoder": spec.name, "images": args.images, "workers": workers,
+    report = {"device": name, "encoder": spec.name, "images": args.images, "runs": args.runs, "workers": workers,
               "batch_images": 2 * batch_pairs, "bf16_peak_tflops": peak, "gflops_per_image_formula": round(flops / 1e9, 2)}
+    report["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
     print(f"{name}: {spec.name} random weights, {args.images} 1024-px JPEGs, {workers} decode workers, "
-          f"{2 * batch_pairs} images a forward, bf16 peak {peak or 'unknown'} TFLOP/s")
+          f"{2 * batch_pairs} images a forward, bf16 peak {peak or 'unknown'} TFLOP/s, {args.runs} rounds; "
+          f"load average {report['load_average_before']}")
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_photos(Path(tmp), args.images, jobs=max(1, min(16, os.cpu_count() or 1)))
-        for fast in (False, True):
-            encoder = RandomWeightEncoder(EncoderSpec(name=spec.name, fast_decode=fast), device)
-            if not fast:  # the same model both times: check the FLOP formula once, and the ceiling
-                counted = counted_flops_per_image(encoder)
-                report["gflops_per_image_counted"] = round(counted / 1e9, 2)
-                report["model_only"] = model_only(encoder, 2 * batch_pairs, flops, peak, 2 if args.dry_run else 10)
-            report["fast" if fast else "exact"] = run_path(encoder, paths, batch_pairs, workers, flops, peak)
-            del encoder
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        encoder = RandomWeightEncoder(spec, device)
+        report["gflops_per_image_counted"] = round(counted_flops_per_image(encoder) / 1e9, 2)
+        report["model_only"] = model_only(encoder, 2 * batch_pairs, flops, peak, 2 if args.dry_run else 10)
+        rounds: dict[str, list[dict]] = {"exact": [], "fast": []}
+        for _ in range(args.runs):
+            for path in ("exact", "fast"):
+                encoder.use_decode(path == "fast")
+                rounds[path].append(run_path(encoder, paths, batch_pairs, workers, flops, peak))
+        for path, runs in rounds.items():
+            report[path] = summarise(runs)
+    report["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     out = args.out or Path(__file__).parent / "results" / ("gpu_embed_dry_run.json" if args.dry_run else "gpu_embed.json")
     disk.write_json(out, report)
     print(f"GFLOP/image: formula {report['gflops_per_image_formula']}, FlopCounterMode {report['gflops_per_image_counted']}")
     print(f"model only: {report['model_only']}")
     for path in ("exact", "fast"):
         r = report[path]
-        print(f"{path:5s}: {r['images_per_s']} images/s, GPU idle {r['gpu_idle_s']} s of {r['wall_s']} s "
-              f"({r['gpu_idle_fraction']}; loader wait {r['loader_wait_s']} s), "
-              f"{r.get('fraction_of_bf16_peak', 'n/a')} of bf16 peak, peak memory {r['peak_gpu_memory_gib']} GiB, "
-              f"first batch {r['first_batch_s']} s")
+        med = {key: (value["median"] if isinstance(value, dict) else value) for key, value in r.items()}
+        print(f"{path:5s}: {r['images_per_s']['min']} / {med['images_per_s']} images/s (min / median of "
+              f"{args.runs}), median GPU idle {med['gpu_idle_s']} s of {med['wall_s']} s "
+              f"({med['gpu_idle_fraction']}; loader wait {med['loader_wait_s']} s), "
+              f"{med.get('fraction_of_bf16_peak', 'n/a')} of bf16 peak, peak memory "
+              f"{med['peak_gpu_memory_gib']} GiB, first batch {med['first_batch_s']} s, decode errors {r['decode_errors']}")
+    print(f"load average before {report['load_average_before']}, after {report['load_average_after']}")
     print(f"-> {out}")
     return report
 
