@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{med['peak_gpu_memory_gib']} GiB, first batch {med['first_batch_s']} s, decode errors {r['decode_errors']}")
     print(f"load average before {report['load_average_before']}, after {report['load_average_after']}")
     print(f"-> {out}")
+    failed = {path: report[path]["decode_errors"] for path in ("exact", "fast") if report[path]["decode_errors"]}
+    if failed:  # the rates would be of fewer images than written: the report stays, the run fails
+        sys.exit(f"bench/gpu_embed.py: images that did not decode (per round, by path): {failed}")
     return report
 
 
