@@ -205,8 +205,8 @@ def summarise(rounds: list[dict]) -> dict:
             out[key] = max(values)
         elif isinstance(value, (int, float)) and all(isinstance(v, (int, float)) for v in values):
             out[key] = {"min": min(values), "median": round(statistics.median(values), 3), "max": max(values)}
-        else:  # None where it does not apply (no CUDA, no known peak): the same in every round
-            out[key] = value
+        else:  # None where it does not apply (no CUDA, no known peak); every round's where they differ
+            out[key] = value if all(v == value for v in values) else values
     return out
 
 
